@@ -1,0 +1,3 @@
+from fastbyol.cli import main
+
+raise SystemExit(main())

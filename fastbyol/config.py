@@ -1,0 +1,436 @@
+"""The run's Config: one dataclass per component, named presets, YAML and ``key=value`` overrides.
+
+Every field is validated in ``validate()`` with a message that names the key and what it accepts, so a
+bad value fails before any work is done. The resolved config is written to the run directory.
+
+Hyperparameters of the paper presets come from ../shared/BYOL.md (the official code's
+``configs/byol.py``): ImageNet, batch 4096, LARS, cosine schedules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastbyol.errors import FastByolError
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
+    "wide_resnet50_2", "wide_resnet101_2",
+)
+
+
+class ConfigError(FastByolError):
+    """An invalid config value, key, preset or file."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    """Encoder: one of ARCHS (torchvision ResNets without fc; resnet200 as in the paper's table)."""
+    small_stem: bool = False
+    """3x3 stride-1 first conv and no max-pool, for 32-64 px images (CIFAR-style stem)."""
+    proj_hidden: int = 4096
+    """Hidden width of projector and predictor MLPs (spec: 4096)."""
+    proj_dim: int = 256
+    """Output width of projector and predictor (spec: 256)."""
+    bn_momentum: float = 0.1
+    """BatchNorm momentum in PyTorch's convention (spec: decay 0.9 = momentum 0.1)."""
+    bn_eps: float = 1e-5
+    """BatchNorm epsilon (spec: 1e-5)."""
+    target_init: str = "independent"
+    """'independent': target initialised from its own random draw, as the official code does; 'copy'."""
+    channels_last: str = "auto"
+    """'auto' (channels-last on CUDA), 'on' or 'off'."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"
+    """'folder' (image folder at data.path), 'procedural' (embedded drawn images, no download) or
+    'synthetic' (random tensors made on the device, for throughput runs)."""
+    path: str = ""
+    """Image folder (sub-folders are classes) for source=folder, e.g. /data/imagenet/train."""
+    image_size: int = 224
+    """Side of the square crops fed to the network; crop and blur taps scale with it."""
+    num_images: int = 0
+    """Images per epoch for procedural/synthetic sources (0: ImageNet's 1,281,167)."""
+    num_classes: int = 10
+    """Classes drawn by the procedural source."""
+    workers: int = 8
+    """DataLoader worker processes for the torchvision pipeline (0: load in the main process)."""
+    prefetch: int = 4
+    """Batches each worker prepares ahead."""
+    loader: str = "auto"
+    """'torch' (torchvision/PIL pipeline) or 'auto' (the best available: torch until DALI lands)."""
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 4096
+    """Global batch per optimizer step (the lr scales with batch_size / 256)."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation); batch_size must divide evenly."""
+    base_lr: float = 0.2
+    """Learning rate at batch 256; the peak lr is base_lr * batch_size / 256."""
+    weight_decay: float = 1.5e-6
+    """LARS weight decay, not applied to biases and BatchNorm parameters."""
+    momentum: float = 0.9
+    """LARS momentum (no Nesterov, no dampening)."""
+    eta: float = 1e-3
+    """LARS trust coefficient."""
+    warmup_epochs: float = 10.0
+    """Linear lr warm-up from 0, in epochs."""
+
+
+@dataclass
+class ByolConfig:
+    tau_base: float = 0.996
+    """Target decay at step 0; it rises to 1 with a cosine over the run."""
+
+
+@dataclass
+class RunConfig:
+    epochs: float = 1000.0
+    """Length of the run: total steps = epochs * images_per_epoch // batch_size."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run to the end); the schedules still span the full run."""
+    seed: int = 0
+    """Seeds model init, data order and augmentations."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cuda' or 'cpu'."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    log_every: int = 50
+    """Write a metrics.jsonl row every this many optimizer steps."""
+    ckpt_every: int = 1000
+    """Write a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory (older ones are deleted)."""
+    out_dir: str = "runs"
+    """Parent of run directories."""
+    name: str = ""
+    """Run directory name under out_dir (default: <preset>-<timestamp>)."""
+    progress: str = "auto"
+    """Console progress bar: 'auto' (on a terminal), 'on' or 'off'."""
+
+
+@dataclass
+class Config:
+    """A whole run. Sections are the component configs; ``preset`` records where it started."""
+
+    preset: str = "byol-r50-1000ep"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- derived quantities (the schedules and the loop read these) --------------------------------
+    def images_per_epoch(self, dataset_len: int | None = None) -> int:
+        if self.data.source == "folder":
+            if dataset_len is None:
+                raise ValueError("images_per_epoch of a folder source needs the dataset length")
+            return dataset_len
+        return self.data.num_images or IMAGENET_TRAIN_IMAGES
+
+    def total_steps(self, images_per_epoch: int) -> int:
+        """``epochs * N // batch_size``, as the official code counts (the stream crosses epochs)."""
+        return max(1, int(self.run.epochs * images_per_epoch) // self.optim.batch_size)
+
+    def validate(self) -> Config:
+        m, d, o, b, r = self.model, self.data, self.optim, self.byol, self.run
+        _choice("model.arch", m.arch, ARCHS)
+        _positive_int("model.proj_hidden", m.proj_hidden)
+        _positive_int("model.proj_dim", m.proj_dim)
+        _in_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
+        _in_range("model.bn_eps", m.bn_eps, 0.0, 1.0, "a small positive float, e.g. 1e-5")
+        _choice("model.target_init", m.target_init, ("independent", "copy"))
+        _choice("model.channels_last", m.channels_last, ("auto", "on", "off"))
+        _choice("data.source", d.source, ("folder", "procedural", "synthetic"))
+        if d.source == "folder" and not d.path:
+            raise ConfigError(
+                "data.path is empty but data.source=folder: set data.path=/path/to/train_images "
+                "(sub-folders are classes), or data.source=procedural for the embedded images"
+            )
+        if not (16 <= d.image_size <= 1024):
+            raise ConfigError(f"data.image_size={d.image_size} is out of range: use 16..1024 (e.g. 224)")
+        _non_negative_int("data.num_images", d.num_images)
+        _positive_int("data.num_classes", d.num_classes)
+        _non_negative_int("data.workers", d.workers)
+        _positive_int("data.prefetch", d.prefetch)
+        _choice("data.loader", d.loader, ("auto", "torch"))
+        _positive_int("optim.batch_size", o.batch_size)
+        _positive_int("optim.accum_steps", o.accum_steps)
+        if o.batch_size % o.accum_steps:
+            raise ConfigError(
+                f"optim.batch_size={o.batch_size} is not divisible by optim.accum_steps={o.accum_steps}: "
+                "choose accum_steps that divides the batch"
+            )
+        _in_range("optim.base_lr", o.base_lr, 0.0, 100.0, "a positive float, e.g. 0.2")
+        _in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0, "a float in [0, 1), e.g. 1.5e-6", low_ok=True)
+        _in_range("optim.momentum", o.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True, high_ok=False)
+        _in_range("optim.eta", o.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
+        _in_range("optim.warmup_epochs", o.warmup_epochs, 0.0, 1e6, "a float >= 0, e.g. 10", low_ok=True)
+        _in_range("byol.tau_base", b.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
+        _in_range("run.epochs", r.epochs, 0.0, 1e6, "a positive number of epochs, e.g. 100")
+        if r.epochs < o.warmup_epochs:
+            raise ConfigError(
+                f"run.epochs={r.epochs} is shorter than optim.warmup_epochs={o.warmup_epochs}: "
+                "lower optim.warmup_epochs or raise run.epochs"
+            )
+        _non_negative_int("run.max_steps", r.max_steps)
+        _non_negative_int("run.seed", r.seed)
+        _choice("run.device", r.device, ("auto", "cuda", "cpu"))
+        _choice("run.precision", r.precision, ("auto", "bf16", "fp32"))
+        _positive_int("run.log_every", r.log_every)
+        _positive_int("run.ckpt_every", r.ckpt_every)
+        _positive_int("run.keep_last", r.keep_last)
+        if not r.out_dir:
+            raise ConfigError("run.out_dir is empty: set run.out_dir=runs (or any writable folder)")
+        if "/" in r.name or r.name in (".", ".."):
+            raise ConfigError(f"run.name={r.name!r} must be a plain folder name (no '/'), e.g. run.name=r50-test")
+        _choice("run.progress", r.progress, ("auto", "on", "off"))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- validation helpers: each raises ConfigError naming the key and the accepted values -------------
+
+def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(allowed)}")
+
+
+def _positive_int(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key}={value} is invalid: must be a positive integer (>= 1)")
+
+
+def _non_negative_int(key: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{key}={value} is invalid: must be an integer >= 0")
+
+
+def _in_range(key: str, value: float, low: float, high: float, what: str,
+              low_ok: bool = False, high_ok: bool = True) -> None:
+    ok = math.isfinite(value) and (value >= low if low_ok else value > low) and (
+        value <= high if high_ok else value < high)
+    if not ok:
+        lo, hi = ("[" if low_ok else "("), ("]" if high_ok else ")")
+        raise ConfigError(f"{key}={value} is out of range {lo}{low:g}, {high:g}{hi}: use {what}")
+
+
+# -- presets -----------------------------------------------------------------------------------------
+
+def _paper(epochs: int, base_lr: float, wd: float, tau: float) -> dict[str, Any]:
+    """The official ImageNet recipe (BYOL.md, Schedules table): ResNet-50, batch 4096, 224 px."""
+    return {
+        "model": {"arch": "resnet50"},
+        "data": {"source": "folder", "image_size": 224},
+        "optim": {"batch_size": 4096, "base_lr": base_lr, "weight_decay": wd, "warmup_epochs": 10.0},
+        "byol": {"tau_base": tau},
+        "run": {"epochs": float(epochs)},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "byol-r50-1000ep": _paper(1000, 0.2, 1.5e-6, 0.996),
+    "byol-r50-300ep": _paper(300, 0.3, 1e-6, 0.99),
+    "byol-r50-100ep": _paper(100, 0.45, 1e-6, 0.99),
+    "byol-r50-40ep": _paper(40, 0.45, 1e-6, 0.97),
+    # Throughput: the paper's model and step on random tensors made on the device (no data loading).
+    "synthetic-r50": {
+        "model": {"arch": "resnet50"},
+        "data": {"source": "synthetic", "image_size": 224},
+        "optim": {"batch_size": 256, "base_lr": 0.2, "warmup_epochs": 0.0},
+        "run": {"epochs": 1.0, "max_steps": 100, "log_every": 10, "ckpt_every": 1_000_000},
+    },
+    # A real BYOL run that finishes on a 2-core CPU in under a minute: ResNet-18 with the small-image
+    # stem on 32 px embedded procedural images, narrower heads, every piece of the real loop.
+    "smoke": {
+        "model": {"arch": "resnet18", "small_stem": True, "proj_hidden": 512, "proj_dim": 128},
+        "data": {"source": "procedural", "image_size": 32, "num_images": 512, "num_classes": 8,
+                 "workers": 1},
+        "optim": {"batch_size": 32, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 0.25},
+        "byol": {"tau_base": 0.99},
+        "run": {"epochs": 1.0, "log_every": 4, "ckpt_every": 8, "keep_last": 2},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+# -- building a Config from preset + YAML + key=value -------------------------------------------------
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "preset"}
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for name, cls in _sections().items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise naming the key."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "on", "yes", "1")
+        raise ConfigError(f"{key}={value!r} is not a boolean: use true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        return int(f)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r} is not a string")
+        return "" if value is None else str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return ConfigError(f"unknown config key {key!r}: {hint}(`fastbyol train --help` lists the keys)")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.field`` to ``value`` coerced to the field's type; unknown keys suggest the nearest."""
+    section_name, _, name = key.partition(".")
+    sections = _sections()
+    if section_name not in sections or not name:
+        raise _unknown_key(key)
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise _unknown_key(key)
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optim.batch_size=256`` -> ("optim.batch_size", 256); the value is read as YAML."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"override {text!r} is not key=value: write e.g. optim.batch_size=256")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+    return tree
+
+
+def build_config(preset: str | None = None, yaml_path: str | None = None,
+                 overrides: list[str] | None = None) -> Config:
+    """Preset (or the file's ``preset:``), then the YAML file, then ``key=value`` overrides; validated."""
+    tree = load_yaml(yaml_path) if yaml_path else {}
+    file_preset = tree.pop("preset", None)
+    name = preset or file_preset or "byol-r50-1000ep"
+    if name not in PRESETS:
+        near = difflib.get_close_matches(str(name), PRESETS, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"unknown preset {name!r}: {hint}choose one of {', '.join(preset_names())}")
+    cfg = Config(preset=name)
+    for key, value in _flatten(PRESETS[name]).items():
+        set_key(cfg, key, value)
+    for key, value in _flatten(tree).items():
+        set_key(cfg, key, value)
+    for text in overrides or []:
+        set_key(cfg, *parse_override(text))
+    return cfg.validate()
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (checkpoints, config.yaml of a run directory)."""
+    tree = dict(tree)
+    cfg = Config(preset=str(tree.pop("preset", "byol-r50-1000ep")))
+    for key, value in _flatten(tree).items():
+        set_key(cfg, key, value)
+    return cfg.validate()
+
+
+def describe_keys() -> str:
+    """Every key with its default and docstring, for ``--help``."""
+    lines = []
+    for name, cls in _sections().items():
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {name}.{f.name} = {default!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal right after each field) read from the source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(
+                nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

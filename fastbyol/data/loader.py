@@ -1,0 +1,158 @@
+"""Data sources behind one interface: ``source.batches(start, micro_batch)`` yields ``Batch``es.
+
+The data stream is a sequence of sample *positions* 0, 1, 2, ... over consecutive epochs, each epoch a
+fresh permutation of the images (seeded by (seed, epoch)), exactly like the official code's repeated,
+shuffled dataset: batches may cross an epoch boundary and no image is dropped. A sample's augmentation
+is seeded by (seed, position), so its two views are the same whatever the worker count, and resuming
+at position ``step * batch_size`` continues the stream bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
+from fastbyol.data.augment import TwoViewTransform
+from fastbyol.data.folder import ImageFiles, scan_image_folder
+from fastbyol.data.procedural import ProceduralImages
+from fastbyol.data.views import Batch, Views
+from fastbyol.errors import FastByolError
+
+_MASK64 = (1 << 64) - 1
+MAX_CONSECUTIVE_BAD = 32
+
+
+def mix_seed(*values: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix64 finaliser), the same in every process."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> tuple[object, int]: ...
+
+
+class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, list[str]]]):
+    """Indexed by stream position: position -> (epoch permutation) -> image -> two views."""
+
+    def __init__(self, images: ImageSource, transform: TwoViewTransform, seed: int) -> None:
+        self.images, self.transform, self.seed = images, transform, seed
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.images))
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
+        return int(self._perm[offset])
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        skipped: list[str] = []
+        # An unreadable image is replaced by the next one of the stream, and reported.
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            try:
+                img, _ = self.images[self.index_at(position + attempt)]
+                break
+            except FastByolError as e:
+                skipped.append(str(e))
+        else:
+            raise FastByolError(
+                f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
+                f"(last: {skipped[-1]}): check the data folder")
+        v1, v2 = self.transform(img, seed=mix_seed(self.seed, 0x5EED, position))  # type: ignore[arg-type]
+        return v1, v2, skipped
+
+
+class PositionBatches(Sampler[list[int]]):
+    """Micro-batches of consecutive stream positions [start, start + n * micro_batch)."""
+
+    def __init__(self, start: int, micro_batch: int, num_batches: int) -> None:
+        self.start, self.micro_batch, self.num_batches = start, micro_batch, num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.num_batches):
+            first = self.start + b * self.micro_batch
+            yield list(range(first, first + self.micro_batch))
+
+
+def collate_views(samples: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> Batch:
+    v1 = torch.stack([s[0] for s in samples])
+    v2 = torch.stack([s[1] for s in samples])
+    return Batch(Views(v1, v2), [msg for s in samples for msg in s[2]])
+
+
+def _worker_init(_: int) -> None:
+    # Each worker augments one sample at a time; intra-op threads would only fight over the cores.
+    torch.set_num_threads(1)
+
+
+class TorchVisionSource:
+    """Image folder or procedural images -> PIL/torch two-view augmentation in DataLoader workers."""
+
+    kind = "torch"
+
+    def __init__(self, images: ImageSource, cfg: DataConfig, seed: int, pin_memory: bool) -> None:
+        self.dataset = TwoViewDataset(images, TwoViewTransform(cfg.image_size), seed)
+        self.images_per_epoch = len(images)
+        self.cfg, self.pin_memory = cfg, pin_memory
+
+    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
+        workers = self.cfg.workers
+        loader = DataLoader(
+            self.dataset, batch_sampler=PositionBatches(start, micro_batch, num_batches),
+            collate_fn=collate_views, num_workers=workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.cfg.prefetch if workers else None, worker_init_fn=_worker_init,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+
+class SyntheticSource:
+    """Random normalised-range tensors made once on the device: the step's throughput with no input
+    pipeline. Every batch is the same pair of tensors (no copy, no host work)."""
+
+    kind = "synthetic"
+
+    def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
+        self.images_per_epoch = cfg.num_images or IMAGENET_TRAIN_IMAGES
+        self.size, self.seed, self.device = cfg.image_size, seed, device
+
+    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        shape = (micro_batch, 3, self.size, self.size)
+        views = Views(torch.randn(shape, generator=gen, device=self.device),
+                      torch.randn(shape, generator=gen, device=self.device))
+        for _ in range(num_batches):
+            yield Batch(views, [])
+
+
+DataSource = TorchVisionSource | SyntheticSource
+
+
+def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource:
+    if cfg.source == "synthetic":
+        return SyntheticSource(cfg, seed, device)
+    images: ImageSource
+    if cfg.source == "procedural":
+        images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),
+                                  num_classes=cfg.num_classes)
+    else:
+        paths, labels, _ = scan_image_folder(cfg.path)
+        images = ImageFiles(paths, labels)
+    return TorchVisionSource(images, cfg, seed, pin_memory=device.type == "cuda")

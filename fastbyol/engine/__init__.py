@@ -1,0 +1,1 @@
+"""Composition: device and precision policy, checkpoints, the Trainer loop."""

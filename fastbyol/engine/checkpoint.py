@@ -1,0 +1,126 @@
+"""Checkpoints that survive a kill at any instant.
+
+File layout: 8-byte magic, 64 hex chars of SHA-256 over the payload, then the payload (``torch.save``
+of plain containers and tensors, loaded with ``weights_only=True``). Written to a temporary file in the
+same directory, fsync'd, renamed over the final name, and the directory fsync'd: a reader sees the old
+file or the new one, never a half-written one. ``load`` verifies the checksum, so a truncated or
+damaged file is rejected with a message instead of resuming from garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastbyol.errors import FastByolError
+
+MAGIC = b"FBYOLCK1"
+_HEADER = len(MAGIC) + 64
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+class CheckpointError(FastByolError):
+    """A checkpoint could not be written or read."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """temp file in the same directory -> fsync -> rename -> fsync(dir)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path), newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically, then delete all but the newest ``keep_last``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    path = ckpt_dir / checkpoint_name(step)
+    previous = list_checkpoints(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, MAGIC + digest + payload)
+    except OSError as e:
+        kept = f"the previous checkpoint {previous[0][1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}; "
+                              "free disk space or fix the run directory's permissions, then --resume") from None
+    for _, old in list_checkpoints(ckpt_dir)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read and verify one checkpoint file."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a checkpoint file or a run "
+                              "directory to --resume") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if len(blob) < _HEADER or not blob.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a fastbyol checkpoint (or is truncated to {len(blob)} bytes): "
+                              "resume from an earlier checkpoint in the same folder")
+    payload = blob[_HEADER:]
+    if hashlib.sha256(payload).hexdigest().encode() != blob[len(MAGIC):_HEADER]:
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged (checksum mismatch): "
+                              "resume from an earlier checkpoint in the same folder")
+    state: dict[str, Any] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    return state
+
+
+def resolve_resume(target: str) -> tuple[Path, dict[str, Any]]:
+    """``--resume`` accepts a checkpoint file, or a run directory (its newest valid checkpoint,
+    falling back to older ones if the newest is damaged). Returns (run_dir, state)."""
+    p = Path(target)
+    if p.is_file():
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        return run_dir, load(p)
+    if p.is_dir():
+        ckpt_dir = p / "checkpoints"
+        candidates = list_checkpoints(ckpt_dir)
+        if not candidates:
+            raise CheckpointError(f"no checkpoints in {ckpt_dir}: nothing to resume; start a new run")
+        errors = []
+        for _, path in candidates:
+            try:
+                return p, load(path)
+            except CheckpointError as e:
+                errors.append(str(e))
+        raise CheckpointError(f"every checkpoint in {ckpt_dir} is damaged (newest: {errors[0]})")
+    raise CheckpointError(f"--resume {target}: no such checkpoint file or run directory")

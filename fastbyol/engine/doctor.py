@@ -1,0 +1,105 @@
+"""``fastbyol doctor``: what this machine has, and which paths fastbyol will take on it."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+from typing import Any
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _try_import(module: str) -> str | None:
+    """None if it imports, else the one-line reason."""
+    try:
+        importlib.import_module(module)
+        return None
+    except Exception as e:  # an optional package may fail in many ways (missing .so, CUDA mismatch)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _nvml() -> dict[str, Any]:
+    try:
+        import pynvml
+    except ImportError:
+        return {"ok": False, "why": "nvidia-ml-py not installed: pip install 'fastbyol[gpu]'"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        return {"ok": False, "why": f"no NVIDIA driver ({e}): GPU telemetry off"}
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            gpus.append(name.decode() if isinstance(name, bytes) else name)
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return {"ok": True, "driver": driver.decode() if isinstance(driver, bytes) else driver, "gpus": gpus}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def inspect_machine() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "torchvision": _version("torchvision"),
+        "triton": _version("triton"),
+        "dali": _version("nvidia-dali-cuda130"),
+        "dali_import_error": _try_import("nvidia.dali") if _version("nvidia-dali-cuda130") else "not installed",
+        "deepspeed": _version("deepspeed"),
+        "nvml": _nvml(),
+        "apex": _version("apex") if _try_import("apex.optimizers") is None else None,
+    }
+    report["bf16_supported"] = bool(cuda and torch.cuda.is_bf16_supported())
+    report["paths"] = {
+        "device": "cuda" if cuda else "cpu",
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "memory_format": "channels_last" if cuda else "contiguous",
+        "data_loader": "torch (torchvision/PIL workers)",
+        "triton_kernels": "GPU" if cuda and report["triton"] else (
+            "interpreter only (TRITON_INTERPRET=1, tests)" if report["triton"] else "unavailable"),
+        "distributed": "deepspeed available" if report["deepspeed"] else "torch DDP only",
+    }
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def mark(ok: bool) -> str:
+        return "ok " if ok else "-- "
+
+    nvml = r["nvml"]
+    lines = [
+        f"{mark(True)}python      {r['python']} on {r['platform']} ({r['cpu_count']} CPUs)",
+        f"{mark(True)}torch       {r['torch']} (built for CUDA {r['torch_cuda']})",
+        f"{mark(r['cuda_available'])}cuda        "
+        + (", ".join(r["gpus"]) if r["cuda_available"] else "no CUDA GPU visible: training runs on the CPU"),
+        f"{mark(bool(r['torchvision']))}torchvision {r['torchvision'] or 'missing: pip install torchvision'}",
+        f"{mark(bool(r['triton']))}triton      {r['triton'] or 'missing: pip install triton'}",
+        f"{mark(r['dali_import_error'] is None)}dali        "
+        + (r["dali"] if r["dali_import_error"] is None else
+           f"{r['dali_import_error']}: pip install 'fastbyol[gpu]' for GPU data loading"),
+        f"{mark(bool(r['deepspeed']))}deepspeed   {r['deepspeed'] or 'missing: pip install fastbyol[gpu] for ZeRO'}",
+        f"{mark(nvml['ok'])}nvml        "
+        + (f"driver {nvml['driver']}, {', '.join(nvml['gpus'])}" if nvml["ok"] else nvml["why"]),
+        f"{mark(bool(r['apex']))}apex        {r['apex'] or 'not installed (optional)'}",
+        "",
+        "fastbyol will use:",
+    ]
+    lines += [f"  {k:15s} {v}" for k, v in r["paths"].items()]
+    return "\n".join(lines)

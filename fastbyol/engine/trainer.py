@@ -1,0 +1,269 @@
+"""The training loop: fetch -> forward/backward -> optimizer -> EMA -> log -> checkpoint.
+
+One readable loop, no callbacks. The run directory holds ``config.yaml`` (the resolved config),
+``metrics.jsonl``, ``checkpoints/`` and, when the data had unreadable files, ``skipped.txt``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fastbyol.config import Config, config_from_dict, parse_override, set_key
+from fastbyol.data.loader import build_source
+from fastbyol.engine import checkpoint
+from fastbyol.engine.checkpoint import atomic_write_bytes
+from fastbyol.errors import FastByolError
+from fastbyol.model.byol import ByolPair
+from fastbyol.step.lars import LARS, lars_param_groups
+from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
+from fastbyol.step.train_step import forward_backward, optimizer_step, target_step
+from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar
+
+CHECKPOINT_VERSION = 1
+# Keys a resumed run may change; everything else must match the checkpoint's run.
+RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
+                       "data.workers", "data.prefetch", "data.path", "run.device"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cuda":
+        raise FastByolError("run.device=cuda but no CUDA GPU is visible: use run.device=auto or run.device=cpu")
+    return torch.device("cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.out_dir) / name
+    if checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        raise FastByolError(f"run directory {run_dir} already holds checkpoints: continue it with "
+                            f"--resume {run_dir}, or choose another run.name")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastByolError(f"cannot create run directory {run_dir}: {e.strerror or e}; "
+                            "set run.out_dir to a writable folder") from None
+    return run_dir
+
+
+@dataclass
+class IntervalMeter:
+    """Sums device tensors over one log interval; read (one host sync) only when a row is written."""
+
+    loss_sum: torch.Tensor | None = None
+    proj_std_sum: torch.Tensor | None = None
+    micro_steps: int = 0
+    steps: int = 0
+    data_wait_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, proj_std: torch.Tensor) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.proj_std_sum = proj_std if self.proj_std_sum is None else self.proj_std_sum + proj_std
+        self.micro_steps += 1
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run logs the same numbers."""
+        return {"loss_sum": self.loss_sum, "proj_std_sum": self.proj_std_sum,
+                "micro_steps": self.micro_steps, "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> IntervalMeter:
+        to = (lambda t: None if t is None else t.to(device))
+        return cls(to(state["loss_sum"]), to(state["proj_std_sum"]), state["micro_steps"], state["steps"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = resolve_device(cfg.run.device)
+        self.bf16 = use_bf16(cfg.run.precision, self.device)
+        self.channels_last = use_channels_last(cfg.model.channels_last, self.device)
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+
+        self.source = build_source(cfg.data, cfg.run.seed, self.device)
+        self.images_per_epoch = self.source.images_per_epoch
+        self.batch_size = cfg.optim.batch_size
+        self.total_steps = cfg.total_steps(self.images_per_epoch)
+        warmup = warmup_steps_for(cfg.optim.warmup_epochs, self.images_per_epoch, self.batch_size)
+        peak_lr = cfg.optim.base_lr * self.batch_size / 256
+        self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
+        self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
+
+        self.pair = ByolPair(cfg.model, seed=cfg.run.seed).to(self.device)
+        if self.channels_last:
+            self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.pair.train()
+        online_modules = [m for name, m in self.pair.named_modules() if name.startswith(("online", "predictor"))]
+        self.optimizer = LARS(lars_param_groups((("", m) for m in online_modules)),
+                              weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                              eta=cfg.optim.eta)
+        self.online_params, self.target_params = self.pair.param_pairs()
+
+        self.step = 0  # optimizer steps done
+        self.position = 0  # samples consumed from the data stream
+        self.skipped = 0
+        self.meter = IntervalMeter()
+        if resume is not None:
+            self._load(resume)
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "position": self.position,
+            "skipped": self.skipped,
+            "model": self.pair.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "meter": self.meter.state(),
+            "rng": rng,
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise FastByolError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}: "
+                                "it was written by another fastbyol release")
+        try:
+            self.pair.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise FastByolError(f"checkpoint does not fit model.arch={self.cfg.model.arch}: {first}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
+        self.meter = IntervalMeter.from_state(state["meter"], self.device)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.state_dict(), self.run_dir / "checkpoints", self.step, self.cfg.run.keep_last)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
+        accum = cfg.optim.accum_steps
+        micro_batch = self.batch_size // accum
+        metrics_path = self.run_dir / "metrics.jsonl"
+        JsonlMetrics.truncate_after(metrics_path, self.step)
+        sink = JsonlMetrics(metrics_path)
+        show = cfg.run.progress == "on" or cfg.run.progress == "auto"
+        progress = ProgressBar(end_step, self.step, enabled=show)
+        batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum)
+        self.meter.t0 = time.perf_counter()
+        last_row: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        start_step = self.step
+        try:
+            while self.step < end_step:
+                self.optimizer.zero_grad(set_to_none=True)
+                for _ in range(accum):
+                    t_wait = time.perf_counter()
+                    batch = next(batches)  # fetch
+                    self.meter.data_wait_s += time.perf_counter() - t_wait
+                    if batch.skipped:
+                        self._record_skipped(batch.skipped)
+                    views = batch.views.to(self.device, self.channels_last)
+                    out = forward_backward(self.pair, views, 1.0 / accum, self.bf16)  # forward/backward
+                    self.meter.add(out.loss, out.proj_std)
+                optimizer_step(self.optimizer, float(self.lr[self.step]))  # optimizer
+                target_step(self.online_params, self.target_params, float(self.tau[self.step]))  # EMA
+                self.step += 1
+                self.position += self.batch_size
+                self.meter.steps += 1
+                if self.step % cfg.run.log_every == 0 or self.step == end_step:  # log
+                    last_row = self._log_row()
+                    sink.write(last_row)
+                    progress.update(self.step, self.batch_size, last_row["loss"], force=True)
+                else:
+                    progress.update(self.step, self.batch_size, last_row.get("loss"))
+                if self.step % cfg.run.ckpt_every == 0 or self.step == end_step:  # checkpoint
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            sink.close()
+        wall = time.perf_counter() - t_start
+        return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
+                "last": last_row, "wall_s": wall,
+                "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def _log_row(self) -> dict[str, Any]:
+        m = self.meter
+        elapsed = time.perf_counter() - m.t0
+        assert m.loss_sum is not None and m.proj_std_sum is not None
+        # The one host sync of the interval: reading the summed device metrics.
+        loss = float(m.loss_sum) / m.micro_steps
+        proj_std = float(m.proj_std_sum) / m.micro_steps
+        k = self.step - 1  # the step whose lr/tau were just applied
+        row = {
+            "step": self.step,
+            "epoch": round(self.position / self.images_per_epoch, 6),
+            "loss": loss,
+            "proj_std": proj_std,
+            "proj_std_uniform": 1.0 / math.sqrt(self.cfg.model.proj_dim),
+            "lr": float(self.lr[k]),
+            "tau": float(self.tau[k]),
+            "img_per_s": m.steps * self.batch_size / elapsed if elapsed > 0 else 0.0,
+            "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
+            "skipped_images": self.skipped,
+        }
+        self.meter = IntervalMeter()
+        return row
+
+    def _record_skipped(self, messages: list[str]) -> None:
+        self.skipped += len(messages)
+        with open(self.run_dir / "skipped.txt", "a", encoding="utf-8") as f:
+            for msg in messages:
+                f.write(f"step {self.step}: {msg}\n")
+
+
+# Fields of a metrics row that depend on wall-clock time (excluded when comparing runs).
+TIMING_FIELDS = ("img_per_s", "data_wait_frac")
+
+
+def start_run(cfg: Config) -> Trainer:
+    run_dir = new_run_dir(cfg)
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    return Trainer(cfg, run_dir)
+
+
+def resume_run(target: str, overrides: list[str]) -> Trainer:
+    """Continue the run of a checkpoint (file or run directory) with its own config; only the keys in
+    RESUMABLE_OVERRIDES may change."""
+    run_dir, state = checkpoint.resolve_resume(target)
+    cfg = config_from_dict(state["config"])
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in RESUMABLE_OVERRIDES:
+            raise FastByolError(f"cannot change {key} when resuming (the run's math depends on it): "
+                                f"only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change")
+        set_key(cfg, key, value)
+    cfg.validate()
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    return Trainer(cfg, run_dir, resume=state)

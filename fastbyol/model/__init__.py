@@ -1,0 +1,1 @@
+"""Backbone (ResNet encoder), projector/predictor heads and the online/target pair."""

@@ -1,0 +1,93 @@
+"""The online/target pair (BYOL.md, "Networks").
+
+online: encoder f -> projector g -> predictor q.   target: encoder f' -> projector g' (same shapes).
+The target runs its forward in training mode (batch statistics) under no_grad; only its parameters are
+EMA'd, its BatchNorm running statistics update from its own forward passes. The list of (online,
+target) parameter pairs is built once here; the EMA, checkpoints and tests iterate that same list.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastbyol.config import ModelConfig
+from fastbyol.model.backbone import Encoder
+from fastbyol.model.heads import MLP
+
+
+class ByolOutputs(NamedTuple):
+    """Per view v: the online prediction ``p`` and the target projection ``z`` (no grad)."""
+
+    p1: torch.Tensor
+    p2: torch.Tensor
+    z1: torch.Tensor
+    z2: torch.Tensor
+    online_proj1: torch.Tensor
+    """Online projection of view 1, detached: the collapse monitor reads its per-dimension spread."""
+
+
+class Tower(nn.Module):
+    """Encoder + projector: the shape both networks share."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.encoder = Encoder(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps)
+        self.projector = MLP(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum,
+                             cfg.bn_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.projector(self.encoder(x))
+        return out
+
+
+class ByolPair(nn.Module):
+    """Online tower + predictor, and the target tower. ``forward`` returns both views' outputs."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.online = Tower(cfg)
+            self.predictor = MLP(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps)
+            # The official code initialises the target from its own random key, not as a copy.
+            torch.manual_seed(seed + 1_000_003)
+            self.target = Tower(cfg)
+        if cfg.target_init == "copy":
+            self.target.load_state_dict(self.online.state_dict())
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        online = dict(self.online.named_parameters())
+        self.pair_names: list[str] = [name for name, _ in self.target.named_parameters()]
+        missing = [n for n in self.pair_names if n not in online]
+        if missing:
+            raise RuntimeError(f"target parameters without an online twin: {missing[:3]}")
+
+    def param_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(online, target) parameters in the same order: what the EMA reads and writes."""
+        online = dict(self.online.named_parameters())
+        target = dict(self.target.named_parameters())
+        return [online[n] for n in self.pair_names], [target[n] for n in self.pair_names]
+
+    def online_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Everything the optimizer updates: online tower and predictor."""
+        return [(f"online.{n}", p) for n, p in self.online.named_parameters()] + [
+            (f"predictor.{n}", p) for n, p in self.predictor.named_parameters()]
+
+    def train(self, mode: bool = True) -> ByolPair:
+        super().train(mode)
+        # BYOL's target always normalises with batch statistics, as the official code's is_training.
+        self.target.train(True)
+        return self
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> ByolOutputs:
+        # One forward per view, as the official code does: BatchNorm statistics are per view.
+        proj1 = self.online(view1)
+        proj2 = self.online(view2)
+        p1, p2 = self.predictor(proj1), self.predictor(proj2)
+        with torch.no_grad():
+            z1 = self.target(view1)
+            z2 = self.target(view2)
+        return ByolOutputs(p1, p2, z1, z2, proj1.detach())

@@ -1,0 +1,1 @@
+"""Meters and sinks: progress bar, JSONL metrics. Takes plain values; imports nothing upstream."""

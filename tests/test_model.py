@@ -1,0 +1,81 @@
+"""The online/target pair: shapes, heads per spec, target without grad and in training mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models
+
+from fastbyol.config import ModelConfig
+from fastbyol.model.backbone import Encoder
+from fastbyol.model.byol import ByolPair
+
+SMALL = ModelConfig(arch="resnet18", small_stem=True, proj_hidden=64, proj_dim=16)
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
+                                      ("wide_resnet50_2", 2048)])
+def test_encoder_features_and_torchvision_names(arch: str, dim: int) -> None:
+    enc = Encoder(arch)
+    assert enc.feature_dim == dim
+    tv = getattr(models, arch)(weights=None)
+    missing, unexpected = tv.load_state_dict(enc.torchvision_state_dict(), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def test_resnet200_and_resnet101_152_build() -> None:
+    for arch, blocks in (("resnet101", 23), ("resnet152", 36), ("resnet200", 36)):
+        enc = Encoder(arch)
+        assert len(enc.net.layer3) == blocks and enc.feature_dim == 2048
+
+
+def test_small_stem_keeps_resolution() -> None:
+    enc = Encoder("resnet18", small_stem=True)
+    assert enc.net.conv1.kernel_size == (3, 3) and enc.net.conv1.stride == (1, 1)
+    assert isinstance(enc.net.maxpool, nn.Identity)
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_heads_follow_spec() -> None:
+    pair = ByolPair(ModelConfig(arch="resnet18"))
+    for mlp, in_dim in ((pair.online.projector, 512), (pair.predictor, 256), (pair.target.projector, 512)):
+        lin1, bn, relu, lin2 = mlp
+        assert (lin1.in_features, lin1.out_features, lin1.bias is not None) == (in_dim, 4096, True)
+        assert isinstance(bn, nn.BatchNorm1d) and bn.momentum == 0.1 and bn.eps == 1e-5
+        assert isinstance(relu, nn.ReLU)
+        assert (lin2.in_features, lin2.out_features, lin2.bias) == (4096, 256, None)
+    # Zero-init of each block's last BN (Haiku's ResNet in the official code).
+    assert torch.count_nonzero(pair.online.encoder.net.layer1[0].bn2.weight) == 0
+
+
+def test_target_is_independent_no_grad_and_in_train_mode() -> None:
+    pair = ByolPair(SMALL, seed=0)
+    online, target = pair.param_pairs()
+    assert len(online) == len(target) == len(list(pair.target.parameters()))
+    assert all(not t.requires_grad for t in target) and all(o.requires_grad for o in online)
+    assert all(o.shape == t.shape for o, t in zip(online, target))
+    assert not torch.equal(online[0], target[0])  # independent init, as the official code
+    copy = ByolPair(ModelConfig(**{**SMALL.__dict__, "target_init": "copy"}))
+    o, t = copy.param_pairs()
+    assert all(torch.equal(a, b) for a, b in zip(o, t))
+    pair.eval()
+    assert pair.target.training and not pair.online.training
+
+
+def test_forward_backward_updates_online_grads_and_target_bn_stats() -> None:
+    pair = ByolPair(SMALL).train()
+    before = pair.target.encoder.net.bn1.running_mean.clone()
+    out = pair(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    assert out.p1.shape == out.z2.shape == (4, 16)
+    assert not out.z1.requires_grad and out.p1.requires_grad
+    (out.p1.sum() + out.p2.sum()).backward()
+    assert all(p.grad is None for p in pair.target.parameters())
+    assert pair.predictor[0].weight.grad is not None
+    assert not torch.equal(before, pair.target.encoder.net.bn1.running_mean)
+
+
+def test_same_seed_same_model() -> None:
+    a, b = ByolPair(SMALL, seed=5), ByolPair(SMALL, seed=5)
+    for (_, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y)
