@@ -52,9 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     import yaml
 
     from fastbyol.config import build_config
-    from fastbyol.engine.trainer import resume_run, start_run
 
     if args.resume:
+        from fastbyol.engine.trainer import resume_run
+
         if args.preset or args.config:
             raise FastByolError("--resume continues a run with its saved config: drop --preset/--config "
                                 "(key=value overrides of run.* and data.workers/path are allowed)")
@@ -66,6 +67,8 @@ def _train(args: argparse.Namespace) -> int:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
+        from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
+
         trainer = start_run(cfg)
         print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}"
               f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
@@ -73,9 +76,11 @@ def _train(args: argparse.Namespace) -> int:
               f"{cfg.optim.batch_size}", file=sys.stderr)
     summary = trainer.train()
     last = summary["last"]
-    print(f"fastbyol: done: step {summary['step']}/{summary['total_steps']}, loss {last.get('loss', float('nan')):.4f}, "
-          f"proj_std {last.get('proj_std', float('nan')):.4f}, {summary['img_per_s']:.1f} img/s, "
-          f"{summary['wall_s']:.1f} s; run directory {summary['run_dir']}", file=sys.stderr)
+    logged = (f"loss {last['loss']:.4f}, proj_std {last['proj_std']:.4f} (uniform {last['proj_std_uniform']:.4f}), "
+              if last else "")
+    print(f"fastbyol: done: step {summary['step']}/{summary['total_steps']}, {logged}"
+          f"{summary['img_per_s']:.1f} img/s, {summary['wall_s']:.1f} s; run directory {summary['run_dir']}",
+          file=sys.stderr)
     return 0
 
 

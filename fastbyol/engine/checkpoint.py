@@ -24,6 +24,8 @@ from fastbyol.errors import FastByolError
 MAGIC = b"FBYOLCK1"
 _HEADER = len(MAGIC) + 64
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class CheckpointError(FastByolError):
@@ -34,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """temp file in the same directory -> fsync -> rename -> fsync(dir)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,9 @@ class IntervalMeter:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> IntervalMeter:
-        to = (lambda t: None if t is None else t.to(device))
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return cls(to(state["loss_sum"]), to(state["proj_std_sum"]), state["micro_steps"], state["steps"])
 
 
@@ -115,7 +118,7 @@ class Trainer:
             self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pair.train()
         online_modules = [m for name, m in self.pair.named_modules() if name.startswith(("online", "predictor"))]
-        self.optimizer = LARS(lars_param_groups((("", m) for m in online_modules)),
+        self.optimizer = LARS(lars_param_groups(("", m) for m in online_modules),
                               weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                               eta=cfg.optim.eta)
         self.online_params, self.target_params = self.pair.param_pairs()
@@ -197,7 +200,10 @@ class Trainer:
                 self.step += 1
                 self.position += self.batch_size
                 self.meter.steps += 1
-                if self.step % cfg.run.log_every == 0 or self.step == end_step:  # log
+                # Rows at the log cadence and at the run's true end only: a session stopped early
+                # (max_steps) keeps its partial interval in the checkpoint, so a resumed run logs the
+                # same rows as an uninterrupted one.
+                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:  # log
                     last_row = self._log_row()
                     sink.write(last_row)
                     progress.update(self.step, self.batch_size, last_row["loss"], force=True)
@@ -248,9 +254,16 @@ TIMING_FIELDS = ("img_per_s", "data_wait_frac")
 
 
 def start_run(cfg: Config) -> Trainer:
+    resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
+    existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
     run_dir = new_run_dir(cfg)
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    return Trainer(cfg, run_dir)
+    try:
+        return Trainer(cfg, run_dir)
+    except FastByolError:
+        if not existed:  # a bad data path leaves no empty run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def resume_run(target: str, overrides: list[str]) -> Trainer:

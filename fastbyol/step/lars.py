@@ -74,7 +74,7 @@ class LARS(torch.optim.Optimizer):
             if group["excluded"]:
                 updates = grads
             else:
-                updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                updates = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
                 p_norms = torch.stack(torch._foreach_norm(params))
                 u_norms = torch.stack(torch._foreach_norm(updates))
                 # Device-side choice, no host sync: r = 1 where a norm is zero.

@@ -1,0 +1,384 @@
+"""BYOL view augmentations on the CPU, per sample, following the official code exactly.
+
+Reference: deepmind-research/byol, ``utils/augmentations.py`` (``augment_config``, ``postprocess``,
+``_color_transform_single_image``, ``_gaussian_blur_single_image``, ``_solarize_single_image``,
+``rgb_to_hsv``/``hsv_to_rgb``) and ``utils/dataset.py`` (``_decode_and_random_crop``). BYOL.md,
+"Augmentations", has the table.
+
+One view of one image::
+
+    crop   one attempt: area U[0.08, 1] * H*W, aspect exp(U[log 3/4, log 4/3]), clamped to the image,
+           bicubic resize to size x size, /255, clip
+    flip   horizontal, p 0.5
+    colour p 0.8: brightness, contrast, saturation, hue in a random order, each followed by a clip;
+           then, independently, p 0.2: grayscale; clip
+    blur   sigma U[0.1, 2.0], 2 * int(size / 20) + 1 taps, separable, zero padding; p 1.0 / 0.1
+    solarize  x < 0.5 ? x : 1 - x; p 0.0 / 0.2
+    clip   to [0, 1]; then ImageNet mean/std normalisation
+
+Every random decision of a view is drawn up front by ``sample_view_params`` from a ``torch.Generator``
+(a fixed number of draws, used or not), so a sample's views depend only on its seed, never on the
+worker or the order in which samples are made.
+
+Known deviations from the official TF/JAX pipeline, none of which changes the sampled distributions:
+the resize is PIL's bicubic on uint8 (antialiased, rounded to 8 bits; TF resizes the decoded crop
+without antialiasing and keeps floats), and a crop side that would round to 0 pixels (only for images
+smaller than ~4 px) is made 1 pixel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Probabilities and strengths of one view's augmentations (official ``augment_config``)."""
+
+    flip_p: float
+    """Probability of a horizontal flip."""
+    jitter_p: float
+    """Probability of colour jitter (brightness, contrast, saturation, hue in a random order)."""
+    gray_p: float
+    """Probability of grayscale, drawn independently of the jitter and applied after it."""
+    blur_p: float
+    """Probability of the gaussian blur."""
+    solarize_p: float
+    """Probability of solarisation."""
+    brightness: float = 0.4
+    """Additive brightness delta U[-b, b] (official ``_random_brightness``)."""
+    contrast: float = 0.4
+    """Contrast factor U[1 - c, 1 + c], per-channel mean (official ``_random_contrast``)."""
+    saturation: float = 0.2
+    """Saturation factor U[1 - s, 1 + s] on HSV saturation (official ``_random_saturation``)."""
+    hue: float = 0.1
+    """Hue delta U[-h, h] in turns (official ``_random_hue``)."""
+    sigma_min: float = 0.1
+    """Blur sigma lower bound, in output pixels."""
+    sigma_max: float = 2.0
+    """Blur sigma upper bound, in output pixels."""
+    area_min: float = 0.08
+    """Crop area fraction lower bound (official ``_decode_and_random_crop``)."""
+    area_max: float = 1.0
+    """Crop area fraction upper bound."""
+    ratio_min: float = 3 / 4
+    """Crop aspect ratio (width / height) lower bound, sampled log-uniformly."""
+    ratio_max: float = 4 / 3
+    """Crop aspect ratio upper bound."""
+    solarize_threshold: float = 0.5
+    """Values at or above it are inverted (official ``_solarize_single_image``)."""
+
+
+# Official augment_config: the two views differ only in blur and solarize probabilities.
+VIEW1 = ViewSpec(flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_p=1.0, solarize_p=0.0)
+VIEW2 = ViewSpec(flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.2)
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+"""Indices of the jitter ops in ``ViewParams.jitter_order`` (the official ``_make_cond`` idx)."""
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Every random decision of one view of one sample."""
+
+    crop: tuple[int, int, int, int]
+    """(top, left, height, width) of the crop, in source pixels."""
+    flip: bool
+    jitter: bool
+    jitter_order: tuple[int, ...]
+    """Permutation of 0..3 = brightness, contrast, saturation, hue."""
+    brightness_delta: float
+    contrast_factor: float
+    saturation_factor: float
+    hue_delta: float
+    gray: bool
+    blur: bool
+    sigma: float
+    solarize: bool
+
+
+# Layout of the one vector of uniforms a view consumes (a fixed count: the stream never depends on
+# which augmentations fire).
+_U_AREA, _U_ASPECT, _U_TOP, _U_LEFT, _U_FLIP, _U_JITTER = range(6)
+_U_ORDER = 6  # 4 keys whose argsort is the jitter order (a uniform permutation)
+_U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(10, 18)
+_NUM_UNIFORMS = 18
+
+
+def _randint(u: float, high: int) -> int:
+    """Integer uniform in [0, high] from a uniform u in [0, 1)."""
+    return min(int(u * (high + 1)), high)
+
+
+def sample_view_params(gen: torch.Generator, height: int, width: int, spec: ViewSpec) -> ViewParams:
+    """Draws one view's decisions for a ``height`` x ``width`` source image from ``gen`` only.
+
+    One ``torch.rand`` call of a fixed length (float64), so the generator advances by the same amount
+    whatever the spec and the outcome. The crop is the official ``_decode_and_random_crop``: a single
+    attempt, sides rounded (half to even, like ``tf.round``) then clamped to the image, no retry.
+    """
+    u = torch.rand(_NUM_UNIFORMS, generator=gen, dtype=torch.float64).tolist()
+
+    area = (spec.area_min + (spec.area_max - spec.area_min) * u[_U_AREA]) * height * width
+    log_lo, log_hi = math.log(spec.ratio_min), math.log(spec.ratio_max)
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u[_U_ASPECT])
+    crop_w = min(max(round(math.sqrt(area * aspect)), 1), width)
+    crop_h = min(max(round(math.sqrt(area / aspect)), 1), height)
+    top = _randint(u[_U_TOP], height - crop_h)
+    left = _randint(u[_U_LEFT], width - crop_w)
+
+    keys = u[_U_ORDER:_U_ORDER + 4]
+    order = tuple(sorted(range(4), key=keys.__getitem__))
+    return ViewParams(
+        crop=(top, left, crop_h, crop_w),
+        flip=u[_U_FLIP] < spec.flip_p,
+        jitter=u[_U_JITTER] < spec.jitter_p,
+        jitter_order=order,
+        brightness_delta=(2 * u[_U_BRIGHT] - 1) * spec.brightness,
+        contrast_factor=1 + (2 * u[_U_CONTRAST] - 1) * spec.contrast,
+        saturation_factor=1 + (2 * u[_U_SAT] - 1) * spec.saturation,
+        hue_delta=(2 * u[_U_HUE] - 1) * spec.hue,
+        gray=u[_U_GRAY] < spec.gray_p,
+        blur=u[_U_BLUR] < spec.blur_p,
+        sigma=spec.sigma_min + (spec.sigma_max - spec.sigma_min) * u[_U_SIGMA],
+        solarize=u[_U_SOLAR] < spec.solarize_p,
+    )
+
+
+def blur_taps(size: int) -> int:
+    """Blur kernel length for ``size`` px crops: 2 * int(size / 10 / 2) + 1.
+
+    The official code blurs 224 px crops with kernel_size 23 (radius int(23 / 2) = 11): one tenth of
+    the image side. Scaled the same way: 23 taps at 224, 9 at 96, 7 at 64, 3 at 32.
+    """
+    return 2 * int(size / 10 / 2) + 1
+
+
+def crop_resize(img: Image.Image, params: ViewParams, size: int) -> torch.Tensor:
+    """The view's crop of ``img``, bicubic-resized to [3, size, size] float32 in [0, 1]."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    top, left, height, width = params.crop
+    # resize(box=...) crops and resizes in one pass, without an intermediate crop image.
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.array(out))  # [size, size, 3] uint8 (a writable copy)
+    x = pixels.permute(2, 0, 1).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(255.0).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, delta: float) -> torch.Tensor:
+    """x + delta (official ``_adjust_brightness``: additive, not multiplicative like torchvision)."""
+    return x + delta
+
+
+def adjust_contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """factor * (x - m) + m, m the mean of each channel over its pixels (tf.image.adjust_contrast)."""
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    return (x - mean).mul_(factor).add_(mean)
+
+
+# The hue offsets (0, 2/6, 4/6) of the r, g, b cases of rgb_to_hsv.
+_HUE_OFFSET = torch.tensor([0.0, 2.0 / 6.0, 4.0 / 6.0]).view(3, 1, 1)
+
+
+def _hsv_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, s, v) planes of [3, H, W] RGB; see ``rgb_to_hsv``."""
+    v, argmax = x.max(dim=0)
+    chroma = v - x.amin(dim=0)
+    s = torch.where(v > 0, chroma / v, 0.0)
+    norm = torch.where(chroma > 0, (chroma * 6.0).reciprocal_(), 0.0)
+    # (g - b, b - r, r - g): the numerators of the r, g, b cases, all three at once.
+    hues = (x.roll(-1, 0) - x.roll(1, 0)).mul_(norm).add_(_HUE_OFFSET.to(x.dtype))
+    h = hues.gather(0, argmax.unsqueeze(0)).squeeze(0)
+    return h.remainder_(1.0), s, v
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] RGB -> [3, H, W] HSV, all in [0, 1]; the official ``rgb_to_hsv`` (TF's formulas)::
+
+        v = max(r, g, b); range = v - min(r, g, b); s = range / v if v > 0 else 0
+        norm = 1 / (6 range) if range != 0 else 1e9
+        h = norm (g - b)        if r == v
+            norm (b - r) + 2/6  elif g == v
+            norm (r - g) + 4/6  otherwise
+        h = h * (range > 0); h = h + (h < 0)
+
+    Written with fewer operators, same values: ``x.max(0)`` returns the first maximal channel, which
+    is the r-then-g-then-b precedence above; where range == 0, r == v so the r case applies, and
+    ``norm`` is set to 0 there, which zeroes h as ``h * (range > 0)`` does; h is in [-1/6, 5/6], where
+    ``h % 1`` is ``h + (h < 0)``.
+    """
+    return torch.stack(_hsv_planes(x))
+
+
+# hsv_to_rgb's official where-chains as tables: in hue sextant k = floor(6 * (h % 1)), channel i takes
+# c where _TAKES_C[i, k], x where _TAKES_X[i, k], else 0. Column 6 (h % 1 rounded up to 1.0) is all 0,
+# as in the where-chains. c * 1 + x * 0 is bitwise c, so the result equals the chains exactly.
+_TAKES_C = torch.tensor([[1, 0, 0, 0, 0, 1, 0],   # r: c in sextants 0, 5
+                         [0, 1, 1, 0, 0, 0, 0],   # g: c in 1, 2
+                         [0, 0, 0, 1, 1, 0, 0]],  # b: c in 3, 4
+                        dtype=torch.float32)
+_TAKES_X = torch.tensor([[0, 1, 0, 0, 1, 0, 0],   # r: x in 1, 4
+                         [1, 0, 0, 1, 0, 0, 0],   # g: x in 0, 3
+                         [0, 0, 1, 0, 0, 1, 0]],  # b: x in 2, 5
+                        dtype=torch.float32)
+
+
+def _rgb_from_planes(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] RGB from (h, s, v) planes; see ``hsv_to_rgb``."""
+    c = s * v
+    m = v - c
+    dh = torch.remainder(h, 1.0).mul_(6.0)
+    x = torch.remainder(dh, 2.0).sub_(1.0).abs_().neg_().add_(1.0).mul_(c)  # c (1 - |dh % 2 - 1|)
+    sextant = dh.floor_().long()
+    takes_c, takes_x = _TAKES_C[:, sextant], _TAKES_X[:, sextant]
+    if h.dtype != torch.float32:
+        takes_c, takes_x = takes_c.to(h.dtype), takes_x.to(h.dtype)
+    return takes_c.mul_(c).add_(takes_x.mul_(x)).add_(m)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] HSV -> [3, H, W] RGB; the official ``hsv_to_rgb`` (TF's formulas)::
+
+        c = s v; m = v - c; dh = (h % 1) 6; x = c (1 - |dh % 2 - 1|); k = floor(dh)
+        r = (c if k in {0, 5} else x if k in {1, 4} else 0) + m
+        g = (c if k in {1, 2} else x if k in {0, 3} else 0) + m
+        b = (c if k in {3, 4} else x if k in {2, 5} else 0) + m
+    """
+    h, s, v = hsv.unbind(0)
+    return _rgb_from_planes(h, s, v)
+
+
+def adjust_saturation(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """HSV saturation s -> clip(s * factor, 0, 1) (official ``_adjust_saturation``)."""
+    h, s, v = _hsv_planes(x)
+    return _rgb_from_planes(h, s.mul_(factor).clamp_(0.0, 1.0), v)
+
+
+def adjust_hue(x: torch.Tensor, delta: float) -> torch.Tensor:
+    """HSV hue h -> (h + delta) % 1 (official ``_adjust_hue``)."""
+    h, s, v = _hsv_planes(x)
+    return _rgb_from_planes(h.add_(delta).remainder_(1.0), s, v)
+
+
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+"""Official ``_to_grayscale`` weights for (R, G, B)."""
+
+
+def to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """0.2989 R + 0.5870 G + 0.1140 B, tiled to 3 channels."""
+    r, g, b = x.unbind(0)
+    gray = r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]
+    return gray.expand(3, -1, -1).clone()
+
+
+def gaussian_kernel(sigma: float, taps: int) -> list[float]:
+    """exp(-k^2 / (2 sigma^2)) for k in [-radius, radius], normalised to sum 1 (official
+    ``_gaussian_blur_single_image``)."""
+    radius = taps // 2
+    weights = [math.exp(-(k * k) / (2.0 * sigma * sigma)) for k in range(-radius, radius + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@functools.lru_cache(maxsize=64)
+def _band_index(n: int, taps: int) -> torch.Tensor:
+    """[n, n] index into the kernel padded with one trailing 0: entry (i, j) is j - i + radius inside
+    the band |j - i| <= radius, else ``taps`` (the 0)."""
+    radius = taps // 2
+    offset = torch.arange(n).view(1, n) - torch.arange(n).view(n, 1) + radius
+    return torch.where((offset >= 0) & (offset < taps), offset, taps)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
+    """Separable gaussian blur of [C, H, W], horizontal then vertical, depthwise, zero padding.
+
+    Official ``_gaussian_blur_single_image``: two depthwise convolutions with padding 'SAME', which for
+    an odd kernel is ``radius`` zeros on each side (so borders darken, as in the official code). Each
+    pass is a matmul with the banded [n, n] matrix of the kernel: the same zero-padded convolution
+    (the kernel is symmetric), and far faster on the CPU than a depthwise conv2d of one image.
+    """
+    padded = torch.tensor([*gaussian_kernel(sigma, taps), 0.0], dtype=x.dtype)
+    height, width = x.shape[-2:]
+    across = padded[_band_index(width, taps)]  # [W, W]: out[.., i] = sum_j x[.., j] k[j - i + r]
+    down = across if height == width else padded[_band_index(height, taps)]
+    return torch.matmul(down, torch.matmul(x, across))
+
+
+def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """x where x < threshold, else 1 - x (official ``_solarize_single_image``)."""
+    return torch.where(x < threshold, x, 1.0 - x)
+
+
+def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
+    """Everything after the crop, in the official order: flip, colour, blur, solarize, clip.
+
+    ``x`` is [3, H, W] float in [0, 1]; returns [3, H, W] in [0, 1], not normalised. A jitter op whose
+    strength in ``spec`` is 0 is skipped, as the official ``if brightness > 0`` guards do.
+    """
+    if params.flip:
+        x = x.flip(-1)
+    if params.jitter:
+        for op in params.jitter_order:
+            if op == BRIGHTNESS and spec.brightness > 0:
+                x = adjust_brightness(x, params.brightness_delta)
+            elif op == CONTRAST and spec.contrast > 0:
+                x = adjust_contrast(x, params.contrast_factor)
+            elif op == SATURATION and spec.saturation > 0:
+                x = adjust_saturation(x, params.saturation_factor)
+            elif op == HUE and spec.hue > 0:
+                x = adjust_hue(x, params.hue_delta)
+            else:
+                continue
+            x = x.clamp(0.0, 1.0)  # the official clip after each jitter op
+    if params.gray:
+        x = to_grayscale(x)
+    x = x.clamp(0.0, 1.0)  # end of the official colour transform
+    if params.blur:
+        x = gaussian_blur(x, params.sigma, blur_taps(x.shape[-1]))
+    if params.solarize:
+        x = solarize(x, spec.solarize_threshold)
+    return x.clamp(0.0, 1.0)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(x - ImageNet mean) / ImageNet std per channel; applied after augmentation (BYOL.md)."""
+    return (x - _MEAN.to(x.dtype)).div_(_STD.to(x.dtype))
+
+
+class TwoViewTransform:
+    """PIL image + seed -> the two normalised BYOL views, [3, size, size] float32 each.
+
+    The seed alone decides both views: a fresh ``torch.Generator`` seeded with it draws view 1's
+    parameters, then view 2's, so the same seed gives bitwise identical views in any process.
+    """
+
+    def __init__(self, size: int, view1: ViewSpec = VIEW1, view2: ViewSpec = VIEW2) -> None:
+        if size < 1:
+            raise ValueError(f"crop size must be a positive number of pixels, got {size}")
+        self.size, self.view1, self.view2 = size, view1, view2
+
+    def params(self, height: int, width: int, seed: int) -> tuple[ViewParams, ViewParams]:
+        """The decisions ``__call__`` makes for a ``height`` x ``width`` image and this seed."""
+        gen = torch.Generator().manual_seed(seed)
+        return (sample_view_params(gen, height, width, self.view1),
+                sample_view_params(gen, height, width, self.view2))
+
+    def __call__(self, img: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        width, height = img.size
+        p1, p2 = self.params(height, width, seed)
+        v1 = normalize(apply_view(crop_resize(img, p1, self.size), p1, self.view1)).contiguous()
+        v2 = normalize(apply_view(crop_resize(img, p2, self.size), p2, self.view2)).contiguous()
+        return v1, v2

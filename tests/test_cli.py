@@ -1,0 +1,124 @@
+"""Bad input through the real command line: one clear line, exit code 2, no traceback, no damage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fastbyol.engine import checkpoint
+
+TINY = ["optim.batch_size=4", "data.workers=0", "data.image_size=16", "model.small_stem=true", "model.proj_hidden=32", "model.proj_dim=16", "run.progress=off",
+        "optim.warmup_epochs=0"]
+
+
+def fastbyol(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "fastbyol", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastbyol: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def _jpeg_folder(root: Path, n: int) -> Path:
+    for i in range(n):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (i * 20 % 255, 100, 200 - i * 10 % 200)).save(d / f"img{i}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["--preset", "smoke", "optim.batch_size=0"], "optim.batch_size=0"),
+    (["--preset", "smoke", "optim.batch_size=-4"], "positive integer"),
+    (["--preset", "smoke", "optim.learning_rate=1"], "unknown config key"),
+    (["--preset", "byol-r50-100ep", "data.path=/no/such/folder"], "/no/such/folder"),
+])
+def test_config_and_path_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    assert_one_line_error(fastbyol("train", *args, f"run.out_dir={tmp_path}", cwd=tmp_path), needle)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = fastbyol("train", "--preset", "smoke", "data.source=folder", f"data.path={tmp_path / 'empty'}",
+                    f"run.out_dir={tmp_path}", cwd=tmp_path)
+    assert_one_line_error(proc, str(tmp_path / "empty"))
+
+
+def test_corrupt_jpeg_is_skipped_counted_and_listed(tmp_path: Path) -> None:
+    data = _jpeg_folder(tmp_path / "data", 11)
+    bad = data / "class0" / "broken.jpg"
+    good = (data / "class0" / "img0.jpg").read_bytes()
+    bad.write_bytes(good[: len(good) // 3])  # a truncated JPEG
+    proc = fastbyol("train", "--preset", "smoke", "data.source=folder", f"data.path={data}", "run.epochs=2",
+                    f"run.out_dir={tmp_path}", "run.name=r", "run.log_every=1", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    skipped = (tmp_path / "r" / "skipped.txt").read_text()
+    assert "broken.jpg" in skipped
+    from fastbyol.telemetry.sinks import read_metrics
+
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert rows[-1]["skipped_images"] == 2  # seen once per epoch, two epochs
+
+
+def _tiny_run(tmp_path: Path, name: str, *extra: str) -> Path:
+    """Train in-process (no second torch import); the CLI is exercised where the message matters."""
+    from fastbyol.config import build_config
+    from fastbyol.engine.trainer import start_run
+
+    start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={name}", *TINY, *extra])).train()
+    return tmp_path / name
+
+
+def test_truncated_checkpoint_on_resume(tmp_path: Path) -> None:
+    run = _tiny_run(tmp_path, "r", "data.num_images=16", "run.epochs=1", "run.ckpt_every=2", "run.keep_last=5")
+    ckpts = checkpoint.list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in ckpts] == [4, 2]
+    newest = ckpts[0][1]
+    blob = newest.read_bytes()
+    newest.write_bytes(blob[: len(blob) // 2])
+    assert_one_line_error(fastbyol("train", "--resume", str(newest), cwd=tmp_path), "truncated or damaged")
+    # The older checkpoint is untouched and still loads; resuming the run directory falls back to it.
+    assert checkpoint.load(ckpts[1][1])["step"] == 2
+    from fastbyol.engine.trainer import resume_run
+
+    resumed = resume_run(str(run), [])
+    assert resumed.step == 2
+    resumed.train()
+    assert checkpoint.load(newest)["step"] == 4  # rewritten whole
+
+
+def test_resume_refuses_changing_the_math(tmp_path: Path) -> None:
+    run = _tiny_run(tmp_path, "r", "data.num_images=8", "run.epochs=1")
+    assert_one_line_error(fastbyol("train", "--resume", str(run), "optim.base_lr=9", cwd=tmp_path),
+                          "cannot change optim.base_lr")
+    assert_one_line_error(fastbyol("train", "--preset", "smoke", f"run.out_dir={tmp_path}", "run.name=r",
+                                   cwd=tmp_path), "already holds checkpoints")
+
+
+def test_missing_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_one_line_error(fastbyol("train", "--preset", "smoke", "run.device=cuda", f"run.out_dir={tmp_path}",
+                                   cwd=tmp_path), "no CUDA GPU")
+
+
+def test_help_doctor_presets(tmp_path: Path) -> None:
+    proc = fastbyol("train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "optim.batch_size" in proc.stdout and "--resume" in proc.stdout
+    proc = fastbyol("doctor", cwd=tmp_path)
+    assert proc.returncode == 0 and "torch" in proc.stdout and "fastbyol will use" in proc.stdout
+    proc = fastbyol("presets", cwd=tmp_path)
+    assert proc.returncode == 0 and "byol-r50-1000ep" in proc.stdout and "smoke" in proc.stdout

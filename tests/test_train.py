@@ -1,0 +1,143 @@
+"""The whole loop on the CPU: smoke run, exact resume, accumulation, collapse monitor."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fastbyol.config import build_config
+from fastbyol.engine import checkpoint
+from fastbyol.engine.trainer import TIMING_FIELDS, Trainer, resume_run, start_run
+from fastbyol.telemetry.sinks import read_metrics
+
+# A few-second config: ResNet-18 with the small-image stem, 8-image batches of 16 px procedural images.
+TINY = ["data.num_images=64", "optim.batch_size=8", "model.proj_hidden=64", "model.proj_dim=32",
+        "model.small_stem=true", "data.image_size=16",
+        "data.workers=0", "run.progress=off", "optim.warmup_epochs=0.25", "run.epochs=2"]
+
+
+def _cfg(tmp_path: Path, name: str, extra: list[str]) -> Any:
+    return build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={name}", *TINY, *extra])
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.pair.state_dict().items()}
+
+
+def _deterministic(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def test_smoke_preset_trains_without_collapse(tmp_path: Path) -> None:
+    cfg = build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=smoke", "run.progress=off"])
+    t0 = time.perf_counter()
+    trainer = start_run(cfg)
+    summary = trainer.train()
+    wall = time.perf_counter() - t0
+    run_dir = tmp_path / "smoke"
+    assert (run_dir / "config.yaml").is_file()
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert summary["step"] == trainer.total_steps == 16 and rows[-1]["step"] == 16
+    assert set(rows[0]) >= {"step", "epoch", "loss", "lr", "tau", "img_per_s", "data_wait_frac", "proj_std"}
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < first, f"loss did not decrease: {first} -> {last}"
+    # Collapse would drive the spread of normalised projections to 0; uniform spread is 1/sqrt(D).
+    uniform = rows[0]["proj_std_uniform"]
+    assert min(r["proj_std"] for r in rows) > 0.2 * uniform, rows
+    assert rows[-1]["epoch"] == pytest.approx(1.0)
+    print(f"smoke: {wall:.1f} s wall, loss {first:.3f} -> {last:.3f}, proj_std {rows[-1]['proj_std']:.4f}")
+
+
+def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    n = 3
+    straight = start_run(_cfg(tmp_path, "straight", [f"run.max_steps={2 * n}", "run.log_every=1",
+                                                     f"run.ckpt_every={n}"]))
+    straight.train()
+    split = start_run(_cfg(tmp_path, "split", [f"run.max_steps={n}", "run.log_every=1", "run.ckpt_every=2"]))
+    split.train()
+    del split
+    resumed = resume_run(str(tmp_path / "split"), [f"run.max_steps={2 * n}"])
+    assert resumed.step == n and resumed.position == n * 8
+    resumed.train()
+    a, b = _params(straight), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    for pa, pb in zip(straight.optimizer.state.values(), resumed.optimizer.state.values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    rows_a = _deterministic(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+    rows_b = _deterministic(read_metrics(tmp_path / "split" / "metrics.jsonl"))
+    assert rows_a == rows_b and len(rows_a) == 2 * n
+
+
+def test_resume_mid_interval_drops_stale_rows_and_keeps_metrics_identical(tmp_path: Path) -> None:
+    """Checkpoint at step 3, inside a 2-step log interval; the killed run went on to log step 4 (a
+    row the resumed run must drop and write again from the same numbers)."""
+    straight = start_run(_cfg(tmp_path, "a", ["run.max_steps=6", "run.log_every=2", "run.ckpt_every=100"]))
+    straight.train()
+    killed = start_run(_cfg(tmp_path, "b", ["run.max_steps=5", "run.log_every=2", "run.ckpt_every=3"]))
+    killed.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [2, 4]
+    resumed = resume_run(str(tmp_path / "b" / "checkpoints" / "ckpt-00000003.pt"), ["run.max_steps=6"])
+    resumed.train()
+    assert _deterministic(read_metrics(tmp_path / "a" / "metrics.jsonl")) == _deterministic(
+        read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    b = _params(resumed)
+    for k, v in _params(straight).items():
+        assert torch.equal(v, b[k]), k
+
+
+def test_ema_once_per_optimizer_step_under_accumulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastbyol.engine import trainer as trainer_mod
+
+    calls: list[float] = []
+    real = trainer_mod.target_step
+
+    def counting(online: list[torch.Tensor], target: list[torch.Tensor], tau: float) -> None:
+        calls.append(tau)
+        real(online, target, tau)
+
+    monkeypatch.setattr(trainer_mod, "target_step", counting)
+    t = start_run(_cfg(tmp_path, "accum", ["optim.accum_steps=4", "run.max_steps=3"]))
+    t.train()
+    assert len(calls) == 3 and calls == [float(x) for x in t.tau[:3]]
+    assert t.position == 3 * 8
+
+
+def test_accumulated_gradient_equals_full_batch_mean(tmp_path: Path) -> None:
+    """Micro-batch gradients scaled by 1/accum add up to the mean of the micro-batch gradients
+    (BatchNorm statistics stay per micro-batch, as with any accumulation)."""
+    from fastbyol.data.views import Views
+    from fastbyol.step.train_step import forward_backward
+
+    t = start_run(_cfg(tmp_path, "g", ["run.max_steps=1"]))
+    g = torch.Generator().manual_seed(0)
+    views = [Views(torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g))
+             for _ in range(2)]
+    weight = t.pair.predictor[0].weight
+    grads = []
+    for v in views:
+        t.pair.zero_grad(set_to_none=True)
+        forward_backward(t.pair, v, 1.0, bf16=False)
+        grads.append(weight.grad.clone())
+    t.pair.zero_grad(set_to_none=True)
+    for v in views:
+        forward_backward(t.pair, v, 0.5, bf16=False)
+    torch.testing.assert_close(weight.grad, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["run.precision=bf16"], ["model.channels_last=on"]])
+def test_bf16_and_channels_last_paths_run_on_cpu(tmp_path: Path, extra: list[str]) -> None:
+    """The CUDA defaults (bf16 autocast, channels-last) taken explicitly on the CPU for one step."""
+    t = start_run(_cfg(tmp_path, "p", ["run.max_steps=1", "run.log_every=1", "optim.batch_size=4", *extra]))
+    t.train()
+    rows = read_metrics(tmp_path / "p" / "metrics.jsonl")
+    assert len(rows) == 1 and 0 < rows[0]["loss"] < 8
+    if "model.channels_last=on" in extra:
+        w = t.pair.online.encoder.net.conv1.weight
+        assert w.is_contiguous(memory_format=torch.channels_last)
