@@ -12,8 +12,8 @@ from PIL import Image
 
 from fastbyol.engine import checkpoint
 
-TINY = ["optim.batch_size=4", "data.workers=0", "data.image_size=16", "model.small_stem=true", "model.proj_hidden=32", "model.proj_dim=16", "run.progress=off",
-        "optim.warmup_epochs=0"]
+TINY = ["optim.batch_size=4", "data.workers=0", "data.image_size=16", "model.small_stem=true",
+        "model.proj_hidden=32", "model.proj_dim=16", "run.progress=off", "optim.warmup_epochs=0"]
 
 
 def fastbyol(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

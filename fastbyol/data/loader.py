@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-from fastbyol.data.augment import TwoViewTransform
-from fastbyol.data.folder import ImageFiles, scan_image_folder
-from fastbyol.data.procedural import ProceduralImages
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
+from fastbyol.data.augment import TwoViewTransform
+from fastbyol.data.folder import ImageFiles, scan_image_folder
+from fastbyol.data.procedural import ProceduralImages
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
 
