@@ -1,72 +1,106 @@
-"""Image folders: ``root/<class>/<image>`` (ImageNet's layout), scanned once, decoded per sample.
+"""Image folders: ``root/<class>/.../<image>`` (ImageNet's layout), scanned once, decoded per sample.
 
-A file that cannot be decoded raises ``FastByolError`` naming it; the loader replaces it by the next
-image of the stream, counts it and lists it in the run directory.
+Labels come from the first-level sub-folder (deeper folders belong to their first-level class); files
+directly in the root are class ".". A file that cannot be decoded raises ``FastByolError`` naming it:
+the loader replaces it by the next image of the stream, counts it and lists it in the run directory.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 
 from PIL import Image, ImageFile
 
 from fastbyol.errors import FastByolError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# A truncated JPEG must fail loudly, not decode as a grey-padded image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# ImageNet holds a few huge images; they are legitimate, not decompression bombs up to this size.
-Image.MAX_IMAGE_PIXELS = 16_384 * 16_384
+"""Extensions scanned, compared case-insensitively."""
+
+ROOT_CLASS = "."
+"""Class name of the images that sit directly in the scanned folder."""
+
+
+def _is_image_name(name: str) -> bool:
+    # Hidden files (".DS_Store", macOS "._x.jpg" resource forks) are never images.
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
-    """(sorted file paths, labels, class names). Labels come from the first-level sub-folder in sorted
-    order; files directly in the root get the class '.'."""
-    root = Path(path)
-    if not root.exists():
+    """(file paths sorted, their integer labels, class names) of the images under ``path``.
+
+    Class names are the first-level sub-folders that hold at least one image (at any depth), in sorted
+    order, labels their indices; images directly in ``path`` are class "." with label 0. Hidden files
+    and folders (names starting with ".") are skipped; symbolic links are followed.
+    """
+    if not os.path.exists(path):
         raise FastByolError(f"data folder {path} does not exist: set data.path to a folder of images "
                             "(one sub-folder per class)")
-    if not root.is_dir():
-        raise FastByolError(f"data.path {path} is a file, not a folder: point it at the folder holding the images")
-    files: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        cls = rel.parts[0] if rel.parts else "."
-        files += [(cls, os.path.join(dirpath, f)) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    if not files:
-        raise FastByolError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}: "
-                            "check data.path (sub-folders are searched)")
-    files.sort(key=lambda cf: cf[1])
-    classes = sorted({c for c, _ in files})
-    index = {c: i for i, c in enumerate(classes)}
-    return [f for _, f in files], [index[c] for c, _ in files], classes
+    if not os.path.isdir(path):
+        raise FastByolError(f"data path {path} is not a folder: set data.path to the folder that holds the "
+                            "images (one sub-folder per class)")
+    found: list[tuple[str, str]] = []  # (path, class)
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, path)
+        cls = ROOT_CLASS if rel == os.curdir else rel.split(os.sep, 1)[0]
+        found += [(os.path.join(dirpath, name), cls) for name in filenames if _is_image_name(name)]
+    if not found:
+        raise FastByolError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}, any case) found in {path} or its "
+                            "sub-folders: put the images there (one sub-folder per class) or fix data.path")
+    found.sort()
+    names = {cls for _, cls in found}
+    # "." first whatever it sorts against (a folder named "!x" sorts before "."): root images are label 0.
+    classes = ([ROOT_CLASS] if ROOT_CLASS in names else []) + sorted(names - {ROOT_CLASS})
+    label_of = {cls: i for i, cls in enumerate(classes)}
+    return [p for p, _ in found], [label_of[cls] for _, cls in found], classes
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB (grayscale, CMYK, palette, alpha converted)."""
+    """Open ``path`` and decode it fully as an RGB image (grayscale, CMYK, palette, alpha converted).
+
+    Raises ``FastByolError("cannot decode image <path>: <reason>")`` on any failure: missing, empty,
+    not an image, corrupt or truncated. Truncation is detected because PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False (its default; this function refuses to run otherwise,
+    since PIL would then pad a truncated JPEG with grey and say nothing).
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise FastByolError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by another library or script), "
+                            "so truncated images would load silently: set it back to False")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb warnings)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # Leaving the `with` closes the file; the pixels decoded by load() stay in memory.
+        with Image.open(path) as img:
+            img.load()  # decode now: PIL decodes lazily, and a corrupt file must fail here, not later
+            return _to_rgb(img)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        reason = " ".join(str(e).split()) or type(e).__name__
         raise FastByolError(f"cannot decode image {path}: {reason}") from None
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "PA") or "transparency" in img.info:
+        # Palette transparency converts through RGBA (PIL warns on a direct P -> RGB); the alpha
+        # channel is dropped, as the official tf.image.decode_image(channels=3) does.
+        img = img.convert("RGBA")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG, TIFF): scale to 8 bits; a direct convert would clip at 255 (white).
+        img = img.convert("I").point(lambda v: v / 256, "L")
+    return img.convert("RGB")
+
+
 class ImageFiles:
-    """(PIL image, label) by index over a scanned folder."""
+    """``images[i] -> (RGB PIL image, label)`` over scanned files; decoding errors raise
+    ``FastByolError``."""
 
     def __init__(self, paths: list[str], labels: list[int]) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels = paths, labels
 
     @classmethod
     def scan(cls, path: str) -> ImageFiles:
+        """All images under ``path`` (see ``scan_image_folder``)."""
         paths, labels, _ = scan_image_folder(path)
         return cls(paths, labels)
 
