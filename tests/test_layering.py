@@ -1,5 +1,5 @@
-"""Data flows one way (STYLE.md, Layout): data -> model -> step; telemetry imports nothing upstream;
-engine composes; only cli imports engine. Read from the source, so a wrong import fails here."""
+"""Data flows one way (STYLE.md, Layout): data -> model -> step; eval reads data and model; telemetry
+imports nothing upstream; engine composes; only cli imports engine. Read from the source, so a wrong import fails here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ ALLOWED = {
     "model": BASE | {"fastbyol.data", "fastbyol.model"},
     "step": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step"},
     "telemetry": {"fastbyol.telemetry", "fastbyol.errors"},
-    "engine": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step", "fastbyol.telemetry", "fastbyol.engine"},
+    "eval": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.eval"},
+    "engine": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step", "fastbyol.telemetry", "fastbyol.eval",
+                      "fastbyol.engine"},
 }
 
 
