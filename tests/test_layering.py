@@ -1,5 +1,6 @@
 """Data flows one way (STYLE.md, Layout): data -> model -> step; eval reads data and model; telemetry
-imports nothing upstream; engine composes; only cli imports engine. Read from the source, so a wrong import fails here."""
+imports nothing upstream; engine composes; only cli imports engine. Read from the source, so a wrong
+import fails here."""
 
 from __future__ import annotations
 
