@@ -1,4 +1,4 @@
-"""Command line: ``fastbyol train``, ``fastbyol doctor``, ``fastbyol presets``.
+"""Command line: ``fastbyol train | doctor | presets | data make | eval | export | demo``.
 
 Every error a user can cause surfaces as one line, ``fastbyol: error: ...``, with exit code 2; a
 traceback means a bug in fastbyol.
@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fastbyol.errors import FastByolError
 
@@ -45,6 +46,44 @@ def _parser() -> argparse.ArgumentParser:
                                   "and which paths fastbyol will take").add_argument(
         "--json", action="store_true", help="machine-readable output")
     sub.add_parser("presets", help="list the named presets and what they set")
+
+    data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", metavar="ACTION")
+    make = data.add_parser("make", help="build an image folder with train/ and val/ splits").add_subparsers(
+        dest="dataset", metavar="DATASET")
+    digits = make.add_parser("digits", help="scikit-learn's 1,797 handwritten digits as JPEGs (no download)")
+    digits.add_argument("out", help="folder to create (must be new or empty)")
+    digits.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
+    digits.add_argument("--val-fraction", type=float, default=0.2, help="share of each class in val/ (0.2)")
+    synth = make.add_parser("synthetic", help="procedurally drawn classes of any size and count")
+    synth.add_argument("out", help="folder to create (must be new or empty)")
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--train-per-class", type=int, default=100)
+    synth.add_argument("--val-per-class", type=int, default=20)
+    synth.add_argument("--size", type=int, default=64)
+
+    ev = sub.add_parser("eval", help="evaluate the online encoder of a checkpoint").add_subparsers(
+        dest="protocol", metavar="PROTOCOL")
+    for name, what in (("linear", "linear probe on frozen features (SGD Nesterov, cosine lr)"),
+                       ("knn", "weighted kNN on cosine similarity of frozen features")):
+        p = ev.add_parser(name, help=what)
+        p.add_argument("checkpoint", help="checkpoint file or run directory (newest valid checkpoint)")
+        p.add_argument("--data", required=True, help="image folder with train/ and val/ sub-folders")
+        p.add_argument("--arch", help="expected architecture; a checkpoint of another one is rejected")
+        p.add_argument("--size", type=int, help="evaluation crop size (default: the run's data.image_size)")
+        p.add_argument("--json", help="also write the result to this JSON file")
+        if name == "linear":
+            p.add_argument("--epochs", type=int, default=80, help="training epochs of the probe (spec: 80)")
+        else:
+            p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (20 200)")
+
+    export = sub.add_parser("export", help="online encoder -> torchvision state_dict (.pth) and .safetensors")
+    export.add_argument("checkpoint", help="checkpoint file or run directory")
+    export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
+
+    demo = sub.add_parser("demo", help="digits demo: pretrain BYOL, then kNN/linear vs random init")
+    demo.add_argument("--out", default="runs/demo", help="folder for the dataset and the run (runs/demo)")
+    demo.add_argument("--linear-epochs", type=int, default=80)
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the digits preset")
     return parser
 
 
@@ -101,6 +140,63 @@ def _presets() -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from fastbyol.data.builders import make_digits, make_synthetic
+
+    if args.data_command != "make" or not args.dataset:
+        raise FastByolError("usage: fastbyol data make {digits,synthetic} OUT")
+    if args.dataset == "digits":
+        if not 0 < args.val_fraction < 1:
+            raise FastByolError(f"--val-fraction {args.val_fraction} is out of range: use a value in (0, 1)")
+        counts = make_digits(args.out, size=args.size, val_fraction=args.val_fraction)
+    else:
+        counts = make_synthetic(args.out, args.classes, args.train_per_class, args.val_per_class, args.size)
+    print(f"fastbyol: wrote {counts['train']} train and {counts['val']} val images to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if not args.protocol:
+        raise FastByolError("usage: fastbyol eval {linear,knn} CHECKPOINT --data DIR")
+    from fastbyol.engine.evaluate import encoder_from_checkpoint, evaluate_encoder
+    from fastbyol.engine.trainer import resolve_device
+
+    encoder, cfg = encoder_from_checkpoint(args.checkpoint, args.arch)
+    size = args.size or cfg.data.image_size
+    device = resolve_device("auto")
+    if args.protocol == "linear":
+        result = evaluate_encoder(encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs)
+        r = result["linear"]
+        print(f"linear probe ({args.epochs} epochs): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    else:
+        result = evaluate_encoder(encoder, args.data, size, device, knn_k=tuple(args.k), linear_epochs=None)
+        for k in args.k:
+            r = result[f"knn{k}"]
+            print(f"kNN k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    result.update({"checkpoint": args.checkpoint, "arch": cfg.model.arch, "data": args.data, "size": size})
+    if args.json:
+        from fastbyol.engine.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastbyol.engine.evaluate import export_checkpoint
+
+    for path in export_checkpoint(args.checkpoint, args.out):
+        print(f"fastbyol: wrote {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fastbyol.engine.demo import format_table, run_demo
+
+    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs)
+    print(format_table(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -110,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args)
         if args.command == "presets":
             return _presets()
+        commands = {"data": _data, "eval": _eval, "export": _export, "demo": _demo}
+        if args.command in commands:
+            return commands[args.command](args)
         _parser().print_help()
         return EXIT_USER_ERROR
     except FastByolError as e:

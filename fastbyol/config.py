@@ -51,6 +51,9 @@ class ModelConfig:
     """'independent': target initialised from its own random draw, as the official code does; 'copy'."""
     channels_last: str = "auto"
     """'auto' (channels-last on CUDA), 'on' or 'off'."""
+    online_probe: bool = False
+    """Train a linear classifier on the stop-gradient online features of view 1 during pretraining, as
+    the official code does (labels never reach the encoder); its accuracy is logged in metrics.jsonl."""
 
 
 @dataclass
@@ -157,6 +160,8 @@ class Config:
         _choice("model.target_init", m.target_init, ("independent", "copy"))
         _choice("model.channels_last", m.channels_last, ("auto", "on", "off"))
         _choice("data.source", d.source, ("folder", "procedural", "synthetic"))
+        if m.online_probe and d.source == "synthetic":
+            raise ConfigError("model.online_probe=true needs labelled data: use data.source=folder or procedural")
         if d.source == "folder" and not d.path:
             raise ConfigError(
                 "data.path is empty but data.source=folder: set data.path=/path/to/train_images "
@@ -268,6 +273,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"batch_size": 32, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 0.25},
         "byol": {"tau_base": 0.99},
         "run": {"epochs": 1.0, "log_every": 4, "ckpt_every": 8, "keep_last": 2},
+    },
+    # The README demo: scikit-learn's handwritten digits (1,797 real images, `fastbyol data make digits`)
+    # at 32 px; ResNet-18 with the ImageNet stem keeps a 2-core CPU at ~50 img/s. ~6 minutes on a CPU.
+    "digits": {
+        "model": {"arch": "resnet18", "small_stem": False, "proj_hidden": 512, "proj_dim": 128},
+        "data": {"source": "folder", "image_size": 32, "workers": 1},
+        "optim": {"batch_size": 64, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 1.0},
+        "byol": {"tau_base": 0.99},
+        "run": {"epochs": 10.0, "log_every": 20, "ckpt_every": 100, "keep_last": 1},
     },
 }
 

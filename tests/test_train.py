@@ -123,11 +123,11 @@ def test_accumulated_gradient_equals_full_batch_mean(tmp_path: Path) -> None:
     grads = []
     for v in views:
         t.pair.zero_grad(set_to_none=True)
-        forward_backward(t.pair, v, 1.0, bf16=False)
+        forward_backward(t.pair, v, None, 1.0, bf16=False)
         grads.append(weight.grad.clone())
     t.pair.zero_grad(set_to_none=True)
     for v in views:
-        forward_backward(t.pair, v, 0.5, bf16=False)
+        forward_backward(t.pair, v, None, 0.5, bf16=False)
     torch.testing.assert_close(weight.grad, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
 
 
@@ -141,3 +141,33 @@ def test_bf16_and_channels_last_paths_run_on_cpu(tmp_path: Path, extra: list[str
     if "model.channels_last=on" in extra:
         w = t.pair.online.encoder.net.conv1.weight
         assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_online_probe_learns_without_touching_the_encoder_gradient(tmp_path: Path) -> None:
+    """The probe (official: classifier on stop_gradient(embedding)) is logged, and its loss changes no
+    encoder gradient: the same batch gives the same encoder grads with the probe on and off."""
+    t = start_run(_cfg(tmp_path, "probe", ["model.online_probe=true", "run.max_steps=4", "run.log_every=2"]))
+    t.train()
+    rows = read_metrics(tmp_path / "probe" / "metrics.jsonl")
+    assert all("probe_loss" in r and 0 <= r["probe_top1"] <= 100 for r in rows)
+    assert t.pair.probe is not None and t.pair.probe.out_features == 8
+    assert any(p is t.pair.probe.weight for g in t.optimizer.param_groups for p in g["params"])
+
+    from fastbyol.data.views import Views
+    from fastbyol.step.train_step import forward_backward
+
+    g = torch.Generator().manual_seed(0)
+    views = Views(torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g))
+    labels = torch.tensor([0, 1, 2, 3])
+    conv = t.pair.online.encoder.net.conv1.weight
+    state = {k: v.clone() for k, v in t.pair.state_dict().items()}
+    t.pair.zero_grad(set_to_none=True)
+    out = forward_backward(t.pair, views, labels, 1.0, bf16=False)
+    with_probe = conv.grad.clone()
+    assert out.probe_loss is not None and t.pair.probe.weight.grad is not None
+    t.pair.load_state_dict(state)  # BatchNorm running stats moved: restore them
+    probe, t.pair.probe = t.pair.probe, None
+    t.pair.zero_grad(set_to_none=True)
+    forward_backward(t.pair, views, None, 1.0, bf16=False)
+    t.pair.probe = probe
+    torch.testing.assert_close(conv.grad, with_probe, rtol=0, atol=0)

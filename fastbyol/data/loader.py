@@ -41,7 +41,10 @@ class ImageSource(Protocol):
     def __getitem__(self, index: int) -> tuple[object, int]: ...
 
 
-class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, list[str]]]):
+Sample = tuple[torch.Tensor, torch.Tensor, int, list[str]]
+
+
+class TwoViewDataset(Dataset[Sample]):
     """Indexed by stream position: position -> (epoch permutation) -> image -> two views."""
 
     def __init__(self, images: ImageSource, transform: TwoViewTransform, seed: int) -> None:
@@ -59,12 +62,12 @@ class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, list[str]]]):
             self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
         return int(self._perm[offset])
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def __getitem__(self, position: int) -> Sample:
         skipped: list[str] = []
         # An unreadable image is replaced by the next one of the stream, and reported.
         for attempt in range(MAX_CONSECUTIVE_BAD):
             try:
-                img, _ = self.images[self.index_at(position + attempt)]
+                img, label = self.images[self.index_at(position + attempt)]
                 break
             except FastByolError as e:
                 skipped.append(str(e))
@@ -73,7 +76,7 @@ class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor, list[str]]]):
                 f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
                 f"(last: {skipped[-1]}): check the data folder")
         v1, v2 = self.transform(img, seed=mix_seed(self.seed, 0x5EED, position))  # type: ignore[arg-type]
-        return v1, v2, skipped
+        return v1, v2, label, skipped
 
 
 class PositionBatches(Sampler[list[int]]):
@@ -91,10 +94,11 @@ class PositionBatches(Sampler[list[int]]):
             yield list(range(first, first + self.micro_batch))
 
 
-def collate_views(samples: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> Batch:
+def collate_views(samples: list[Sample]) -> Batch:
     v1 = torch.stack([s[0] for s in samples])
     v2 = torch.stack([s[1] for s in samples])
-    return Batch(Views(v1, v2), [msg for s in samples for msg in s[2]])
+    labels = torch.tensor([s[2] for s in samples], dtype=torch.long)
+    return Batch(Views(v1, v2), labels, [msg for s in samples for msg in s[3]])
 
 
 def _worker_init(_: int) -> None:
@@ -107,9 +111,10 @@ class TorchVisionSource:
 
     kind = "torch"
 
-    def __init__(self, images: ImageSource, cfg: DataConfig, seed: int, pin_memory: bool) -> None:
+    def __init__(self, images: ImageSource, num_classes: int, cfg: DataConfig, seed: int, pin_memory: bool) -> None:
         self.dataset = TwoViewDataset(images, TwoViewTransform(cfg.image_size), seed)
         self.images_per_epoch = len(images)
+        self.num_classes = num_classes
         self.cfg, self.pin_memory = cfg, pin_memory
 
     def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
@@ -128,6 +133,7 @@ class SyntheticSource:
     pipeline. Every batch is the same pair of tensors (no copy, no host work)."""
 
     kind = "synthetic"
+    num_classes = 0  # no labels: the online probe needs a folder or procedural source
 
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
         self.images_per_epoch = cfg.num_images or IMAGENET_TRAIN_IMAGES
@@ -139,7 +145,7 @@ class SyntheticSource:
         views = Views(torch.randn(shape, generator=gen, device=self.device),
                       torch.randn(shape, generator=gen, device=self.device))
         for _ in range(num_batches):
-            yield Batch(views, [])
+            yield Batch(views, None, [])
 
 
 DataSource = TorchVisionSource | SyntheticSource
@@ -152,7 +158,8 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource
     if cfg.source == "procedural":
         images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),
                                   num_classes=cfg.num_classes)
+        num_classes = cfg.num_classes
     else:
-        paths, labels, _ = scan_image_folder(cfg.path)
-        images = ImageFiles(paths, labels)
-    return TorchVisionSource(images, cfg, seed, pin_memory=device.type == "cuda")
+        paths, labels, classes = scan_image_folder(cfg.path)
+        images, num_classes = ImageFiles(paths, labels), len(classes)
+    return TorchVisionSource(images, num_classes, cfg, seed, pin_memory=device.type == "cuda")

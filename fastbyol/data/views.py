@@ -26,7 +26,9 @@ class Views(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """One micro-batch and the files that could not be read while making it (substituted, counted)."""
+    """One micro-batch, its class labels (None where the source has none), and the files that could not
+    be read while making it (substituted, counted)."""
 
     views: Views
+    labels: torch.Tensor | None
     skipped: list[str]

@@ -70,29 +70,30 @@ def new_run_dir(cfg: Config) -> Path:
 class IntervalMeter:
     """Sums device tensors over one log interval; read (one host sync) only when a row is written."""
 
-    loss_sum: torch.Tensor | None = None
-    proj_std_sum: torch.Tensor | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     micro_steps: int = 0
     steps: int = 0
     data_wait_s: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: torch.Tensor, proj_std: torch.Tensor) -> None:
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.proj_std_sum = proj_std if self.proj_std_sum is None else self.proj_std_sum + proj_std
+    def add(self, values: dict[str, torch.Tensor | None]) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.micro_steps += 1
+
+    def means(self) -> dict[str, float]:
+        # The one host sync of the interval: reading the summed device metrics.
+        return {name: float(total) / self.micro_steps for name, total in self.sums.items()}
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run logs the same numbers."""
-        return {"loss_sum": self.loss_sum, "proj_std_sum": self.proj_std_sum,
-                "micro_steps": self.micro_steps, "steps": self.steps}
+        return {"sums": dict(self.sums), "micro_steps": self.micro_steps, "steps": self.steps}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> IntervalMeter:
-        def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return cls(to(state["loss_sum"]), to(state["proj_std_sum"]), state["micro_steps"], state["steps"])
+        sums = {name: t.to(device) for name, t in state["sums"].items()}
+        return cls(sums, state["micro_steps"], state["steps"])
 
 
 class Trainer:
@@ -113,12 +114,13 @@ class Trainer:
         self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
         self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
 
-        self.pair = ByolPair(cfg.model, seed=cfg.run.seed).to(self.device)
+        probe_classes = self.source.num_classes if cfg.model.online_probe else 0
+        self.pair = ByolPair(cfg.model, seed=cfg.run.seed, probe_classes=probe_classes).to(self.device)
         if self.channels_last:
             self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pair.train()
-        online_modules = [m for name, m in self.pair.named_modules() if name.startswith(("online", "predictor"))]
-        self.optimizer = LARS(lars_param_groups(("", m) for m in online_modules),
+        online = (named for module in self.pair.online_modules() for named in module.named_modules())
+        self.optimizer = LARS(lars_param_groups(online),
                               weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                               eta=cfg.optim.eta)
         self.online_params, self.target_params = self.pair.param_pairs()
@@ -193,8 +195,9 @@ class Trainer:
                     if batch.skipped:
                         self._record_skipped(batch.skipped)
                     views = batch.views.to(self.device, self.channels_last)
-                    out = forward_backward(self.pair, views, 1.0 / accum, self.bf16)  # forward/backward
-                    self.meter.add(out.loss, out.proj_std)
+                    labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
+                    out = forward_backward(self.pair, views, labels, 1.0 / accum, self.bf16)  # forward/backward
+                    self.meter.add(out._asdict())
                 optimizer_step(self.optimizer, float(self.lr[self.step]))  # optimizer
                 target_step(self.online_params, self.target_params, float(self.tau[self.step]))  # EMA
                 self.step += 1
@@ -222,16 +225,13 @@ class Trainer:
     def _log_row(self) -> dict[str, Any]:
         m = self.meter
         elapsed = time.perf_counter() - m.t0
-        assert m.loss_sum is not None and m.proj_std_sum is not None
-        # The one host sync of the interval: reading the summed device metrics.
-        loss = float(m.loss_sum) / m.micro_steps
-        proj_std = float(m.proj_std_sum) / m.micro_steps
+        means = m.means()
         k = self.step - 1  # the step whose lr/tau were just applied
         row = {
             "step": self.step,
             "epoch": round(self.position / self.images_per_epoch, 6),
-            "loss": loss,
-            "proj_std": proj_std,
+            "loss": means["loss"],
+            "proj_std": means["proj_std"],
             "proj_std_uniform": 1.0 / math.sqrt(self.cfg.model.proj_dim),
             "lr": float(self.lr[k]),
             "tau": float(self.tau[k]),
@@ -239,6 +239,8 @@ class Trainer:
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": self.skipped,
         }
+        if "probe_loss" in means:
+            row["probe_loss"], row["probe_top1"] = means["probe_loss"], 100.0 * means["probe_top1"]
         self.meter = IntervalMeter()
         return row
 

@@ -27,6 +27,8 @@ class ByolOutputs(NamedTuple):
     z2: torch.Tensor
     online_proj1: torch.Tensor
     """Online projection of view 1, detached: the collapse monitor reads its per-dimension spread."""
+    probe_logits: torch.Tensor | None
+    """Online linear probe on the stop-gradient encoder features of view 1 (None when off)."""
 
 
 class Tower(nn.Module):
@@ -46,7 +48,7 @@ class Tower(nn.Module):
 class ByolPair(nn.Module):
     """Online tower + predictor, and the target tower. ``forward`` returns both views' outputs."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0, probe_classes: int = 0) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -55,6 +57,8 @@ class ByolPair(nn.Module):
             # The official code initialises the target from its own random key, not as a copy.
             torch.manual_seed(seed + 1_000_003)
             self.target = Tower(cfg)
+            # The official code's online classifier: a linear layer on stop_gradient(embedding).
+            self.probe = nn.Linear(self.online.encoder.feature_dim, probe_classes) if probe_classes else None
         if cfg.target_init == "copy":
             self.target.load_state_dict(self.online.state_dict())
         for p in self.target.parameters():
@@ -71,10 +75,9 @@ class ByolPair(nn.Module):
         target = dict(self.target.named_parameters())
         return [online[n] for n in self.pair_names], [target[n] for n in self.pair_names]
 
-    def online_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Everything the optimizer updates: online tower and predictor."""
-        return [(f"online.{n}", p) for n, p in self.online.named_parameters()] + [
-            (f"predictor.{n}", p) for n, p in self.predictor.named_parameters()]
+    def online_modules(self) -> list[nn.Module]:
+        """Everything the optimizer updates: online tower, predictor and (when on) the probe."""
+        return [self.online, self.predictor] + ([self.probe] if self.probe is not None else [])
 
     def train(self, mode: bool = True) -> ByolPair:
         super().train(mode)
@@ -84,10 +87,12 @@ class ByolPair(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> ByolOutputs:
         # One forward per view, as the official code does: BatchNorm statistics are per view.
-        proj1 = self.online(view1)
+        feat1 = self.online.encoder(view1)
+        proj1 = self.online.projector(feat1)
         proj2 = self.online(view2)
         p1, p2 = self.predictor(proj1), self.predictor(proj2)
         with torch.no_grad():
             z1 = self.target(view1)
             z2 = self.target(view2)
-        return ByolOutputs(p1, p2, z1, z2, proj1.detach())
+        logits = self.probe(feat1.detach()) if self.probe is not None else None
+        return ByolOutputs(p1, p2, z1, z2, proj1.detach(), logits)

@@ -12,6 +12,7 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fastbyol.data.views import Views
 from fastbyol.model.byol import ByolPair
@@ -24,6 +25,10 @@ class MicroStepOut(NamedTuple):
     """Symmetric BYOL loss of this micro-batch (detached, fp32, on the device)."""
     proj_std: torch.Tensor
     """Collapse monitor: mean per-dimension std of the normalised online projections."""
+    probe_loss: torch.Tensor | None
+    """Cross-entropy of the online linear probe (None when off)."""
+    probe_top1: torch.Tensor | None
+    """Share of view-1 images the probe classifies right, in [0, 1] (None when off)."""
 
 
 def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
@@ -33,15 +38,28 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def forward_backward(pair: ByolPair, views: Views, loss_scale: float, bf16: bool) -> MicroStepOut:
+def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, loss_scale: float,
+                     bf16: bool) -> MicroStepOut:
     """Forward both views through online and target, backward the scaled loss into the online grads.
 
-    ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean gradient."""
+    ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean gradient.
+    With the online probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``);
+    the probe reads detached features, so its gradient never reaches the encoder."""
     with autocast_for(views.view1.device, bf16):
         out = pair(views.view1, views.view2)
     loss = byol_loss(out.p1, out.p2, out.z1, out.z2)
-    (loss * loss_scale).backward()
-    return MicroStepOut(loss.detach(), projection_std(out.online_proj1))
+    probe_loss = probe_top1 = None
+    total = loss
+    if out.probe_logits is not None:
+        if labels is None:
+            raise ValueError("the online probe needs labels; this data source has none")
+        logits = out.probe_logits.float()
+        probe_loss = F.cross_entropy(logits, labels)
+        probe_top1 = (logits.argmax(dim=1) == labels).float().mean()
+        total = loss + probe_loss
+    (total * loss_scale).backward()
+    return MicroStepOut(loss.detach(), projection_std(out.online_proj1),
+                        None if probe_loss is None else probe_loss.detach(), probe_top1)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:

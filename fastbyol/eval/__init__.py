@@ -1,0 +1,1 @@
+"""Evaluation of a frozen encoder: features, kNN, linear probe, export to torchvision."""
