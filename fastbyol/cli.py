@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", help="also write the result to this JSON file")
         if name == "linear":
             p.add_argument("--epochs", type=int, default=80, help="training epochs of the probe (spec: 80)")
+            p.add_argument("--augment", action="store_true",
+                           help="the spec's protocol: fresh crop + flip views each epoch (slow: one encoder pass "
+                                "over the training set per epoch) instead of centre-view features computed once")
         else:
             p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (20 200)")
 
@@ -165,9 +168,11 @@ def _eval(args: argparse.Namespace) -> int:
     size = args.size or cfg.data.image_size
     device = resolve_device("auto")
     if args.protocol == "linear":
-        result = evaluate_encoder(encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs)
+        result = evaluate_encoder(encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs,
+                                  augment=args.augment)
         r = result["linear"]
-        print(f"linear probe ({args.epochs} epochs): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+        how = "augmented views" if args.augment else "centre-view features"
+        print(f"linear probe ({args.epochs} epochs, {how}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     else:
         result = evaluate_encoder(encoder, args.data, size, device, knn_k=tuple(args.k), linear_epochs=None)
         for k in args.k:

@@ -18,6 +18,7 @@ from fastbyol.data.folder import ImageFiles
 from fastbyol.engine.evaluate import encoder_from_checkpoint, export_checkpoint
 from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError
+from fastbyol.eval.features import CenterViews
 from fastbyol.eval.knn import knn_predict, topk_accuracy
 from fastbyol.eval.linear import linear_probe
 
@@ -116,7 +117,11 @@ def test_eval_cli_runs_and_rejects_another_architecture(tiny_checkpoint: Path, t
     assert proc.returncode == 0 and "kNN k=3: top-1" in proc.stdout, proc.stderr
     assert json.loads((tmp_path / "knn.json").read_text())["knn3"]["top1"] >= 0
     proc = _cli("eval", "linear", str(tiny_checkpoint), "--data", str(data), "--epochs", "2", cwd=tmp_path)
-    assert proc.returncode == 0 and "linear probe (2 epochs): top-1" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "linear probe (2 epochs, centre-view features): top-1" in proc.stdout, proc.stderr
+    proc = _cli("eval", "linear", str(tiny_checkpoint), "--data", str(data), "--epochs", "2", "--augment", "--json",
+                str(tmp_path / "lin.json"), cwd=tmp_path)
+    assert proc.returncode == 0 and "linear probe (2 epochs, augmented views): top-1" in proc.stdout, proc.stderr
+    assert json.loads((tmp_path / "lin.json").read_text())["linear"]["augmented"] == 1.0
     proc = _cli("eval", "knn", str(tiny_checkpoint), "--data", str(data), "--arch", "resnet50", cwd=tmp_path)
     assert proc.returncode == 2 and "holds a resnet18 encoder, not resnet50" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -140,3 +145,26 @@ def test_digits_jpegs_are_real_images(tmp_path: Path) -> None:
     path = next((tmp_path / "d" / "val" / "7").iterdir())
     with Image.open(path) as img:
         assert img.format == "JPEG" and img.size == (16, 16)
+
+
+def test_augmented_training_views_are_seeded_crops_and_flips(tmp_path: Path) -> None:
+    make_synthetic(str(tmp_path / "s"), num_classes=2, train_per_class=2, val_per_class=0, size=40)
+    files = ImageFiles.scan(str(tmp_path / "s" / "train"))
+    center = CenterViews(files, 32)[0][0]
+    e0, e0_again, e1 = CenterViews(files, 32, epoch=0)[0][0], CenterViews(files, 32, epoch=0)[0][0], \
+        CenterViews(files, 32, epoch=1)[0][0]
+    assert e0.shape == center.shape == (3, 32, 32)
+    assert torch.equal(e0, e0_again) and not torch.equal(e0, e1) and not torch.equal(e0, center)
+
+
+def test_epoch_features_are_used_each_epoch() -> None:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    seen: list[int] = []
+
+    def per_epoch(epoch: int) -> torch.Tensor:
+        seen.append(epoch)
+        return x + 0.01 * epoch
+
+    linear_probe(x, y, x, y, 3, epochs=3, batch_size=16, epoch_features=per_epoch)
+    assert seen == [0, 1, 2]

@@ -66,8 +66,9 @@ def split_files(data_root: str) -> tuple[ImageFiles, ImageFiles]:
 
 def evaluate_encoder(encoder: Encoder, data_root: str, size: int, device: torch.device, *,
                      knn_k: tuple[int, ...] = (20,),
-                     linear_epochs: int | None = 80, batch_size: int = 256) -> dict[str, Any]:
-    """kNN (cosine, each k) and/or the linear probe on features precomputed once from centre views."""
+                     linear_epochs: int | None = 80, batch_size: int = 256, augment: bool = False) -> dict[str, Any]:
+    """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
+    (``augment``) on fresh crop + flip views every epoch, the spec's protocol."""
     train, val = split_files(data_root)
     num_classes = max(max(train.labels), max(val.labels)) + 1
     encoder = encoder.to(device)
@@ -77,8 +78,12 @@ def evaluate_encoder(encoder: Encoder, data_root: str, size: int, device: torch.
     for k in knn_k:
         out[f"knn{k}"] = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes)
     if linear_epochs:
+        def epoch_features(epoch: int) -> torch.Tensor:
+            return extract_features(encoder, train, size, device, epoch=epoch)[0]
+
         out["linear"] = linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs=linear_epochs,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, epoch_features=epoch_features if augment else None)
+        out["linear"]["augmented"] = float(augment)
     return out
 
 

@@ -1,12 +1,15 @@
 """Linear evaluation on frozen features (BYOL.md, "Evaluation protocol"; official ``configs/eval.py``).
 
 SGD with Nesterov momentum 0.9, lr 0.2 * batch / 256 with cosine decay, no weight decay, 80 epochs.
-The fast path trains on features precomputed once from centre views (augmentation off).
+The fast path trains on features precomputed once from centre views (augmentation off); the spec's
+protocol (``epoch_features``) recomputes the training features every epoch from fresh random-resized-crop
++ flip views of the training images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,8 @@ from fastbyol.eval.knn import topk_accuracy
 
 def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, epochs: int = 80, batch_size: int = 256, base_lr: float = 0.2,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, epoch_features: Callable[[int], torch.Tensor] | None = None) -> dict[str, float]:
+    """Train on ``train_f`` (or ``epoch_features(epoch)``, same row order as ``train_y``); report top-1/5 %."""
     gen = torch.Generator().manual_seed(seed)
     # Standardise with training statistics: a linear map, so the probe class is unchanged, but SGD's
     # lr no longer depends on the feature scale (random-init and trained encoders differ by 10x).
@@ -31,7 +35,9 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch_features is not None:
+            train_x = (epoch_features(epoch) - mean) / std
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
