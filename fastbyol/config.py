@@ -139,13 +139,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     # -- derived quantities (the schedules and the loop read these) --------------------------------
-    def images_per_epoch(self, dataset_len: int | None = None) -> int:
-        if self.data.source == "folder":
-            if dataset_len is None:
-                raise ValueError("images_per_epoch of a folder source needs the dataset length")
-            return dataset_len
-        return self.data.num_images or IMAGENET_TRAIN_IMAGES
-
     def total_steps(self, images_per_epoch: int) -> int:
         """``epochs * N // batch_size``, as the official code counts (the stream crosses epochs)."""
         return max(1, int(self.run.epochs * images_per_epoch) // self.optim.batch_size)

@@ -19,9 +19,9 @@ from torchvision.models.resnet import Bottleneck, ResNet
 _TRUNC_STD_CORRECTION = 0.87962566103423978
 
 
-def _resnet200(**kwargs: object) -> ResNet:
+def _resnet200(weights: None = None, **kwargs: bool) -> ResNet:
     """ResNet-200 (v1, blocks 3-24-36-3), which torchvision lacks; the paper's largest model."""
-    return ResNet(Bottleneck, [3, 24, 36, 3], **kwargs)  # type: ignore[arg-type]
+    return ResNet(Bottleneck, [3, 24, 36, 3], **kwargs)
 
 
 _BUILDERS = {
@@ -51,8 +51,7 @@ class Encoder(nn.Module):
         super().__init__()
         if arch not in _BUILDERS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_BUILDERS)}")
-        net = _BUILDERS[arch](weights=None, zero_init_residual=True) if arch != "resnet200" else \
-            _resnet200(zero_init_residual=True)
+        net = _BUILDERS[arch](weights=None, zero_init_residual=True)
         if small_stem:
             # CIFAR-style stem for 32-64 px inputs: a 7x7/2 conv and a max-pool would leave 1-2 px maps.
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
