@@ -120,5 +120,7 @@ def test_help_doctor_presets(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "optim.batch_size" in proc.stdout and "--resume" in proc.stdout
     proc = fastbyol("doctor", cwd=tmp_path)
     assert proc.returncode == 0 and "torch" in proc.stdout and "fastbyol will use" in proc.stdout
+    proc = fastbyol("train", "--preset", "byol-r50-40ep", "data.path=/data/train", "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0 and "tau_base: 0.97" in proc.stdout and "base_lr: 0.45" in proc.stdout
     proc = fastbyol("presets", cwd=tmp_path)
     assert proc.returncode == 0 and "byol-r50-1000ep" in proc.stdout and "smoke" in proc.stdout

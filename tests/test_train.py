@@ -171,3 +171,18 @@ def test_online_probe_learns_without_touching_the_encoder_gradient(tmp_path: Pat
     forward_backward(t.pair, views, None, 1.0, bf16=False)
     t.pair.probe = probe
     torch.testing.assert_close(conv.grad, with_probe, rtol=0, atol=0)
+
+
+def test_synthetic_on_device_source(tmp_path: Path) -> None:
+    """The throughput source: random tensors made once on the device, the same every step, no labels."""
+    t = start_run(_cfg(tmp_path, "syn", ["data.source=synthetic", "run.max_steps=2", "run.log_every=1"]))
+    assert t.source.kind == "synthetic" and t.images_per_epoch == 64
+    batches = list(t.source.batches(0, 4, 2))
+    assert batches[0].views.view1 is batches[1].views.view1 and batches[0].labels is None
+    assert batches[0].views.view1.shape == (4, 3, 16, 16)
+    t.train()
+    assert len(read_metrics(tmp_path / "syn" / "metrics.jsonl")) == 2
+    from fastbyol.config import ConfigError
+
+    with pytest.raises(ConfigError, match="online_probe=true needs labelled data"):
+        _cfg(tmp_path, "syn2", ["data.source=synthetic", "model.online_probe=true"])
