@@ -20,11 +20,10 @@ so the result is deterministic; the backward recomputes the three row sums inste
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+from fastbyol.kernels.launch import on_device
 
 from fastbyol.step import loss as _loss
 
@@ -116,10 +115,6 @@ def _block_d(d: int) -> int:
     return min(triton.next_power_of_2(d), _MAX_BLOCK_D)
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def byol_loss_rows(
     p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, out: torch.Tensor | None = None
@@ -130,7 +125,7 @@ def byol_loss_rows(
     b, d = p1.shape
     if out is None:
         out = torch.empty(b, dtype=torch.float32, device=p1.device)
-    with _on_device(p1):
+    with on_device(p1):
         _byol_loss_fwd_kernel[(b,)](p1, p2, z1, z2, out, d, L2_EPS, BLOCK_D=_block_d(d))
     return out
 
@@ -151,7 +146,7 @@ def byol_loss_grad_p(
     grad_p1 = torch.empty_like(p1) if grad_p1 is None else grad_p1
     grad_p2 = torch.empty_like(p2) if grad_p2 is None else grad_p2
     grad_out = grad_out.reshape(()).to(device=p1.device, dtype=torch.float32)
-    with _on_device(p1):
+    with on_device(p1):
         _byol_loss_bwd_kernel[(b,)](grad_out, p1, p2, z1, z2, grad_p1, grad_p2, d, 1.0 / b, L2_EPS, BLOCK_D=_block_d(d))
     return grad_p1, grad_p2
 

@@ -1,0 +1,56 @@
+"""The target EMA over one flat buffer in one launch (BYOL.md, "Schedules"):
+
+    xi = tau * xi + (1 - tau) * theta        elementwise, in fp32, stored back in xi's dtype
+
+``tau`` is a 1-element device tensor read by the kernel, so a new tau each step needs no recompilation
+and no host sync. ``ema_flat_ref`` is the plain-PyTorch reference with the same signature. The online and
+target parameters must live in flat contiguous buffers of equal length (the modules' parameters views
+into them) for the update to be one pass over memory; building those buffers is the model's job.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastbyol.kernels.launch import on_device
+
+BLOCK = 4096
+
+
+def ema_flat_ref(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> None:
+    """In place: target = tau * target + (1 - tau) * online, computed in fp32."""
+    t = tau.float()
+    target.copy_(t * target.float() + (1.0 - t) * online.float())
+
+
+@triton.jit
+def _ema_kernel(t_ptr, o_ptr, tau_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tau = tl.load(tau_ptr).to(tl.float32)
+    xi = tl.load(t_ptr + offs, mask=mask, other=0.0)
+    theta = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    new = tau * xi.to(tl.float32) + (1.0 - tau) * theta
+    tl.store(t_ptr + offs, new.to(xi.dtype), mask=mask)
+
+
+
+@torch.library.custom_op("fastbyol::ema_flat_", mutates_args=("target",))
+def ema_flat_(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> None:
+    """One launch over the whole buffer: target <- tau * target + (1 - tau) * online."""
+    if target.shape != online.shape or not (target.is_contiguous() and online.is_contiguous()):
+        raise ValueError(f"ema_flat_ needs contiguous buffers of one shape, got {tuple(target.shape)} and "
+                         f"{tuple(online.shape)}")
+    if tau.numel() != 1 or tau.device != target.device:
+        raise ValueError("tau must be a 1-element tensor on the buffers' device")
+    n = target.numel()
+    if n == 0:
+        return
+    with on_device(target):
+        _ema_kernel[(triton.cdiv(n, BLOCK),)](target, online, tau, n, BLOCK=BLOCK)
+
+
+@ema_flat_.register_fake
+def _(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> None:
+    return None
