@@ -125,6 +125,9 @@ class RunConfig:
     """Run directory name under out_dir (default: <preset>-<timestamp>)."""
     progress: str = "auto"
     """Console progress bar: 'auto' (on a terminal), 'on' or 'off'."""
+    kernels: str = "auto"
+    """Fused Triton kernels for the loss and the target EMA: 'auto' (on with a CUDA GPU), 'on' or 'off'
+    (the plain-PyTorch reference path, for A/B runs)."""
 
 
 @dataclass
@@ -198,6 +201,7 @@ class Config:
         if "/" in r.name or r.name in (".", ".."):
             raise ConfigError(f"run.name={r.name!r} must be a plain folder name (no '/'), e.g. run.name=r50-test")
         _choice("run.progress", r.progress, ("auto", "on", "off"))
+        _choice("run.kernels", r.kernels, ("auto", "on", "off"))
         return self
 
     def to_dict(self) -> dict[str, Any]:

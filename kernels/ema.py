@@ -10,12 +10,16 @@ into them) for the update to be one pass over memory; building those buffers is 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from fastbyol.kernels.launch import on_device
 
 BLOCK = 4096
+# The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
+INTERPRETER_BLOCK = 1 << 20
 
 
 def ema_flat_ref(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> None:
@@ -48,7 +52,8 @@ def ema_flat_(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> 
     if n == 0:
         return
     with on_device(target):
-        _ema_kernel[(triton.cdiv(n, BLOCK),)](target, online, tau, n, BLOCK=BLOCK)
+        block = INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+        _ema_kernel[(triton.cdiv(n, block),)](target, online, tau, n, BLOCK=block)
 
 
 @ema_flat_.register_fake

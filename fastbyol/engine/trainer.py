@@ -7,6 +7,7 @@ One readable loop, no callbacks. The run directory holds ``config.yaml`` (the re
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import time
@@ -25,13 +26,13 @@ from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.lars import LARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
-from fastbyol.step.train_step import forward_backward, optimizer_step, target_step
+from fastbyol.step.train_step import forward_backward, optimizer_step, target_step, target_step_fused
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar
 
 CHECKPOINT_VERSION = 1
 # Keys a resumed run may change; everything else must match the checkpoint's run.
 RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
-                       "data.workers", "data.prefetch", "data.path", "run.device"}
+                       "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,6 +51,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 def use_channels_last(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def use_kernels(setting: str, device: torch.device) -> bool:
+    on = setting == "on" or (setting == "auto" and device.type == "cuda")
+    if on and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FastByolError("run.kernels=on needs a CUDA GPU (or TRITON_INTERPRET=1 to run the Triton kernels "
+                            "in the interpreter, for tests): use run.kernels=auto or off on the CPU")
+    return on
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -124,6 +133,10 @@ class Trainer:
                               weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
                               eta=cfg.optim.eta)
         self.online_params, self.target_params = self.pair.param_pairs()
+        self.kernels = use_kernels(cfg.run.kernels, self.device)
+        if self.kernels:  # the EMA becomes one launch over two identically laid-out flat buffers
+            self.online_flat, self.target_flat = self.pair.flatten_pairs_()
+            self.tau_buf = torch.zeros(1, dtype=torch.float32, device=self.device)
 
         self.step = 0  # optimizer steps done
         self.position = 0  # samples consumed from the data stream
@@ -196,10 +209,14 @@ class Trainer:
                         self._record_skipped(batch.skipped)
                     views = batch.views.to(self.device, self.channels_last)
                     labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
-                    out = forward_backward(self.pair, views, labels, 1.0 / accum, self.bf16)  # forward/backward
+                    out = forward_backward(self.pair, views, labels, 1.0 / accum, self.bf16,  # forward/backward
+                                           fused_loss=self.kernels)
                     self.meter.add(out._asdict())
                 optimizer_step(self.optimizer, float(self.lr[self.step]))  # optimizer
-                target_step(self.online_params, self.target_params, float(self.tau[self.step]))  # EMA
+                if self.kernels:  # EMA
+                    target_step_fused(self.online_flat, self.target_flat, self.tau_buf, float(self.tau[self.step]))
+                else:
+                    target_step(self.online_params, self.target_params, float(self.tau[self.step]))
                 self.step += 1
                 self.position += self.batch_size
                 self.meter.steps += 1

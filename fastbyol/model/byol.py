@@ -15,6 +15,7 @@ from torch import nn
 
 from fastbyol.config import ModelConfig
 from fastbyol.model.backbone import Encoder
+from fastbyol.model.flat import flatten_params_
 from fastbyol.model.heads import MLP
 
 
@@ -74,6 +75,12 @@ class ByolPair(nn.Module):
         online = dict(self.online.named_parameters())
         target = dict(self.target.named_parameters())
         return [online[n] for n in self.pair_names], [target[n] for n in self.pair_names]
+
+    def flatten_pairs_(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the paired online and target parameters into two flat buffers laid out identically, so
+        the EMA is one elementwise pass; returns (online_flat, target_flat). Call after ``.to(...)``."""
+        online, target = self.param_pairs()
+        return flatten_params_(online), flatten_params_(target)
 
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""

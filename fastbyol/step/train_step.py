@@ -39,15 +39,21 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
 
 
 def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, loss_scale: float,
-                     bf16: bool) -> MicroStepOut:
+                     bf16: bool, fused_loss: bool = False) -> MicroStepOut:
     """Forward both views through online and target, backward the scaled loss into the online grads.
 
     ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean gradient.
     With the online probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``);
-    the probe reads detached features, so its gradient never reaches the encoder."""
+    the probe reads detached features, so its gradient never reaches the encoder. ``fused_loss`` takes
+    the Triton kernel (``fastbyol.kernels.byol_loss``) instead of the PyTorch reference."""
     with autocast_for(views.view1.device, bf16):
         out = pair(views.view1, views.view2)
-    loss = byol_loss(out.p1, out.p2, out.z1, out.z2)
+    if fused_loss:
+        from fastbyol.kernels.byol_loss import byol_loss as fused
+
+        loss = fused(out.p1, out.p2, out.z1.detach(), out.z2.detach())
+    else:
+        loss = byol_loss(out.p1, out.p2, out.z1, out.z2)
     probe_loss = probe_top1 = None
     total = loss
     if out.probe_logits is not None:
@@ -72,3 +78,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def target_step(online: list[torch.Tensor], target: list[torch.Tensor], tau: float) -> None:
     """The EMA, once per optimizer step (never per micro-batch)."""
     ema_update_(target, online, tau)
+
+
+def target_step_fused(online_flat: torch.Tensor, target_flat: torch.Tensor, tau_buf: torch.Tensor,
+                      tau: float) -> None:
+    """The EMA as one Triton launch over the flat buffers; tau goes to the device as an async write
+    (no host sync), and the kernel reads it there."""
+    from fastbyol.kernels.ema import ema_flat_
+
+    tau_buf.fill_(tau)
+    ema_flat_(target_flat, online_flat, tau_buf)
