@@ -64,3 +64,22 @@ def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pyt
     with pytest.raises(FastByolError, match="run.kernels=on needs a CUDA GPU"):
         use_kernels("on", torch.device("cpu"))
     assert use_kernels("auto", torch.device("cpu")) is False
+
+
+def test_resume_with_kernels_is_bitwise(tmp_path: Path) -> None:
+    """Checkpoints of flat-buffer parameters load back into the buffers: 2 + 2 steps equal 4 straight."""
+    from fastbyol.engine.trainer import resume_run
+
+    base = [*TINY, "run.kernels=on", "run.ckpt_every=2"]
+    straight = start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=a", *base,
+                                                          "run.max_steps=4"]))
+    straight.train()
+    start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=b", *base,
+                                               "run.max_steps=2"])).train()
+    resumed = resume_run(str(tmp_path / "b"), ["run.max_steps=4"])
+    assert resumed.kernels
+    resumed.train()
+    a, b = straight.pair.state_dict(), resumed.pair.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _, target = resumed.pair.param_pairs()
+    assert target[0].untyped_storage().data_ptr() == resumed.target_flat.untyped_storage().data_ptr()
