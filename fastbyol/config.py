@@ -124,7 +124,8 @@ class RunConfig:
     name: str = ""
     """Run directory name under out_dir (default: <preset>-<timestamp>)."""
     progress: str = "auto"
-    """Console progress bar: 'auto' (on a terminal), 'on' or 'off'."""
+    """Console progress bar: 'auto' or 'on' (redrawn in place on a terminal, one line per metrics row
+    otherwise, as in CI logs), or 'off'."""
     kernels: str = "auto"
     """Fused Triton kernels for the loss and the target EMA: 'auto' (on with a CUDA GPU), 'on' or 'off'
     (the plain-PyTorch reference path, for A/B runs)."""

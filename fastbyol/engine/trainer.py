@@ -191,8 +191,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         JsonlMetrics.truncate_after(metrics_path, self.step)
         sink = JsonlMetrics(metrics_path)
-        show = cfg.run.progress == "on" or cfg.run.progress == "auto"
-        progress = ProgressBar(end_step, self.step, enabled=show)
+        progress = ProgressBar(end_step, self.step, enabled=cfg.run.progress != "off")
         batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum)
         self.meter.t0 = time.perf_counter()
         last_row: dict[str, Any] = {}
