@@ -91,8 +91,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import yaml
-
     from fastbyol.config import build_config
 
     if args.resume:
@@ -107,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = build_config(args.preset, args.config, args.overrides)
         if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            print(cfg.to_yaml(), end="")
             return 0
         from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
 

@@ -208,6 +208,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved config as the run directory's config.yaml holds it."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
 
 # -- validation helpers: each raises ConfigError naming the key and the accepted values -------------
 

@@ -12,9 +12,8 @@ import torch
 
 from fastbyol.config import build_config
 from fastbyol.data.builders import make_digits
-from fastbyol.engine.evaluate import calibrate_batchnorm, evaluate_encoder, split_files
+from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
-from fastbyol.model.backbone import Encoder
 
 MARGIN = 10.0  # kNN-20 top-1 points; measured margins are ~40 after 2 epochs, see benchmarks/NOTES.md
 
@@ -29,10 +28,22 @@ def test_byol_beats_random_init_on_digits(tmp_path: Path) -> None:
     trainer.train()
     cpu = torch.device("cpu")
     byol = evaluate_encoder(trainer.pair.online.encoder, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(7)
-        random_init = Encoder(cfg.model.arch, cfg.model.small_stem)
-    calibrate_batchnorm(random_init, split_files(str(data))[0], 32, cpu)
+    random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), 32, cpu)
     rand = evaluate_encoder(random_init, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
     print(f"kNN-20 top-1: BYOL {byol:.1f}% vs random init {rand:.1f}%")
     assert byol > rand + MARGIN, f"BYOL {byol:.1f}% does not beat random init {rand:.1f}% by {MARGIN} points"
+
+
+def test_demo_command_end_to_end_in_miniature(tmp_path: Path) -> None:
+    """`fastbyol demo`'s own path (dataset, run, both rows, table, demo.json), cut to 2 steps."""
+    import json
+
+    from fastbyol.engine.demo import format_table, run_demo
+
+    result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1)
+    assert set(result["rows"]) == {"BYOL (online encoder)", "random init (BN calibrated)"}
+    assert result["steps"] == 2
+    table = format_table(result)
+    assert "kNN-20 top-1" in table and "random init (BN calibrated)" in table
+    assert json.loads((Path(result["run_dir"]) / "demo.json").read_text())["steps"] == 2
+    assert (tmp_path / "digits" / "fastbyol-dataset.json").is_file()

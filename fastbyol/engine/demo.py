@@ -9,14 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fastbyol.config import build_config
 from fastbyol.data.builders import make_digits
 from fastbyol.engine.checkpoint import atomic_write_bytes
-from fastbyol.engine.evaluate import calibrate_batchnorm, evaluate_encoder, split_files
+from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
-from fastbyol.model.backbone import Encoder
 
 
 def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80) -> dict[str, Any]:
@@ -38,10 +35,7 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80) -> dic
     t_eval = time.perf_counter()
     rows["BYOL (online encoder)"] = evaluate_encoder(trainer.pair.online.encoder, str(data), size, trainer.device,
                                                      linear_epochs=linear_epochs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed + 7)
-        random_init = Encoder(cfg.model.arch, cfg.model.small_stem).to(trainer.device)
-    calibrate_batchnorm(random_init, split_files(str(data))[0], size, trainer.device)
+    random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), size, trainer.device)
     rows["random init (BN calibrated)"] = evaluate_encoder(random_init, str(data), size, trainer.device,
                                                            linear_epochs=linear_epochs)
     result = {

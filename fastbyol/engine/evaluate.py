@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fastbyol.config import Config, config_from_dict
+from fastbyol.config import Config, ModelConfig, config_from_dict
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.engine.checkpoint import atomic_write_bytes
@@ -52,6 +52,17 @@ def calibrate_batchnorm(encoder: Encoder, files: ImageFiles, size: int, device: 
             break
         encoder(x.to(device))
     encoder.eval()
+
+
+def calibrated_random_encoder(cfg: ModelConfig, seed: int, data_root: str, size: int,
+                              device: torch.device) -> Encoder:
+    """The baseline: the same architecture at random initialisation (seeded), BatchNorm calibrated on the
+    training split of ``data_root``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = Encoder(cfg.arch, cfg.small_stem).to(device)
+    calibrate_batchnorm(encoder, split_files(data_root)[0], size, device)
+    return encoder
 
 
 def split_files(data_root: str) -> tuple[ImageFiles, ImageFiles]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from fastbyol.config import Config, config_from_dict, parse_override, set_key
 from fastbyol.data.loader import build_source
@@ -275,7 +274,7 @@ def start_run(cfg: Config) -> Trainer:
     resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
     existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
     run_dir = new_run_dir(cfg)
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
     try:
         return Trainer(cfg, run_dir)
     except FastByolError:
@@ -296,5 +295,5 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
                                 f"only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change")
         set_key(cfg, key, value)
     cfg.validate()
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
     return Trainer(cfg, run_dir, resume=state)
