@@ -1,0 +1,277 @@
+"""The whole LARS step over one flat parameter buffer in three launches, optionally with the target EMA
+fused into the last one (BYOL.md, "Optimiser" and "Schedules"; official ``utils/optimizers.py``).
+
+For each parameter tensor p (a segment [offset, offset + numel) of the flat buffer) with gradient g and
+momentum buffer m, per step:
+
+    wd  = 0 if p is excluded (bias, BatchNorm) else weight_decay
+    u   = g + wd * p
+    r   = eta * ||p|| / ||u||      if p is not excluded and both norms are > 0, else 1
+    m   = momentum * m + r * u
+    p   = p - lr * m
+    xi  = tau * xi + (1 - tau) * p      (fused EMA: only for the first n_paired elements, the online
+                                         tower, whose target lives in a flat buffer of that length)
+
+Launches, each a pass over the chunk schedule (chunks never straddle two tensors):
+  1. ``_norms_kernel``: per chunk, fp32 partial sums of p^2 and u^2 (the segmented reduction);
+  2. ``_trust_kernel``: per tensor, its chunks' partials summed in a fixed order (deterministic, no
+     atomics), then the trust ratio r;
+  3. ``_update_kernel``: momentum and parameter update, and with ``FUSE_EMA`` the target EMA while the new
+     parameter is in registers: the EMA then costs one read and one write of the target instead of a
+     separate pass that also re-reads the online parameters.
+Everything is in fp32 registers whatever the storage dtype. ``lr`` and ``tau`` are 1-element device
+tensors (new values each step without recompilation or host sync); weight decay, momentum and eta are
+constants of the run.
+
+``lars_flat_ref`` and ``lars_ema_flat_ref`` are the plain-PyTorch references with the same signatures
+(the per-tensor formula of ``fastbyol.step.lars.lars_ref``). ``LarsLayout`` is the chunk schedule, built
+once from the parameter segments.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from fastbyol.kernels.launch import on_device
+
+BLOCK = 4096
+# The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
+INTERPRETER_BLOCK = 1 << 16
+REDUCE_BLOCK = 256
+
+
+class LarsLayout(NamedTuple):
+    """The flat buffer's tensors and their chunks, as device tensors built once."""
+
+    offsets: torch.Tensor
+    """int64 [T]: where each tensor starts in the flat buffer."""
+    numels: torch.Tensor
+    """int64 [T]: its length."""
+    excluded: torch.Tensor
+    """int32 [T]: 1 for biases and BatchNorm parameters (no weight decay, trust ratio 1)."""
+    chunk_tensor: torch.Tensor
+    """int32 [C]: the tensor each chunk belongs to."""
+    chunk_start: torch.Tensor
+    """int64 [C]: the chunk's first element in the flat buffer."""
+    chunk_end: torch.Tensor
+    """int64 [C]: one past its last element."""
+    tensor_chunks: torch.Tensor
+    """int32 [T + 1]: tensor t owns chunks [tensor_chunks[t], tensor_chunks[t + 1])."""
+
+
+def chunk_size() -> int:
+    return INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+
+
+def build_layout(segments: list[tuple[int, int, bool]], device: torch.device | str,
+                 chunk: int | None = None) -> LarsLayout:
+    """From (offset, numel, excluded) per tensor, in any order; segments must not overlap."""
+    chunk = chunk or chunk_size()
+    if chunk > chunk_size():  # each program covers one chunk with one block
+        raise ValueError(f"LARS chunks of {chunk} elements exceed the kernel's block of {chunk_size()}")
+    ordered = sorted(segments)
+    for (o1, n1, _), (o2, _, _) in zip(ordered, ordered[1:]):
+        if o1 + n1 > o2:
+            raise ValueError(f"LARS segments overlap at flat offset {o2}")
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    chunk_end: list[int] = []
+    tensor_chunks = [0]
+    for t, (offset, numel, _) in enumerate(ordered):
+        for start in range(offset, offset + numel, chunk):
+            chunk_tensor.append(t)
+            chunk_start.append(start)
+            chunk_end.append(min(start + chunk, offset + numel))
+        tensor_chunks.append(len(chunk_tensor))
+
+    def dev(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return LarsLayout(dev([o for o, _, _ in ordered], torch.int64), dev([n for _, n, _ in ordered], torch.int64),
+                      dev([int(e) for _, _, e in ordered], torch.int32), dev(chunk_tensor, torch.int32),
+                      dev(chunk_start, torch.int64), dev(chunk_end, torch.int64), dev(tensor_chunks, torch.int32))
+
+
+# -- references ------------------------------------------------------------------------------------------
+
+def lars_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+                  lr: torch.Tensor, weight_decay: float, momentum: float, eta: float) -> None:
+    """In place on param and momentum_buf: the per-tensor LARS formula, tensor by tensor, in fp32."""
+    lr_value = lr.float()
+    for offset, numel, excluded in zip(layout.offsets.tolist(), layout.numels.tolist(), layout.excluded.tolist()):
+        p = param[offset:offset + numel].float()
+        u = grad[offset:offset + numel].float()
+        if not excluded:
+            u = u + weight_decay * p
+            p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
+            ok = (p_norm > 0) & (u_norm > 0)
+            u = torch.where(ok, eta * p_norm / torch.where(ok, u_norm, 1.0), 1.0) * u
+        m = momentum * momentum_buf[offset:offset + numel].float() + u
+        momentum_buf[offset:offset + numel] = m
+        param[offset:offset + numel] = p - lr_value * m
+
+
+def lars_ema_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+                      lr: torch.Tensor, weight_decay: float, momentum: float, eta: float,
+                      target: torch.Tensor, tau: torch.Tensor) -> None:
+    """LARS, then the EMA of target (length n_paired) towards the first n_paired updated parameters."""
+    lars_flat_ref(param, grad, momentum_buf, layout, lr, weight_decay, momentum, eta)
+    t = tau.float()
+    n = target.numel()
+    target.copy_(t * target.float() + (1.0 - t) * param[:n].float())
+
+
+# -- kernels ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _norms_kernel(p_ptr, g_ptr, chunk_tensor, chunk_start, chunk_end, excluded, partial_ptr, weight_decay,
+                  BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(chunk_end + c)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
+    u = g + wd * p
+    tl.store(partial_ptr + 2 * c, tl.sum(p * p, axis=0))
+    tl.store(partial_ptr + 2 * c + 1, tl.sum(u * u, axis=0))
+
+
+@triton.jit
+def _trust_kernel(partial_ptr, tensor_chunks, excluded, trust_ptr, eta, RBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    c0 = tl.load(tensor_chunks + t)
+    c1 = tl.load(tensor_chunks + t + 1)
+    acc_p = tl.zeros([RBLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([RBLOCK], dtype=tl.float32)
+    for c in range(c0, c1, RBLOCK):
+        idx = c + tl.arange(0, RBLOCK)
+        m = idx < c1
+        acc_p += tl.load(partial_ptr + 2 * idx, mask=m, other=0.0)
+        acc_u += tl.load(partial_ptr + 2 * idx + 1, mask=m, other=0.0)
+    p_norm = tl.sqrt(tl.sum(acc_p, axis=0))
+    u_norm = tl.sqrt(tl.sum(acc_u, axis=0))
+    ok = (p_norm > 0) & (u_norm > 0) & (tl.load(excluded + t) == 0)
+    tl.store(trust_ptr + t, tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0))
+
+
+@triton.jit
+def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, chunk_end, excluded, lr_ptr,
+                   weight_decay, momentum, t_ptr, tau_ptr, n_paired,
+                   FUSE_EMA: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(chunk_end + c)
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    p = p_raw.to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m_raw = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
+    u = (g + wd * p) * tl.load(trust_ptr + t)
+    m = momentum * m_raw.to(tl.float32) + u
+    new_p = (p - tl.load(lr_ptr).to(tl.float32) * m).to(p_raw.dtype)
+    tl.store(m_ptr + offs, m.to(m_raw.dtype), mask=mask)
+    tl.store(p_ptr + offs, new_p, mask=mask)
+    if FUSE_EMA:
+        # The EMA reads the stored (rounded) parameter, exactly what a separate EMA pass would read.
+        t_mask = mask & (offs < n_paired)
+        xi = tl.load(t_ptr + offs, mask=t_mask, other=0.0)
+        tau = tl.load(tau_ptr).to(tl.float32)
+        new_xi = tau * xi.to(tl.float32) + (1.0 - tau) * new_p.to(tl.float32)
+        tl.store(t_ptr + offs, new_xi.to(xi.dtype), mask=t_mask)
+
+
+def _check(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+           lr: torch.Tensor) -> None:
+    if not (param.shape == grad.shape == momentum_buf.shape and param.dim() == 1):
+        raise ValueError(f"LARS needs flat param, grad and momentum buffers of one length, got "
+                         f"{tuple(param.shape)}, {tuple(grad.shape)}, {tuple(momentum_buf.shape)}")
+    if not (param.is_contiguous() and grad.is_contiguous() and momentum_buf.is_contiguous()):
+        raise ValueError("LARS needs contiguous flat buffers")
+    if lr.numel() != 1 or lr.device != param.device or layout.chunk_start.device != param.device:
+        raise ValueError("lr must be a 1-element tensor, and it and the layout on the buffers' device")
+
+
+def _launch(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+            lr: torch.Tensor, weight_decay: float, momentum: float, eta: float,
+            target: torch.Tensor | None, tau: torch.Tensor | None) -> None:
+    n_chunks, n_tensors = layout.chunk_tensor.numel(), layout.offsets.numel()
+    if n_chunks == 0:
+        return
+    block = chunk_size()
+    with on_device(param):
+        partial = torch.empty(2 * n_chunks, dtype=torch.float32, device=param.device)
+        trust = torch.empty(n_tensors, dtype=torch.float32, device=param.device)
+        _norms_kernel[(n_chunks,)](param, grad, layout.chunk_tensor, layout.chunk_start, layout.chunk_end,
+                                   layout.excluded, partial, weight_decay, BLOCK=block)
+        _trust_kernel[(n_tensors,)](partial, layout.tensor_chunks, layout.excluded, trust, eta,
+                                    RBLOCK=REDUCE_BLOCK)
+        fuse = target is not None
+        _update_kernel[(n_chunks,)](param, grad, momentum_buf, trust, layout.chunk_tensor, layout.chunk_start,
+                                    layout.chunk_end, layout.excluded, lr, weight_decay, momentum,
+                                    target if fuse else param, tau if fuse else lr,
+                                    target.numel() if target is not None else 0, FUSE_EMA=fuse, BLOCK=block)
+
+
+@torch.library.custom_op("fastbyol::lars_flat_", mutates_args=("param", "momentum_buf"))
+def lars_flat_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+               numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor,
+               chunk_end: torch.Tensor, tensor_chunks: torch.Tensor, lr: torch.Tensor, weight_decay: float,
+               momentum: float, eta: float) -> None:
+    """One LARS step over the flat buffer (three launches). Call through ``lars_flat``."""
+    layout = LarsLayout(offsets, numels, excluded, chunk_tensor, chunk_start, chunk_end, tensor_chunks)
+    _check(param, grad, momentum_buf, layout, lr)
+    _launch(param, grad, momentum_buf, layout, lr, weight_decay, momentum, eta, None, None)
+
+
+@lars_flat_.register_fake
+def _(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+      numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor,
+      chunk_end: torch.Tensor, tensor_chunks: torch.Tensor, lr: torch.Tensor, weight_decay: float,
+      momentum: float, eta: float) -> None:
+    return None
+
+
+@torch.library.custom_op("fastbyol::lars_ema_flat_", mutates_args=("param", "momentum_buf", "target"))
+def lars_ema_flat_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+                   numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor,
+                   chunk_start: torch.Tensor, chunk_end: torch.Tensor, tensor_chunks: torch.Tensor,
+                   lr: torch.Tensor, weight_decay: float, momentum: float, eta: float, target: torch.Tensor,
+                   tau: torch.Tensor) -> None:
+    """LARS and the target EMA in the same three launches. Call through ``lars_ema_flat``."""
+    layout = LarsLayout(offsets, numels, excluded, chunk_tensor, chunk_start, chunk_end, tensor_chunks)
+    _check(param, grad, momentum_buf, layout, lr)
+    if target.dim() != 1 or target.numel() > param.numel() or not target.is_contiguous():
+        raise ValueError(f"the target must be a contiguous flat buffer no longer than the parameters, got "
+                         f"{tuple(target.shape)} for {param.numel()} parameters")
+    if tau.numel() != 1 or tau.device != param.device or target.device != param.device:
+        raise ValueError("tau must be a 1-element tensor, and it and the target on the buffers' device")
+    _launch(param, grad, momentum_buf, layout, lr, weight_decay, momentum, eta, target, tau)
+
+
+@lars_ema_flat_.register_fake
+def _(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+      numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor,
+      chunk_end: torch.Tensor, tensor_chunks: torch.Tensor, lr: torch.Tensor, weight_decay: float,
+      momentum: float, eta: float, target: torch.Tensor, tau: torch.Tensor) -> None:
+    return None
+
+
+def lars_flat(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+              lr: torch.Tensor, weight_decay: float, momentum: float, eta: float) -> None:
+    """In place: one LARS step of every tensor in ``layout`` (same signature as ``lars_flat_ref``)."""
+    lars_flat_(param, grad, momentum_buf, *layout, lr, weight_decay, momentum, eta)
+
+
+def lars_ema_flat(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+                  lr: torch.Tensor, weight_decay: float, momentum: float, eta: float,
+                  target: torch.Tensor, tau: torch.Tensor) -> None:
+    """In place: LARS, and the EMA of ``target`` towards the first ``target.numel()`` new parameters, in
+    one pass (same signature as ``lars_ema_flat_ref``)."""
+    lars_ema_flat_(param, grad, momentum_buf, *layout, lr, weight_decay, momentum, eta, target, tau)
