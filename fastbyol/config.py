@@ -127,8 +127,11 @@ class RunConfig:
     """Console progress bar: 'auto' or 'on' (redrawn in place on a terminal, one line per metrics row
     otherwise, as in CI logs), or 'off'."""
     kernels: str = "auto"
-    """Fused Triton kernels for the loss and the target EMA: 'auto' (on with a CUDA GPU), 'on' or 'off'
-    (the plain-PyTorch reference path, for A/B runs)."""
+    """Fused Triton kernels for the loss and for LARS with the target EMA in the same pass: 'auto' (on
+    with a CUDA GPU), 'on' or 'off' (the plain-PyTorch reference path, for A/B runs)."""
+    compile: str = "auto"
+    """torch.compile of the forward and loss (fullgraph): 'auto' (default mode with a CUDA GPU, off on
+    the CPU), 'default', 'max-autotune', 'reduce-overhead' (CUDA graphs; GPU only) or 'off' (eager)."""
 
 
 @dataclass
@@ -203,6 +206,7 @@ class Config:
             raise ConfigError(f"run.name={r.name!r} must be a plain folder name (no '/'), e.g. run.name=r50-test")
         _choice("run.progress", r.progress, ("auto", "on", "off"))
         _choice("run.kernels", r.kernels, ("auto", "on", "off"))
+        _choice("run.compile", r.compile, ("auto", "off", "default", "max-autotune", "reduce-overhead"))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from fastbyol.config import build_config
-from fastbyol.engine.trainer import start_run, use_kernels
+from fastbyol.engine.trainer import IntervalMeter, start_run, use_kernels
 from fastbyol.errors import FastByolError
 from fastbyol.model.flat import flatten_params_
+from fastbyol.step.lars import FlatLARS
 from fastbyol.telemetry.sinks import read_metrics
 
 TINY = ["data.num_images=64", "optim.batch_size=4", "model.proj_hidden=32", "model.proj_dim=16",
@@ -36,27 +37,56 @@ def test_flat_buffer_views_keep_values_shapes_and_strides() -> None:
     assert float(flat.sum()) == 24.0
 
 
-def test_kernels_on_equals_kernels_off_over_20_steps(tmp_path: Path) -> None:
-    """Rounding differs (the kernels accumulate in another order), and batch-4 BatchNorm plus LARS amplify
-    it step by step: measured, the loss rows agree to 1e-6 for 8 steps and to 2e-3 after 20, the largest
-    parameter difference after 20 steps is 9.5e-4. The bounds below sit just above those."""
-    runs = {}
+def test_kernels_on_equals_kernels_off_step_by_step(tmp_path: Path) -> None:
+    """20 steps, each from the same state on both paths (fused loss + flat LARS+EMA kernels vs the PyTorch
+    reference): every step's loss, parameters, target and momentum agree to fp32 rounding. After each
+    step the kernels run is reset to the reference's state, so differences cannot compound."""
+    runs = {k: start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={k}",
+                                                          f"run.kernels={k}", *TINY]))
+            for k in ("off", "on")}
+    off, on = runs["off"], runs["on"]
+    assert on.kernels and not off.kernels and isinstance(on.optimizer, FlatLARS)
+    batches = off.source.batches(0, off.batch_size, 20)
+    worst = {"loss": 0.0, "params": 0.0, "momentum": 0.0}
+    for _ in range(20):
+        on.pair.load_state_dict(off.pair.state_dict())
+        on.optimizer.load_state_dict(off.optimizer.state_dict())
+        batch = next(batches)
+        for t in (off, on):
+            t.optimizer.zero_grad(set_to_none=True)
+            t.meter = IntervalMeter()
+            t.forward_backward_step(batch, 1.0)
+            t.update()
+            t.step += 1
+        worst["loss"] = max(worst["loss"], abs(off.meter.means()["loss"] - on.meter.means()["loss"]))
+        a, b = off.pair.state_dict(), on.pair.state_dict()
+        worst["params"] = max(worst["params"], max(float((a[k] - b[k]).abs().max()) for k in a))
+        ma, mb = off.optimizer.state_dict()["state"], on.optimizer.state_dict()["state"]
+        worst["momentum"] = max(worst["momentum"], max(float((ma[i]["momentum_buffer"] - mb[i]["momentum_buffer"])
+                                                             .abs().max()) for i in ma))
+    assert worst["loss"] <= 1e-5 and worst["params"] <= 1e-5 and worst["momentum"] <= 1e-5, worst
+    # On the kernels path the parameters, grads, momentum and target live in the flat buffers.
+    online, target = on.pair.param_pairs()
+    assert target[0].untyped_storage().data_ptr() == on.target_flat.untyped_storage().data_ptr()
+    assert online[0].grad is not None
+    assert online[0].grad.untyped_storage().data_ptr() == on.optimizer.grad_flat.untyped_storage().data_ptr()
+    predictor = next(on.pair.predictor.parameters())
+    assert predictor.untyped_storage().data_ptr() == on.online_flat.untyped_storage().data_ptr()
+
+
+def test_kernels_on_follows_kernels_off_over_20_free_steps(tmp_path: Path) -> None:
+    """The two paths left to run free. Rounding differs (the kernels sum in another order) and batch-4
+    BatchNorm plus LARS amplify it step by step: measured, the loss rows agree to 1e-5 for 11 steps and
+    drift to ~5e-3 by step 20 (a bug shows at the first steps, as the step-by-step test above pins)."""
+    losses = {}
     for kernels in ("off", "on"):
         t = start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={kernels}",
                                                         f"run.kernels={kernels}", *TINY]))
-        assert t.kernels == (kernels == "on")
         t.train()
-        runs[kernels] = t
-    losses = {k: [r["loss"] for r in read_metrics(tmp_path / k / "metrics.jsonl")] for k in runs}
+        losses[kernels] = [r["loss"] for r in read_metrics(tmp_path / kernels / "metrics.jsonl")]
     assert len(losses["on"]) == 20
     for step, (a, b) in enumerate(zip(losses["off"], losses["on"])):
-        assert abs(a - b) <= (1e-5 if step < 8 else 5e-3), (step, a, b)
-    off, on = runs["off"].pair.state_dict(), runs["on"].pair.state_dict()
-    for name in off:
-        torch.testing.assert_close(on[name], off[name], rtol=0, atol=5e-3, msg=name)
-    # On the kernels path the target parameters live in the flat buffer the EMA kernel writes.
-    _, target = runs["on"].pair.param_pairs()
-    assert target[0].untyped_storage().data_ptr() == runs["on"].target_flat.untyped_storage().data_ptr()
+        assert abs(a - b) <= (1e-5 if step < 10 else 2e-2), (step, a, b)
 
 
 def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

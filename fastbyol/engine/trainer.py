@@ -19,19 +19,22 @@ import torch
 
 from fastbyol.config import Config, config_from_dict, parse_override, set_key
 from fastbyol.data.loader import build_source
+from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint
 from fastbyol.engine.checkpoint import atomic_write_bytes
+from fastbyol.engine.compile import compiled_forward, resolve_compile
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
-from fastbyol.step.lars import LARS, lars_param_groups
+from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
-from fastbyol.step.train_step import forward_backward, optimizer_step, target_step, target_step_fused
+from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar
 
 CHECKPOINT_VERSION = 1
 # Keys a resumed run may change; everything else must match the checkpoint's run.
 RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
-                       "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels"}
+                       "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
+                       "run.compile"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,14 +131,19 @@ class Trainer:
             self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pair.train()
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
-        self.optimizer = LARS(lars_param_groups(online),
-                              weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
-                              eta=cfg.optim.eta)
+        groups = lars_param_groups(online)
+        hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
         self.online_params, self.target_params = self.pair.param_pairs()
         self.kernels = use_kernels(cfg.run.kernels, self.device)
-        if self.kernels:  # the EMA becomes one launch over two identically laid-out flat buffers
+        self.optimizer: LARS
+        if self.kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
             self.online_flat, self.target_flat = self.pair.flatten_pairs_()
             self.tau_buf = torch.zeros(1, dtype=torch.float32, device=self.device)
+            self.optimizer = FlatLARS(groups, self.online_flat, **hyper)
+        else:
+            self.optimizer = LARS(groups, **hyper)
+        self.compile_mode = resolve_compile(cfg.run.compile, self.device)
+        self.forward = compiled_forward(self.compile_mode)
 
         self.step = 0  # optimizer steps done
         self.position = 0  # samples consumed from the data stream
@@ -203,18 +211,8 @@ class Trainer:
                     t_wait = time.perf_counter()
                     batch = next(batches)  # fetch
                     self.meter.data_wait_s += time.perf_counter() - t_wait
-                    if batch.skipped:
-                        self._record_skipped(batch.skipped)
-                    views = batch.views.to(self.device, self.channels_last)
-                    labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
-                    out = forward_backward(self.pair, views, labels, 1.0 / accum, self.bf16,  # forward/backward
-                                           fused_loss=self.kernels)
-                    self.meter.add(out._asdict())
-                optimizer_step(self.optimizer, float(self.lr[self.step]))  # optimizer
-                if self.kernels:  # EMA
-                    target_step_fused(self.online_flat, self.target_flat, self.tau_buf, float(self.tau[self.step]))
-                else:
-                    target_step(self.online_params, self.target_params, float(self.tau[self.step]))
+                    self.forward_backward_step(batch, 1.0 / accum)  # forward/backward
+                self.update()  # optimizer, EMA
                 self.step += 1
                 self.position += self.batch_size
                 self.meter.steps += 1
@@ -236,6 +234,26 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "last": last_row, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def forward_backward_step(self, batch: Batch, loss_scale: float) -> None:
+        """One micro-batch: to the device, forward (compiled or eager), backward into the online grads;
+        its metrics stay on the device in the meter."""
+        if batch.skipped:
+            self._record_skipped(batch.skipped)
+        views = batch.views.to(self.device, self.channels_last)
+        labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
+        out = forward_backward(self.pair, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
+                               forward=self.forward)
+        self.meter.add(out._asdict())
+
+    def update(self) -> None:
+        """LARS at this step's lr, then the target EMA at its tau (once per optimizer step)."""
+        lr, tau = float(self.lr[self.step]), float(self.tau[self.step])
+        if isinstance(self.optimizer, FlatLARS):  # kernels: optimizer + EMA in one pass over memory
+            optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
+        else:
+            optimizer_step(self.optimizer, lr)
+            target_step(self.online_params, self.target_params, tau)
 
     def _log_row(self) -> dict[str, Any]:
         m = self.meter

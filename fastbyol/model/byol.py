@@ -77,10 +77,19 @@ class ByolPair(nn.Module):
         return [online[n] for n in self.pair_names], [target[n] for n in self.pair_names]
 
     def flatten_pairs_(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move the paired online and target parameters into two flat buffers laid out identically, so
-        the EMA is one elementwise pass; returns (online_flat, target_flat). Call after ``.to(...)``."""
+        """Move every online parameter into one flat buffer and the target's into another, so the
+        optimizer and the EMA are each a few passes over memory; returns (online_flat, target_flat).
+
+        The online buffer starts with the paired online-tower parameters, laid out exactly as the target
+        buffer, so ``online_flat[:target_flat.numel()]`` and ``target_flat`` are elementwise twins; the
+        unpaired online parameters (predictor, probe) follow. Call after ``.to(...)``."""
         online, target = self.param_pairs()
-        return flatten_params_(online), flatten_params_(target)
+        paired = {id(p) for p in online}
+        unpaired: list[torch.Tensor] = [p for module in self.online_modules() for p in module.parameters()
+                                        if id(p) not in paired]
+        if len(paired) + len(unpaired) != sum(1 for m in self.online_modules() for _ in m.parameters()):
+            raise RuntimeError("online parameters are shared between modules: they cannot be flattened")
+        return flatten_params_(online + unpaired), flatten_params_(target)
 
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""

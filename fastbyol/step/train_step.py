@@ -2,6 +2,8 @@
 
     forward_backward (per micro-batch) -> optimizer_step (LARS at lr[k]) -> EMA of the target (tau[k])
 
+or, with the Triton kernels, the last two as one pass over memory (``optimizer_ema_step_fused``).
+
 Everything returned is a device tensor: no ``.item()``, no host sync, no branch on a tensor value.
 The loop reads metrics at its log cadence only.
 """
@@ -9,6 +11,7 @@ The loop reads metrics at its log cadence only.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from fastbyol.data.views import Views
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.ema import ema_update_
+from fastbyol.step.lars import FlatLARS
 from fastbyol.step.loss import byol_loss, projection_std
 
 
@@ -38,16 +42,17 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, loss_scale: float,
-                     bf16: bool, fused_loss: bool = False) -> MicroStepOut:
-    """Forward both views through online and target, backward the scaled loss into the online grads.
+def forward_loss(pair: ByolPair, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
+                 bf16: bool, fused_loss: bool) -> tuple[torch.Tensor, MicroStepOut]:
+    """Forward both views through online and target; returns (the loss to backward, the metrics).
 
-    ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean gradient.
-    With the online probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``);
-    the probe reads detached features, so its gradient never reaches the encoder. ``fused_loss`` takes
-    the Triton kernel (``fastbyol.kernels.byol_loss``) instead of the PyTorch reference."""
-    with autocast_for(views.view1.device, bf16):
-        out = pair(views.view1, views.view2)
+    This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
+    tensor value, and the fused loss is a custom op with a fake and an autograd rule. With the online
+    probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``); the probe reads
+    detached features, so its gradient never reaches the encoder. ``fused_loss`` takes the Triton kernel
+    (``fastbyol.kernels.byol_loss``) instead of the PyTorch reference."""
+    with autocast_for(view1.device, bf16):
+        out = pair(view1, view2)
     if fused_loss:
         from fastbyol.kernels.byol_loss import byol_loss as fused
 
@@ -63,9 +68,21 @@ def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, 
         probe_loss = F.cross_entropy(logits, labels)
         probe_top1 = (logits.argmax(dim=1) == labels).float().mean()
         total = loss + probe_loss
+    return total, MicroStepOut(loss.detach(), projection_std(out.online_proj1),
+                               None if probe_loss is None else probe_loss.detach(), probe_top1)
+
+
+ForwardLoss = Callable[[ByolPair, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, bool],
+                       tuple[torch.Tensor, MicroStepOut]]
+
+
+def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, loss_scale: float,
+                     bf16: bool, fused_loss: bool = False, forward: ForwardLoss = forward_loss) -> MicroStepOut:
+    """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
+    grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean."""
+    total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss)
     (total * loss_scale).backward()
-    return MicroStepOut(loss.detach(), projection_std(out.online_proj1),
-                        None if probe_loss is None else probe_loss.detach(), probe_top1)
+    return out
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -80,11 +97,12 @@ def target_step(online: list[torch.Tensor], target: list[torch.Tensor], tau: flo
     ema_update_(target, online, tau)
 
 
-def target_step_fused(online_flat: torch.Tensor, target_flat: torch.Tensor, tau_buf: torch.Tensor,
-                      tau: float) -> None:
-    """The EMA as one Triton launch over the flat buffers; tau goes to the device as an async write
-    (no host sync), and the kernel reads it there."""
-    from fastbyol.kernels.ema import ema_flat_
 
+def optimizer_ema_step_fused(optimizer: FlatLARS, lr: float, target_flat: torch.Tensor, tau_buf: torch.Tensor,
+                             tau: float) -> None:
+    """LARS and the target EMA in one pass over memory (``FlatLARS.step_with_ema``), once per optimizer
+    step; lr and tau reach the device as async writes, so there is no host sync."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     tau_buf.fill_(tau)
-    ema_flat_(target_flat, online_flat, tau_buf)
+    optimizer.step_with_ema(target_flat, tau_buf)
