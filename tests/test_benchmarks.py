@@ -74,3 +74,16 @@ def test_write_results_merges_environment(tmp_path: Path, capsys: pytest.Capture
     table = path.with_suffix(".md").read_text()
     assert "| variant | median_ms |" in table and "| b | 0.25 |" in table
     assert table in capsys.readouterr().out
+
+
+def test_bench_lars_quick_run_writes_rows(tmp_path: Path) -> None:
+    rows = _run_quick("benchmarks.bench_lars", tmp_path)
+    by_variant = {row["variant"]: row for row in rows}
+    assert set(by_variant) == {"loop", "foreach", "triton_unfused", "triton_fused"}
+    _assert_rows(rows, ["median_ms", "p10_ms", "p90_ms", "gb_per_s", "pct_of_copy_bw", "speedup_vs_loop",
+                        "speedup_vs_foreach"])
+    fused = float(by_variant["triton_fused"]["speedup_fused_vs_unfused"])
+    assert math.isfinite(fused) and fused > 0
+    for row in rows:
+        assert int(row["n_values"]) > int(row["n_paired"]) > 0
+        assert float(row["max_abs_diff"]) <= 1e-5
