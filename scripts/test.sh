@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh gpu,dev
 venv="${FASTBYOL_VENV:-.venv}"
 "$venv/bin/ruff" check .
-"$venv/bin/mypy" fastbyol kernels
+"$venv/bin/mypy" fastbyol kernels benchmarks
 set +e
 "$venv/bin/python" -m pytest "$@"
 rc=$?

@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import shutil
 from typing import Any
 
 
@@ -75,6 +76,9 @@ def inspect_machine() -> dict[str, Any]:
         "triton_kernels": "GPU" if cuda and report["triton"] else (
             "interpreter only (TRITON_INTERPRET=1, tests)" if report["triton"] else "unavailable"),
         "distributed": "deepspeed available" if report["deepspeed"] else "torch DDP only",
+        "compile": "torch.compile default (run.compile=auto)" if cuda else (
+            "off by default; run.compile=default works (C++ compiler found)" if shutil.which("g++")
+            else "off: no C++ compiler for inductor on the CPU"),
     }
     return report
 
