@@ -1,4 +1,4 @@
-"""Command line: ``fastbyol train | doctor | presets | data make | eval | export | demo``.
+"""Command line: ``fastbyol train | doctor | presets | data make | data check | eval | export | demo``.
 
 Every error a user can cause surfaces as one line, ``fastbyol: error: ...``, with exit code 2; a
 traceback means a bug in fastbyol.
@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-per-class", type=int, default=100)
     synth.add_argument("--val-per-class", type=int, default=20)
     synth.add_argument("--size", type=int, default=64)
+    check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list")
+    check.add_argument("dir", help="image folder (one sub-folder per class)")
+    check.add_argument("--out", metavar="FILE",
+                       help="clean list, lines '<relative path> <label>' (default DIR/fastbyol-filelist.txt)")
+    check.add_argument("--workers", type=int, metavar="N", help="threads (default: the number of CPUs)")
+    check.add_argument("--full", action="store_true",
+                       help="decode every image fully (catches truncated JPEGs; slower than the header check)")
 
     ev = sub.add_parser("eval", help="evaluate the online encoder of a checkpoint").add_subparsers(
         dest="protocol", metavar="PROTOCOL")
@@ -144,8 +151,10 @@ def _presets() -> int:
 def _data(args: argparse.Namespace) -> int:
     from fastbyol.data.builders import make_digits, make_synthetic
 
+    if args.data_command == "check":
+        return _data_check(args)
     if args.data_command != "make" or not args.dataset:
-        raise FastByolError("usage: fastbyol data make {digits,synthetic} OUT")
+        raise FastByolError("usage: fastbyol data make {digits,synthetic} OUT | fastbyol data check DIR")
     if args.dataset == "digits":
         if not 0 < args.val_fraction < 1:
             raise FastByolError(f"--val-fraction {args.val_fraction} is out of range: use a value in (0, 1)")
@@ -153,6 +162,16 @@ def _data(args: argparse.Namespace) -> int:
     else:
         counts = make_synthetic(args.out, args.classes, args.train_per_class, args.val_per_class, args.size)
     print(f"fastbyol: wrote {counts['train']} train and {counts['val']} val images to {args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from fastbyol.data.check import DEFAULT_LIST_NAME, check_folder, format_report, write_file_list
+
+    report = check_folder(args.dir, workers=args.workers, full=args.full)
+    out = args.out or str(Path(args.dir) / DEFAULT_LIST_NAME)
+    write_file_list(report, out)
+    print(format_report(report, out))  # bad files are left out of the list, not an error: exit 0
     return 0
 
 
