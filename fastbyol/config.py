@@ -70,11 +70,21 @@ class DataConfig:
     num_classes: int = 10
     """Classes drawn by the procedural source."""
     workers: int = 8
-    """DataLoader worker processes for the torchvision pipeline (0: load in the main process)."""
+    """DataLoader worker processes for the torchvision pipeline (0: load in the main process), or DALI's
+    CPU threads with data.loader=dali."""
     prefetch: int = 4
     """Batches each worker prepares ahead."""
+    hw_decoder_load: float = 0.65
+    """data.loader=dali on a GPU: share of each batch's JPEGs sent to the hardware JPEG decoder (where the
+    GPU has one; the rest go to nvJPEG's CUDA decoder). DALI's default, 0.65, suits A100/H100."""
+    file_list: str = ""
+    """A clean list of the folder's images (``fastbyol data check DIR`` writes DIR/fastbyol-filelist.txt):
+    the loaders read only those files, so an image found corrupt up front never reaches a run. Empty:
+    scan data.path."""
     loader: str = "auto"
-    """'torch' (torchvision/PIL pipeline) or 'auto' (the best available: torch until DALI lands)."""
+    """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
+    JPEG, PNG, ...), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto' (DALI for a folder on
+    a GPU when DALI is installed, else torch)."""
 
 
 @dataclass
@@ -173,7 +183,8 @@ class Config:
         _positive_int("data.num_classes", d.num_classes)
         _non_negative_int("data.workers", d.workers)
         _positive_int("data.prefetch", d.prefetch)
-        _choice("data.loader", d.loader, ("auto", "torch"))
+        _choice("data.loader", d.loader, ("auto", "dali", "torch"))
+        _in_range("data.hw_decoder_load", d.hw_decoder_load, 0.0, 1.0, "a share in [0, 1], e.g. 0.65", low_ok=True)
         _positive_int("optim.batch_size", o.batch_size)
         _positive_int("optim.accum_steps", o.accum_steps)
         if o.batch_size % o.accum_steps:

@@ -10,7 +10,7 @@ at position ``step * batch_size`` continues the stream bitwise.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -148,18 +148,50 @@ class SyntheticSource:
             yield Batch(views, None, [])
 
 
-DataSource = TorchVisionSource | SyntheticSource
+DataSource = Any  # TorchVisionSource | SyntheticSource | fastbyol.data.dali.DaliSource
+
+
+def folder_files(cfg: DataConfig) -> tuple[list[str], list[int], int]:
+    """(files, labels, number of classes) of the image folder: from data.file_list when set (the clean
+    list of ``fastbyol data check``), else by scanning data.path."""
+    if cfg.file_list:
+        from fastbyol.data.check import read_file_list
+
+        files, labels = read_file_list(cfg.path, cfg.file_list)
+        if not files:
+            raise FastByolError(f"data.file_list {cfg.file_list} lists no images: run `fastbyol data check "
+                                f"{cfg.path}` again, or unset data.file_list")
+        return files, labels, max(labels) + 1
+    paths, labels, classes = scan_image_folder(cfg.path)
+    return [str(p) for p in paths], labels, len(classes)
+
+
+def _dali_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.dali") is not None
 
 
 def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource:
     if cfg.source == "synthetic":
         return SyntheticSource(cfg, seed, device)
+    if cfg.loader == "dali" or (cfg.loader == "auto" and cfg.source == "folder" and device.type == "cuda"
+                                and _dali_installed()):
+        if cfg.source != "folder":
+            raise FastByolError(f"data.loader=dali reads image folders, not data.source={cfg.source}: use "
+                                "data.source=folder or data.loader=torch")
+        from fastbyol.data.dali import DaliSource
+
+        files, labels, num_classes = folder_files(cfg)
+        return DaliSource(files, labels, num_classes, cfg.image_size, seed, device,
+                          num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
+                          hw_decoder_load=cfg.hw_decoder_load)
     images: ImageSource
     if cfg.source == "procedural":
         images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),
                                   num_classes=cfg.num_classes)
         num_classes = cfg.num_classes
     else:
-        paths, labels, classes = scan_image_folder(cfg.path)
-        images, num_classes = ImageFiles(paths, labels), len(classes)
+        files, labels, num_classes = folder_files(cfg)
+        images = ImageFiles(files, labels)
     return TorchVisionSource(images, num_classes, cfg, seed, pin_memory=device.type == "cuda")

@@ -1,0 +1,297 @@
+"""The two BYOL views decoded and augmented by NVIDIA DALI (BYOL.md, "Augmentations").
+
+Each image is decoded once (``device="mixed"`` on a GPU: nvJPEG, the hardware decoder where the GPU has
+one; the same graph with CPU operators when ``device_id`` is None, which is how CI tests it) and both
+views are cut from it. Every random decision comes from the same place as in the torchvision pipeline:
+``TwoViewTransform.params`` seeded by (seed, stream position) and fed to DALI per sample through an
+external source, as one float vector per view (``VIEW_VECTOR``). So the two pipelines make the same
+crops, flips, jitter orders, strengths, grayscale, blur and solarize choices for the same position, the
+data stream (epoch permutations, positions, resume) is the loader's, and the checkpoint needs nothing
+more than the position.
+
+Per view, in the official order: crop + bicubic resize, flip, colour jitter with its four ops in the
+sample's random order (each followed by a clip), grayscale, clip, blur (separable, zero padding, taps
+= size / 10, sigma per sample), solarize, clip, then ImageNet normalisation, as NHWC float32.
+
+Where DALI differs from the official TensorFlow ops (``tests/test_dali.py`` measures each against the
+torchvision pipeline on the same decisions):
+- saturation and hue: TF's RGB->HSV->RGB round trip written in DALI arithmetic (``fn.hsv``, a linear
+  transform in YIQ space, differs from it by ~0.1 on saturated colours, so it is not used); the
+  hsv->rgb step is the closed form of TF's sextant chains, equal up to rounding;
+- the bicubic resize is DALI's (antialiased, on the float image) against PIL's on uint8;
+- the JPEG decoder is libjpeg-turbo (CPU) or nvJPEG (GPU) against PIL's libjpeg: pixels can differ by
+  a few levels.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastbyol.data.augment import (
+    GRAY_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VIEW1,
+    VIEW2,
+    TwoViewTransform,
+    ViewParams,
+    ViewSpec,
+    blur_taps,
+    gaussian_kernel,
+)
+from fastbyol.data.loader import MAX_CONSECUTIVE_BAD, mix_seed
+from fastbyol.data.views import Batch, Views
+from fastbyol.errors import FastByolError
+
+RECENT_FILES = 4096  # > (prefetch queue + 2) x micro-batch for any sensible setting
+# One view's decisions as a float vector, in this order.
+VIEW_VECTOR = ("top", "left", "height", "width", "flip", "jitter", "order0", "order1", "order2", "order3",
+               "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma", "solarize")
+_I = {name: i for i, name in enumerate(VIEW_VECTOR)}
+
+
+def view_vector(p: ViewParams) -> np.ndarray:
+    """``ViewParams`` -> the float32 vector the pipeline reads (layout ``VIEW_VECTOR``)."""
+    return np.array([*p.crop, p.flip, p.jitter, *p.jitter_order, p.brightness_delta, p.contrast_factor,
+                     p.saturation_factor, p.hue_delta, p.gray, p.blur, p.sigma, p.solarize], dtype=np.float32)
+
+
+def blur_filters(p: ViewParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The view's separable gaussian as a [1, taps] and a [taps, 1] filter (the identity if no blur)."""
+    taps = blur_taps(size)
+    k = np.asarray(gaussian_kernel(p.sigma, taps), dtype=np.float32) if p.blur else \
+        np.eye(1, taps, taps // 2, dtype=np.float32)[0]
+    return k.reshape(1, taps), k.reshape(taps, 1)
+
+
+def require_dali() -> Any:
+    """Import DALI or say how to get it."""
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        raise FastByolError("data.loader=dali needs NVIDIA DALI: pip install 'fastbyol[gpu]' "
+                            "(nvidia-dali-cuda130), or use data.loader=torch") from None
+    return dali
+
+
+def _dali_modules() -> tuple[Any, Any, Any]:
+    """(fn, types, math) of DALI, typed loosely: its stubs do not describe the graph-building API."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    return fn, types, dmath
+
+
+class _Feed:
+    """The external source: stream position -> encoded bytes, label and both views' decisions."""
+
+    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, start: int) -> None:
+        self.files, self.labels, self.size, self.seed = files, labels, size, seed
+        self.position = start
+        self.transform = TwoViewTransform(size)
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+        self.skipped: list[str] = []
+        # The files handed to DALI lately: a decode error inside the pipeline does not say which sample
+        # failed, so the source re-checks these to name it.
+        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_FILES)
+
+    def index_at(self, position: int) -> int:
+        # The same per-epoch permutation as the torchvision pipeline's TwoViewDataset.index_at.
+        epoch, offset = divmod(position, len(self.files))
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(len(self.files), generator=gen).numpy(), epoch
+        return int(self._perm[offset])
+
+    def _read(self, index: int) -> tuple[np.ndarray, int, int]:
+        path = self.files[index]
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:  # the header only: the crop needs the size
+                width, height = img.size
+        except (OSError, ValueError) as e:
+            raise FastByolError(f"cannot read image {path}: {e}") from None
+        return np.frombuffer(data, dtype=np.uint8), height, width
+
+    def __call__(self) -> tuple[np.ndarray, ...]:
+        position = self.position
+        self.position += 1
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            index = self.index_at(position + attempt)
+            try:
+                data, height, width = self._read(index)
+                break
+            except FastByolError as e:  # replaced by the next image of the stream, and reported
+                self.skipped.append(str(e))
+        else:
+            raise FastByolError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position "
+                                f"{position} (last: {self.skipped[-1]}): check the data folder")
+        self.recent.append(self.files[index])
+        p1, p2 = self.transform.params(height, width, mix_seed(self.seed, 0x5EED, position))
+        (h1, v1), (h2, v2) = blur_filters(p1, self.size), blur_filters(p2, self.size)
+        return (data, np.array(self.labels[index], dtype=np.int64), view_vector(p1), view_vector(p2),
+                h1, v1, h2, v2)
+
+
+def _hsv_planes(x: Any) -> tuple[Any, Any, Any]:
+    """(h, s, v) planes of an HWC float RGB image in [0, 1], TF's ``rgb_to_hsv`` formulas (as
+    ``augment._hsv_planes``) in DALI arithmetic; a comparison is 0 or 1 in arithmetic, so the
+    ``where``s become products."""
+    _, _, dmath = _dali_modules()
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    v = dmath.max(dmath.max(r, g), b)
+    chroma = v - dmath.min(dmath.min(r, g), b)
+    s = chroma / (v + (v <= 0.0))  # 0 where v == 0 (then chroma == 0 too)
+    has_chroma = chroma > 0.0
+    norm = has_chroma / (chroma * 6.0 + (chroma <= 0.0))  # 1 / (6 chroma), or 0 without chroma
+    is_r = r == v
+    is_g = (g == v) & (r != v)
+    is_b = (g != v) & (r != v)
+    h = is_r * (g - b) * norm + is_g * ((b - r) * norm + 2.0 / 6.0) + is_b * ((r - g) * norm + 4.0 / 6.0)
+    return h - dmath.floor(h), s, v
+
+
+def _rgb_from_planes(h: Any, s: Any, v: Any) -> Any:
+    """HWC RGB from (h, s, v) planes: channel n in (5, 3, 1) for (R, G, B) is
+    v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6: TF's ``hsv_to_rgb`` sextant chains in
+    closed form."""
+    fn, _, dmath = _dali_modules()
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = n + h * 6.0
+        k = k - dmath.floor(k / 6.0) * 6.0
+        channels.append(v - v * s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")  # the branches merge only with one layout
+
+
+def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: int) -> Any:
+    """One view from the decoded uint8 HWC image and its decision vector (DALI graph, conditionals on)."""
+    fn, types, dmath = _dali_modules()
+    top, left, height, width = p[_I["top"]], p[_I["left"]], p[_I["height"]], p[_I["width"]]
+    x = fn.resize(img, size=[size, size], roi_start=fn.stack(top, left),
+                  roi_end=fn.stack(top + height, left + width), roi_relative=False,
+                  interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
+    x = dmath.clamp(x / 255.0, 0.0, 1.0)
+    x = fn.flip(x, horizontal=fn.cast(p[_I["flip"]], dtype=types.INT32))
+    jitter = p[_I["jitter"]] > 0.5
+    for slot in range(4):  # the four jitter ops in this sample's order, each clipped after
+        op = p[_I["order0"] + slot]
+        if jitter & (op == 0) & (spec.brightness > 0):
+            x = dmath.clamp(x + p[_I["brightness"]], 0.0, 1.0)
+        if jitter & (op == 1) & (spec.contrast > 0):
+            mean = fn.reductions.mean(x, axes=[0, 1], keep_dims=True)
+            x = dmath.clamp((x - mean) * p[_I["contrast"]] + mean, 0.0, 1.0)
+        if jitter & (op == 2) & (spec.saturation > 0):
+            h, s, v = _hsv_planes(x)
+            x = dmath.clamp(_rgb_from_planes(h, dmath.clamp(s * p[_I["saturation"]], 0.0, 1.0), v), 0.0, 1.0)
+        if jitter & (op == 3) & (spec.hue > 0):
+            h, s, v = _hsv_planes(x)
+            h = h + p[_I["hue"]]
+            x = dmath.clamp(_rgb_from_planes(h - dmath.floor(h), s, v), 0.0, 1.0)
+    if p[_I["gray"]] > 0.5:
+        x = fn.coord_transform(x, M=list(GRAY_WEIGHTS) * 3)
+    x = dmath.clamp(x, 0.0, 1.0)
+    if p[_I["blur"]] > 0.5:  # zero padding, as the official 'SAME' depthwise convolutions
+        x = fn.filter(x, blur_h, border="constant")
+        x = fn.filter(x, blur_v, border="constant")
+    if p[_I["solarize"]] > 0.5:  # x < 0.5 ? x : 1 - x, as 0.5 - |x - 0.5|
+        x = 0.5 - dmath.abs(x - 0.5)
+    x = dmath.clamp(x, 0.0, 1.0)
+    return fn.crop_mirror_normalize(x, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), dtype=types.FLOAT,
+                                    output_layout="HWC")
+
+
+def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | None, num_threads: int,
+                   seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65) -> Any:
+    """The DALI pipeline: external source -> decode once -> two views. ``device_id`` None: CPU only."""
+    dali = require_dali()
+    fn, types, _ = _dali_modules()
+
+    @dali.pipeline_def(enable_conditionals=True)  # type: ignore[misc]
+    def two_views() -> tuple[Any, ...]:
+        data, label, p1, p2, h1, v1, h2, v2 = fn.external_source(source=feed, num_outputs=8, batch=False)
+        if device_id is None:
+            img = fn.decoders.image(data, device="cpu", output_type=types.RGB)
+        else:  # decoded once on the GPU, both views cut from it
+            img = fn.decoders.image(data, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        return _augment(img, p1, h1, v1, VIEW1, size), _augment(img, p2, h2, v2, VIEW2, size), label
+
+    pipe = two_views(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                     prefetch_queue_depth=prefetch, exec_dynamic=True)
+    pipe.build()
+    return pipe
+
+
+class DaliSource:
+    """Image folder -> DALI two-view pipeline, behind the loader's ``batches(start, micro_batch, n)``."""
+
+    kind = "dali"
+
+    def __init__(self, files: list[str], labels: list[int], num_classes: int, size: int, seed: int,
+                 device: torch.device, num_threads: int, prefetch: int = 2, hw_decoder_load: float = 0.65) -> None:
+        require_dali()
+        if not files:
+            raise FastByolError("the DALI source got no images: check data.path")
+        self.files, self.labels, self.num_classes = files, labels, num_classes
+        self.size, self.seed, self.device = size, seed, device
+        self.num_threads, self.prefetch, self.hw_decoder_load = max(1, num_threads), prefetch, hw_decoder_load
+        self.images_per_epoch = len(files)
+
+    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
+        feed = _Feed(self.files, self.labels, self.size, self.seed, start)
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed, self.prefetch,
+                              self.hw_decoder_load)
+        reported = 0
+        for _ in range(num_batches):
+            try:
+                v1, v2, labels = pipe.run()
+            except RuntimeError as e:
+                if "decoders.image" not in str(e):  # not a decode failure: DALI's own error stands
+                    raise
+                raise decode_error(e, list(feed.recent), self.files) from None
+            views = Views(_to_torch(v1, self.device), _to_torch(v2, self.device))
+            # The feed runs ahead of the batch handed out (prefetch), so a skipped file may be reported
+            # with a batch or two of delay; every one is reported exactly once.
+            skipped, reported = feed.skipped[reported:], len(feed.skipped)
+            yield Batch(views, torch.from_numpy(labels.as_array().reshape(-1)), skipped)
+
+
+def decode_error(error: RuntimeError, recent: list[str], files: list[str]) -> FastByolError:
+    """DALI stopped on a sample it could not decode: name the file (by decoding the recently fed ones
+    with PIL) and say how to keep it out of the run."""
+    from fastbyol.data.check import check_file
+
+    reason = next((line.strip() for line in str(error).splitlines() if "decode" in line.lower()),
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+    culprits = [(path, why) for path in dict.fromkeys(reversed(recent)) if (why := check_file(path, full=True))]
+    root = os.path.commonpath(files) if files else "DIR"
+    fix = (f"run `fastbyol data check --full {root}` and set data.file_list to the clean list it writes, "
+           "or remove the file")
+    if culprits:
+        path, why = culprits[0]
+        more = f" (and {len(culprits) - 1} more)" if len(culprits) > 1 else ""
+        return FastByolError(f"cannot decode image {path}{more}: {why}: {fix}")
+    return FastByolError(f"DALI could not decode an image ({reason}): {fix}")
+
+
+def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    """NHWC DALI batch -> NCHW torch view (channels-last memory, no copy of the layout)."""
+    dense = tensor_list.as_tensor()
+    if device.type == "cuda":
+        # Shared through DLPack, then cloned: DALI reuses its output buffers for the next batches it
+        # prefetches, and the step may still be reading this one.
+        out = torch.from_dlpack(dense).clone()
+    else:
+        out = torch.from_numpy(np.array(dense))
+    return out.permute(0, 3, 1, 2)
