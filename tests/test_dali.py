@@ -221,3 +221,13 @@ def test_training_with_dali_resumes_bitwise(folder: Path, tmp_path: Path) -> Non
     resumed.train()
     a, b = straight.pair.state_dict(), resumed.pair.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_roi_decode_matches_full_decode(folder: Path) -> None:
+    """data.dali_decode=roi decodes each view's crop only: the same views up to JPEG block edges
+    (measured: mean |difference| 0.0006-0.0011)."""
+    files, labels, n = _files(folder)
+    full = next(D.DaliSource(files, labels, n, SIZE, 0, torch.device("cpu"), 2, decode="full").batches(0, 32, 1))
+    roi = next(D.DaliSource(files, labels, n, SIZE, 0, torch.device("cpu"), 2, decode="roi").batches(0, 32, 1))
+    for a, b in zip(full.views, roi.views):
+        assert float((a - b).abs().mean()) < 0.005

@@ -15,9 +15,9 @@ sample's random order (each followed by a clip), grayscale, clip, blur (separabl
 
 Where DALI differs from the official TensorFlow ops (``tests/test_dali.py`` measures each against the
 torchvision pipeline on the same decisions):
-- saturation and hue: TF's RGB->HSV->RGB round trip written in DALI arithmetic (``fn.hsv``, a linear
-  transform in YIQ space, differs from it by ~0.1 on saturated colours, so it is not used); the
-  hsv->rgb step is the closed form of TF's sextant chains, equal up to rounding;
+- saturation and hue: TF's HSV semantics written in DALI arithmetic, in closed forms equal up to
+  rounding (``fn.hsv``, a linear transform in YIQ space, differs from them by ~0.1 on saturated
+  colours, so it is not used);
 - the bicubic resize is DALI's (antialiased, on the float image) against PIL's on uint8;
 - the JPEG decoder is libjpeg-turbo (CPU) or nvJPEG (GPU) against PIL's libjpeg: pixels can differ by
   a few levels.
@@ -143,44 +143,49 @@ class _Feed:
                 h1, v1, h2, v2)
 
 
-def _hsv_planes(x: Any) -> tuple[Any, Any, Any]:
-    """(h, s, v) planes of an HWC float RGB image in [0, 1], TF's ``rgb_to_hsv`` formulas (as
-    ``augment._hsv_planes``) in DALI arithmetic; a comparison is 0 or 1 in arithmetic, so the
-    ``where``s become products."""
-    _, _, dmath = _dali_modules()
-    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+def _adjust_saturation(x: Any, factor: Any) -> Any:
+    """TF's saturation adjustment (HSV s -> clip(s * factor, 0, 1), h and v kept) without the HSV round
+    trip: with v = max and c = max - min over the channels, keeping h and v moves every channel along
+    v - (v - x) * c' / c, and c' / c = min(factor, 1 / s) = min(factor, v / c). Equal up to rounding."""
+    fn, _, dmath = _dali_modules()
+    v = fn.reductions.max(x, axes=[2], keep_dims=True)
+    c = v - fn.reductions.min(x, axes=[2], keep_dims=True)
+    return v - (v - x) * dmath.min(factor, v / (c + (c <= 0.0)))  # c == 0: x == v, any scale
+
+
+def _adjust_hue(x: Any, delta: Any) -> Any:
+    """TF's hue adjustment (HSV h -> (h + delta) mod 1, s and v kept), TF's ``rgb_to_hsv`` formulas for h
+    and the closed form of its ``hsv_to_rgb`` sextant chains for the way back: channel n in (5, 3, 1)
+    for (R, G, B) is v - c clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, c = v s = max - min.
+    Planes keep a unit channel axis ([H, W, 1]) so the last line broadcasts over the three channels
+    in one expression; a comparison is 0 or 1 in arithmetic, so TF's ``where``s become products."""
+    fn, types, dmath = _dali_modules()
+    r, g, b = x[:, :, 0:1], x[:, :, 1:2], x[:, :, 2:3]
     v = dmath.max(dmath.max(r, g), b)
-    chroma = v - dmath.min(dmath.min(r, g), b)
-    s = chroma / (v + (v <= 0.0))  # 0 where v == 0 (then chroma == 0 too)
-    has_chroma = chroma > 0.0
-    norm = has_chroma / (chroma * 6.0 + (chroma <= 0.0))  # 1 / (6 chroma), or 0 without chroma
+    c = v - dmath.min(dmath.min(r, g), b)
+    norm = (c > 0.0) / (c * 6.0 + (c <= 0.0))  # 1 / (6 c), or 0 without chroma (then h = 0)
     is_r = r == v
     is_g = (g == v) & (r != v)
     is_b = (g != v) & (r != v)
     h = is_r * (g - b) * norm + is_g * ((b - r) * norm + 2.0 / 6.0) + is_b * ((r - g) * norm + 4.0 / 6.0)
-    return h - dmath.floor(h), s, v
+    h = h + delta
+    h = h - dmath.floor(h)
+    k = types.Constant(np.array([5.0, 3.0, 1.0], dtype=np.float32).reshape(1, 1, 3)) + h * 6.0
+    k = k - dmath.floor(k / 6.0) * 6.0
+    return v - c * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
 
-def _rgb_from_planes(h: Any, s: Any, v: Any) -> Any:
-    """HWC RGB from (h, s, v) planes: channel n in (5, 3, 1) for (R, G, B) is
-    v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6: TF's ``hsv_to_rgb`` sextant chains in
-    closed form."""
-    fn, _, dmath = _dali_modules()
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = n + h * 6.0
-        k = k - dmath.floor(k / 6.0) * 6.0
-        channels.append(v - v * s * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
-    return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")  # the branches merge only with one layout
-
-
-def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: int) -> Any:
-    """One view from the decoded uint8 HWC image and its decision vector (DALI graph, conditionals on)."""
+def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: int, cropped: bool = False) -> Any:
+    """One view from the decoded uint8 HWC image (or, ``cropped``, its ROI-decoded crop) and its decision
+    vector (DALI graph, conditionals on)."""
     fn, types, dmath = _dali_modules()
     top, left, height, width = p[_I["top"]], p[_I["left"]], p[_I["height"]], p[_I["width"]]
-    x = fn.resize(img, size=[size, size], roi_start=fn.stack(top, left),
-                  roi_end=fn.stack(top + height, left + width), roi_relative=False,
-                  interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
+    if cropped:
+        x = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
+    else:
+        x = fn.resize(img, size=[size, size], roi_start=fn.stack(top, left),
+                      roi_end=fn.stack(top + height, left + width), roi_relative=False,
+                      interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
     x = dmath.clamp(x / 255.0, 0.0, 1.0)
     x = fn.flip(x, horizontal=fn.cast(p[_I["flip"]], dtype=types.INT32))
     jitter = p[_I["jitter"]] > 0.5
@@ -192,12 +197,9 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
             mean = fn.reductions.mean(x, axes=[0, 1], keep_dims=True)
             x = dmath.clamp((x - mean) * p[_I["contrast"]] + mean, 0.0, 1.0)
         if jitter & (op == 2) & (spec.saturation > 0):
-            h, s, v = _hsv_planes(x)
-            x = dmath.clamp(_rgb_from_planes(h, dmath.clamp(s * p[_I["saturation"]], 0.0, 1.0), v), 0.0, 1.0)
+            x = dmath.clamp(_adjust_saturation(x, p[_I["saturation"]]), 0.0, 1.0)
         if jitter & (op == 3) & (spec.hue > 0):
-            h, s, v = _hsv_planes(x)
-            h = h + p[_I["hue"]]
-            x = dmath.clamp(_rgb_from_planes(h - dmath.floor(h), s, v), 0.0, 1.0)
+            x = dmath.clamp(_adjust_hue(x, p[_I["hue"]]), 0.0, 1.0)
     if p[_I["gray"]] > 0.5:
         x = fn.coord_transform(x, M=list(GRAY_WEIGHTS) * 3)
     x = dmath.clamp(x, 0.0, 1.0)
@@ -212,18 +214,29 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
 
 
 def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | None, num_threads: int,
-                   seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65) -> Any:
-    """The DALI pipeline: external source -> decode once -> two views. ``device_id`` None: CPU only."""
+                   seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65, decode: str = "full") -> Any:
+    """The DALI pipeline: external source -> decode -> two views. ``device_id`` None: CPU operators only.
+
+    ``decode``: 'full' decodes each image once and cuts both views from it; 'roi' decodes each view's
+    crop only (twice per image, but only the crop's pixels; see benchmarks/pipeline.py)."""
     dali = require_dali()
     fn, types, _ = _dali_modules()
+    where = "cpu" if device_id is None else "mixed"
+    gpu = {} if device_id is None else {"hw_decoder_load": hw_decoder_load}
+
+    def roi(data: Any, p: Any) -> Any:
+        anchor = fn.stack(p[_I["top"]], p[_I["left"]])
+        shape = fn.stack(p[_I["height"]], p[_I["width"]])
+        return fn.decoders.image_slice(data, anchor, shape, axis_names="HW", normalized_anchor=False,
+                                       normalized_shape=False, device=where, output_type=types.RGB, **gpu)
 
     @dali.pipeline_def(enable_conditionals=True)  # type: ignore[misc]
     def two_views() -> tuple[Any, ...]:
         data, label, p1, p2, h1, v1, h2, v2 = fn.external_source(source=feed, num_outputs=8, batch=False)
-        if device_id is None:
-            img = fn.decoders.image(data, device="cpu", output_type=types.RGB)
-        else:  # decoded once on the GPU, both views cut from it
-            img = fn.decoders.image(data, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        if decode == "roi":
+            return (_augment(roi(data, p1), p1, h1, v1, VIEW1, size, cropped=True),
+                    _augment(roi(data, p2), p2, h2, v2, VIEW2, size, cropped=True), label)
+        img = fn.decoders.image(data, device=where, output_type=types.RGB, **gpu)
         return _augment(img, p1, h1, v1, VIEW1, size), _augment(img, p2, h2, v2, VIEW2, size), label
 
     pipe = two_views(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
@@ -238,20 +251,22 @@ class DaliSource:
     kind = "dali"
 
     def __init__(self, files: list[str], labels: list[int], num_classes: int, size: int, seed: int,
-                 device: torch.device, num_threads: int, prefetch: int = 2, hw_decoder_load: float = 0.65) -> None:
+                 device: torch.device, num_threads: int, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 decode: str = "full") -> None:
         require_dali()
         if not files:
             raise FastByolError("the DALI source got no images: check data.path")
         self.files, self.labels, self.num_classes = files, labels, num_classes
         self.size, self.seed, self.device = size, seed, device
         self.num_threads, self.prefetch, self.hw_decoder_load = max(1, num_threads), prefetch, hw_decoder_load
+        self.decode = decode
         self.images_per_epoch = len(files)
 
     def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
         feed = _Feed(self.files, self.labels, self.size, self.seed, start)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed, self.prefetch,
-                              self.hw_decoder_load)
+                              self.hw_decoder_load, self.decode)
         reported = 0
         for _ in range(num_batches):
             try:

@@ -185,7 +185,7 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource
         files, labels, num_classes = folder_files(cfg)
         return DaliSource(files, labels, num_classes, cfg.image_size, seed, device,
                           num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
-                          hw_decoder_load=cfg.hw_decoder_load)
+                          hw_decoder_load=cfg.hw_decoder_load, decode=cfg.dali_decode)
     images: ImageSource
     if cfg.source == "procedural":
         images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),
