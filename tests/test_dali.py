@@ -231,3 +231,18 @@ def test_roi_decode_matches_full_decode(folder: Path) -> None:
     roi = next(D.DaliSource(files, labels, n, SIZE, 0, torch.device("cpu"), 2, decode="roi").batches(0, 32, 1))
     for a, b in zip(full.views, roi.views):
         assert float((a - b).abs().mean()) < 0.005
+
+
+def test_shards_partition_the_stream(folder: Path) -> None:
+    """Two ranks: each global micro-batch is split between them, every position once, and each rank's
+    views are exactly the matching rows of the unsharded stream (decisions are per position)."""
+    from fastbyol.data.loader import shard_positions
+
+    assert list(shard_positions(100, 4, 2, rank=1, world=2)) == [[104, 105, 106, 107], [112, 113, 114, 115]]
+    whole = [b for b in _dali(folder).batches(40, 16, 2)]
+    ranks = [[b for b in _dali(folder).batches(40, 8, 2, rank=r, world=2)] for r in (0, 1)]
+    for step in range(2):
+        for r in (0, 1):
+            rows = slice(8 * r, 8 * r + 8)
+            assert torch.equal(ranks[r][step].views.view1, whole[step].views.view1[rows])
+            assert torch.equal(ranks[r][step].labels, whole[step].labels[rows])  # type: ignore[index,arg-type]

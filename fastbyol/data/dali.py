@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import io
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ from fastbyol.data.augment import (
     blur_taps,
     gaussian_kernel,
 )
-from fastbyol.data.loader import MAX_CONSECUTIVE_BAD, mix_seed
+from fastbyol.data.loader import MAX_CONSECUTIVE_BAD, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
 
@@ -94,9 +95,9 @@ def _dali_modules() -> tuple[Any, Any, Any]:
 class _Feed:
     """The external source: stream position -> encoded bytes, label and both views' decisions."""
 
-    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, start: int) -> None:
+    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, positions: Iterator[int]) -> None:
         self.files, self.labels, self.size, self.seed = files, labels, size, seed
-        self.position = start
+        self.positions = positions
         self.transform = TwoViewTransform(size)
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
@@ -124,8 +125,7 @@ class _Feed:
         return np.frombuffer(data, dtype=np.uint8), height, width
 
     def __call__(self) -> tuple[np.ndarray, ...]:
-        position = self.position
-        self.position += 1
+        position = next(self.positions)
         for attempt in range(MAX_CONSECUTIVE_BAD):
             index = self.index_at(position + attempt)
             try:
@@ -262,8 +262,12 @@ class DaliSource:
         self.decode = decode
         self.images_per_epoch = len(files)
 
-    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
-        feed = _Feed(self.files, self.labels, self.size, self.seed, start)
+    def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """This rank's micro-batches of the stream from global position ``start`` (``shard_positions``)."""
+        # DALI prefetches past the last batch asked for: the positions run on (lazily) beyond it.
+        positions = itertools.chain.from_iterable(shard_positions(start, micro_batch, 1 << 62, rank, world))
+        feed = _Feed(self.files, self.labels, self.size, self.seed, positions)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed, self.prefetch,
                               self.hw_decoder_load, self.decode)

@@ -79,19 +79,34 @@ class TwoViewDataset(Dataset[Sample]):
         return v1, v2, label, skipped
 
 
-class PositionBatches(Sampler[list[int]]):
-    """Micro-batches of consecutive stream positions [start, start + n * micro_batch)."""
+def shard_positions(start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
+                    ) -> Iterator[list[int]]:
+    """This rank's micro-batches of stream positions.
 
-    def __init__(self, start: int, micro_batch: int, num_batches: int) -> None:
-        self.start, self.micro_batch, self.num_batches = start, micro_batch, num_batches
+    The stream is cut into global micro-batches of ``micro_batch * world`` consecutive positions, from
+    ``start`` (a global position: what the checkpoint stores); rank r takes the r-th ``micro_batch`` of
+    each. So across ranks every position is read exactly once (every image once per epoch), a sample's
+    augmentation seed is its position (different on every rank, the same after a resume), and there is
+    never a partial batch: the stream runs on across epoch boundaries."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    for b in range(num_batches):
+        first = start + (b * world + rank) * micro_batch
+        yield list(range(first, first + micro_batch))
+
+
+class PositionBatches(Sampler[list[int]]):
+    """``shard_positions`` as a DataLoader batch sampler."""
+
+    def __init__(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1) -> None:
+        self.args = (start, micro_batch, num_batches, rank, world)
+        self.num_batches = num_batches
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.num_batches):
-            first = self.start + b * self.micro_batch
-            yield list(range(first, first + self.micro_batch))
+        return shard_positions(*self.args)
 
 
 def collate_views(samples: list[Sample]) -> Batch:
@@ -117,10 +132,11 @@ class TorchVisionSource:
         self.num_classes = num_classes
         self.cfg, self.pin_memory = cfg, pin_memory
 
-    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
+    def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
         workers = self.cfg.workers
         loader = DataLoader(
-            self.dataset, batch_sampler=PositionBatches(start, micro_batch, num_batches),
+            self.dataset, batch_sampler=PositionBatches(start, micro_batch, num_batches, rank, world),
             collate_fn=collate_views, num_workers=workers, pin_memory=self.pin_memory,
             prefetch_factor=self.cfg.prefetch if workers else None, worker_init_fn=_worker_init,
             persistent_workers=False,
@@ -139,8 +155,9 @@ class SyntheticSource:
         self.images_per_epoch = cfg.num_images or IMAGENET_TRAIN_IMAGES
         self.size, self.seed, self.device = cfg.image_size, seed, device
 
-    def batches(self, start: int, micro_batch: int, num_batches: int) -> Iterator[Batch]:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
+    def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, rank))  # per-rank data
         shape = (micro_batch, 3, self.size, self.size)
         views = Views(torch.randn(shape, generator=gen, device=self.device),
                       torch.randn(shape, generator=gen, device=self.device))
