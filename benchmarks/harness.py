@@ -17,7 +17,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastbyol.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -195,18 +196,6 @@ def markdown_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside the target, then rename: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path, name: str) -> Path:
     """Write ``<date>-<device>-<name>.csv`` and ``.md`` under ``out_dir``, env merged into every row;
     print the markdown table; return the CSV path."""
@@ -225,9 +214,9 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], out_dir: Path
     # Full precision in the CSV (repr of floats); the markdown rounds to 4 significant digits.
     writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in merged)
     csv_path = out_dir / f"{stem}.csv"
-    _write_atomic(csv_path, buffer.getvalue())
+    atomic_write_text(csv_path, buffer.getvalue())
     table = markdown_table(rows, env)
-    _write_atomic(out_dir / f"{stem}.md", table)
+    atomic_write_text(out_dir / f"{stem}.md", table)
     sys.stdout.write(table)
     sys.stdout.flush()
     return csv_path

@@ -197,7 +197,7 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"kNN k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     result.update({"checkpoint": args.checkpoint, "arch": cfg.model.arch, "data": args.data, "size": size})
     if args.json:
-        from fastbyol.engine.checkpoint import atomic_write_bytes
+        from fastbyol.files import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastbyol import files
 from fastbyol.engine import checkpoint
 from fastbyol.engine.checkpoint import CheckpointError
 
@@ -47,7 +48,7 @@ def test_failed_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device; the previous checkpoint .* is intact"):
         checkpoint.save(_state(2), d, 2, keep_last=3)
     monkeypatch.undo()

@@ -8,12 +8,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.kernels"}
+BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.files", "fastbyol.kernels"}
 ALLOWED = {
     "data": BASE | {"fastbyol.data"},
     "model": BASE | {"fastbyol.data", "fastbyol.model"},
     "step": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step"},
-    "telemetry": {"fastbyol.telemetry", "fastbyol.errors"},
+    "telemetry": {"fastbyol.telemetry", "fastbyol.errors", "fastbyol.files"},
     "eval": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.eval"},
     "engine": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step", "fastbyol.telemetry", "fastbyol.eval",
                       "fastbyol.engine"},

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from fastbyol.data.folder import load_rgb, scan_image_folder
 from fastbyol.errors import FastByolError
+from fastbyol.files import atomic_write_text
 
 DEFAULT_LIST_NAME = "fastbyol-filelist.txt"
 """Name of the clean list written into the checked folder when no other path is given."""
@@ -36,8 +36,6 @@ _MAX_FILES_PER_TASK = 256
 """Files checked per pool task: keeps the number of pending futures small on ImageNet-sized folders
 (1.28M files) while leaving several tasks per worker to balance the load."""
 
-_UMASK = os.umask(0)  # read once at import (os.umask can only read by setting), before any thread starts
-os.umask(_UMASK)
 
 
 @dataclass
@@ -138,29 +136,11 @@ def write_file_list(report: CheckReport, path: str) -> None:
     """
     text = "".join(f"{rel} {label}\n" for rel, label in report.good)
     try:
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
     except OSError as e:
         # strerror, not str(e): the latter names the temp file, which the user never asked for.
         raise FastByolError(f"cannot write file list {path}: {e.strerror or _one_line(e)}; "
                             "pass --out FILE in a writable folder") from None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the list the mode open() would
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_file_list(root: str, path: str) -> tuple[list[str], list[int]]:

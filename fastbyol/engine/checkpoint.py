@@ -11,48 +11,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastbyol.errors import FastByolError
+from fastbyol.files import atomic_write_bytes
 
 MAGIC = b"FBYOLCK1"
 _HEADER = len(MAGIC) + 64
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(FastByolError):
     """A checkpoint could not be written or read."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file in the same directory -> fsync -> rename -> fsync(dir)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def checkpoint_name(step: int) -> str:

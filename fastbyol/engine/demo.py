@@ -11,9 +11,9 @@ from typing import Any
 
 from fastbyol.config import build_config
 from fastbyol.data.builders import make_digits
-from fastbyol.engine.checkpoint import atomic_write_bytes
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
+from fastbyol.files import atomic_write_bytes
 
 
 def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80) -> dict[str, Any]:

@@ -10,12 +10,12 @@ import torch
 from fastbyol.config import Config, ModelConfig, config_from_dict
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
-from fastbyol.engine.checkpoint import atomic_write_bytes
 from fastbyol.errors import FastByolError
 from fastbyol.eval.export import export_bytes, online_encoder_state
 from fastbyol.eval.features import CenterViews, extract_features
 from fastbyol.eval.knn import knn_accuracy
 from fastbyol.eval.linear import linear_probe
+from fastbyol.files import atomic_write_bytes
 from fastbyol.model.backbone import Encoder
 
 

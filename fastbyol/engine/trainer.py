@@ -21,9 +21,9 @@ from fastbyol.config import Config, config_from_dict, parse_override, set_key
 from fastbyol.data.loader import build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint
-from fastbyol.engine.checkpoint import atomic_write_bytes
 from fastbyol.engine.compile import compiled_forward, resolve_compile
 from fastbyol.errors import FastByolError
+from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
