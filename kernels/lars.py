@@ -23,6 +23,12 @@ Everything is in fp32 registers whatever the storage dtype. ``lr`` and ``tau`` a
 tensors (new values each step without recompilation or host sync); weight decay, momentum and eta are
 constants of the run.
 
+Sharded (ZeRO hands each rank one slice of the flat buffer): ``shard_layout`` keeps every tensor's
+global index with the piece of it inside the slice, ``lars_shard_sums`` returns the per-tensor partial
+sums [T, 2], an all-reduce of those T x 2 floats makes them whole-tensor sums, and
+``lars_shard_apply`` updates the slice with the exact per-layer trust ratios. A LARS that used each
+shard's own norms would be a different optimizer, one whose result depends on the number of ranks.
+
 ``lars_flat_ref`` and ``lars_ema_flat_ref`` are the plain-PyTorch references with the same signatures
 (the per-tensor formula of ``fastbyol.step.lars.lars_ref``). ``LarsLayout`` is the chunk schedule, built
 once from the parameter segments.
@@ -73,7 +79,7 @@ def build_layout(segments: list[tuple[int, int, bool]], device: torch.device | s
     chunk = chunk or chunk_size()
     if chunk > chunk_size():  # each program covers one chunk with one block
         raise ValueError(f"LARS chunks of {chunk} elements exceed the kernel's block of {chunk_size()}")
-    ordered = sorted(segments)
+    ordered = sorted(segments, key=lambda seg: seg[0])  # stable: zero-length ties keep the given order
     for (o1, n1, _), (o2, _, _) in zip(ordered, ordered[1:]):
         if o1 + n1 > o2:
             raise ValueError(f"LARS segments overlap at flat offset {o2}")
@@ -94,6 +100,19 @@ def build_layout(segments: list[tuple[int, int, bool]], device: torch.device | s
     return LarsLayout(dev([o for o, _, _ in ordered], torch.int64), dev([n for _, n, _ in ordered], torch.int64),
                       dev([int(e) for _, _, e in ordered], torch.int32), dev(chunk_tensor, torch.int32),
                       dev(chunk_start, torch.int64), dev(chunk_end, torch.int64), dev(tensor_chunks, torch.int32))
+
+
+def shard_layout(segments: list[tuple[int, int, bool]], start: int, end: int, device: torch.device | str,
+                 chunk: int | None = None) -> LarsLayout:
+    """The layout of the shard [start, end) of a flat buffer described by the global ``segments`` (in
+    flat order): every tensor keeps its global index (the pieces outside the shard have length 0), so
+    the per-tensor sums of ``lars_shard_sums`` line up across ranks and add up to whole-tensor sums."""
+    ordered = sorted(segments, key=lambda seg: seg[0])
+    local = []
+    for offset, numel, excluded in ordered:
+        lo, hi = min(max(offset, start), end), min(max(offset + numel, start), end)
+        local.append((lo - start, hi - lo, excluded))
+    return build_layout(local, device, chunk)
 
 
 # -- references ------------------------------------------------------------------------------------------
@@ -187,6 +206,32 @@ def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, ch
         tl.store(t_ptr + offs, new_xi.to(xi.dtype), mask=t_mask)
 
 
+@triton.jit
+def _sums_kernel(partial_ptr, tensor_chunks, sums_ptr, RBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    c0 = tl.load(tensor_chunks + t)
+    c1 = tl.load(tensor_chunks + t + 1)
+    acc_p = tl.zeros([RBLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([RBLOCK], dtype=tl.float32)
+    for c in range(c0, c1, RBLOCK):
+        idx = c + tl.arange(0, RBLOCK)
+        m = idx < c1
+        acc_p += tl.load(partial_ptr + 2 * idx, mask=m, other=0.0)
+        acc_u += tl.load(partial_ptr + 2 * idx + 1, mask=m, other=0.0)
+    tl.store(sums_ptr + 2 * t, tl.sum(acc_p, axis=0))
+    tl.store(sums_ptr + 2 * t + 1, tl.sum(acc_u, axis=0))
+
+
+@triton.jit
+def _trust_from_sums_kernel(sums_ptr, excluded, trust_ptr, n_tensors, eta, BLOCK: tl.constexpr):
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < n_tensors
+    p_norm = tl.sqrt(tl.load(sums_ptr + 2 * t, mask=mask, other=0.0))
+    u_norm = tl.sqrt(tl.load(sums_ptr + 2 * t + 1, mask=mask, other=0.0))
+    ok = (p_norm > 0) & (u_norm > 0) & (tl.load(excluded + t, mask=mask, other=1) == 0)
+    tl.store(trust_ptr + t, tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0), mask=mask)
+
+
 def _check(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
            lr: torch.Tensor) -> None:
     if not (param.shape == grad.shape == momentum_buf.shape and param.dim() == 1):
@@ -275,3 +320,74 @@ def lars_ema_flat(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.T
     """In place: LARS, and the EMA of ``target`` towards the first ``target.numel()`` new parameters, in
     one pass (same signature as ``lars_ema_flat_ref``)."""
     lars_ema_flat_(param, grad, momentum_buf, *layout, lr, weight_decay, momentum, eta, target, tau)
+
+
+# -- sharded: the flat buffer split across ranks (ZeRO partitions) ---------------------------------------
+
+@torch.library.custom_op("fastbyol::lars_shard_sums", mutates_args=())
+def _lars_shard_sums(param: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor,
+                     excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor,
+                     chunk_end: torch.Tensor, tensor_chunks: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    n_chunks, n_tensors = chunk_tensor.numel(), offsets.numel()
+    sums = torch.zeros(n_tensors, 2, dtype=torch.float32, device=param.device)
+    if n_chunks == 0:
+        return sums
+    with on_device(param):
+        partial = torch.empty(2 * n_chunks, dtype=torch.float32, device=param.device)
+        _norms_kernel[(n_chunks,)](param, grad, chunk_tensor, chunk_start, chunk_end, excluded, partial,
+                                   weight_decay, BLOCK=chunk_size())
+        _sums_kernel[(n_tensors,)](partial, tensor_chunks, sums, RBLOCK=REDUCE_BLOCK)
+    return sums
+
+
+@_lars_shard_sums.register_fake
+def _(param: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor,
+      excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor,
+      tensor_chunks: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    return param.new_empty((offsets.shape[0], 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbyol::lars_shard_apply_", mutates_args=("param", "momentum_buf"))
+def _lars_shard_apply_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+                       numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor,
+                       chunk_start: torch.Tensor, chunk_end: torch.Tensor, tensor_chunks: torch.Tensor,
+                       sums: torch.Tensor, lr: torch.Tensor, weight_decay: float, momentum: float,
+                       eta: float) -> None:
+    layout = LarsLayout(offsets, numels, excluded, chunk_tensor, chunk_start, chunk_end, tensor_chunks)
+    _check(param, grad, momentum_buf, layout, lr)
+    n_chunks, n_tensors = chunk_tensor.numel(), offsets.numel()
+    if sums.shape != (n_tensors, 2):
+        raise ValueError(f"sums must be [{n_tensors}, 2] (one row per tensor of the layout), got {tuple(sums.shape)}")
+    if n_chunks == 0:
+        return
+    with on_device(param):
+        trust = torch.empty(n_tensors, dtype=torch.float32, device=param.device)
+        _trust_from_sums_kernel[(triton.cdiv(n_tensors, REDUCE_BLOCK),)](sums, excluded, trust, n_tensors, eta,
+                                                                         BLOCK=REDUCE_BLOCK)
+        _update_kernel[(n_chunks,)](param, grad, momentum_buf, trust, chunk_tensor, chunk_start, chunk_end,
+                                    excluded, lr, weight_decay, momentum, param, lr, 0, FUSE_EMA=False,
+                                    BLOCK=chunk_size())
+
+
+@_lars_shard_apply_.register_fake
+def _(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, offsets: torch.Tensor,
+      numels: torch.Tensor, excluded: torch.Tensor, chunk_tensor: torch.Tensor, chunk_start: torch.Tensor,
+      chunk_end: torch.Tensor, tensor_chunks: torch.Tensor, sums: torch.Tensor, lr: torch.Tensor,
+      weight_decay: float, momentum: float, eta: float) -> None:
+    return None
+
+
+def lars_shard_sums(param: torch.Tensor, grad: torch.Tensor, layout: LarsLayout, weight_decay: float
+                    ) -> torch.Tensor:
+    """[T, 2] fp32: per tensor of the layout, sum p^2 and sum (g + wd p)^2 over this shard's piece of it
+    (zero for tensors outside the shard). Summed over all shards (an all-reduce of T x 2 floats), they
+    are the whole tensors' squared norms."""
+    return _lars_shard_sums(param, grad, *layout, weight_decay)
+
+
+def lars_shard_apply(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
+                     sums: torch.Tensor, lr: torch.Tensor, weight_decay: float, momentum: float, eta: float
+                     ) -> None:
+    """In place on this shard: LARS with the trust ratios of the whole tensors, from the all-reduced
+    ``sums`` (so a partitioned LARS step equals the unpartitioned one, not a per-shard approximation)."""
+    _lars_shard_apply_(param, grad, momentum_buf, *layout, sums, lr, weight_decay, momentum, eta)

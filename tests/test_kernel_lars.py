@@ -4,6 +4,8 @@ are read from tensors; the ops trace with no graph break."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from fastbyol.kernels import lars
@@ -184,3 +186,68 @@ def test_opcheck() -> None:
     args = (torch.randn(9), torch.randn(9), torch.randn(9), *layout, torch.tensor([0.1]), 1e-6, 0.9, 1e-3)
     torch.library.opcheck(lars.lars_flat_, args)
     torch.library.opcheck(lars.lars_ema_flat_, (*args, torch.randn(4), torch.tensor([0.9])))
+
+
+# -- sharded LARS (ZeRO partitions) ---------------------------------------------------------------------
+
+def _sharded_step(segments: list[tuple[int, int, bool]], bounds: list[int], param: torch.Tensor,
+                  grad: torch.Tensor, momentum_buf: torch.Tensor, lr: torch.Tensor, reduce: bool) -> None:
+    """In place: each shard [bounds[i], bounds[i + 1]) computes its partial sums, they are summed (what
+    the all-reduce does) unless ``reduce`` is False, and each shard applies the step."""
+    layouts = [lars.shard_layout(segments, a, b, "cpu") for a, b in zip(bounds, bounds[1:])]
+    sums = [lars.lars_shard_sums(param[a:b], grad[a:b], layout, HYPER["weight_decay"])
+            for layout, a, b in zip(layouts, bounds, bounds[1:])]
+    total = torch.stack(sums).sum(0)
+    for layout, part, a, b in zip(layouts, sums, bounds, bounds[1:]):
+        lars.lars_shard_apply(param[a:b], grad[a:b], momentum_buf[a:b], layout, total if reduce else part, lr,
+                              **HYPER)
+
+
+@pytest.mark.parametrize("name", ["odd", "resnet50-like"])
+def test_sharded_lars_equals_unsharded(name: str) -> None:
+    """Three shards cut mid-tensor: with the per-tensor sums all-reduced, the step equals the unsharded
+    one; with each shard's own sums (what a naive LARS under ZeRO does), it does not."""
+    segments, n = _segments(LAYOUTS[name])
+    bounds = [0, n // 3 + 1, (2 * n) // 3 + 7, n]
+    param, grad, momentum_buf = _buffers(n, torch.float32, seed=11)
+    lr = torch.tensor([0.4])
+    whole = [param.clone(), momentum_buf.clone()]
+    lars_flat(whole[0], grad, whole[1], build_layout(segments, "cpu"), lr, **HYPER)
+    sharded = [param.clone(), momentum_buf.clone()]
+    _sharded_step(segments, bounds, sharded[0], grad, sharded[1], lr, reduce=True)
+    torch.testing.assert_close(sharded[0], whole[0], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(sharded[1], whole[1], atol=1e-8, rtol=1e-5)
+    naive = [param.clone(), momentum_buf.clone()]
+    _sharded_step(segments, bounds, naive[0], grad, naive[1], lr, reduce=False)
+    # Per-shard trust ratios: a different optimizer (even on iid data, where shard norms track the whole
+    # tensor's: measured 6.8e-5 here, ~1000x the tolerance above).
+    assert float((naive[1] - whole[1]).abs().max()) > 1e-5
+
+
+def _gloo_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    segments, n = _segments(LAYOUTS["odd"])
+    bounds = [0, n // 2 + 3, n]
+    param, grad, momentum_buf = _buffers(n, torch.float32, seed=11)
+    a, b = bounds[rank], bounds[rank + 1]
+    layout = lars.shard_layout(segments, a, b, "cpu")
+    shard = param[a:b].clone()
+    sums = lars.lars_shard_sums(shard, grad[a:b], layout, HYPER["weight_decay"])
+    dist.all_reduce(sums)  # T x 2 floats: the only communication the exact trust ratios need
+    lars.lars_shard_apply(shard, grad[a:b], momentum_buf[a:b].clone(), layout, sums, torch.tensor([0.4]), **HYPER)
+    torch.save(shard, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_sharded_lars_over_two_gloo_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, join=True)
+    segments, n = _segments(LAYOUTS["odd"])
+    param, grad, momentum_buf = _buffers(n, torch.float32, seed=11)
+    lars_flat(param, grad, momentum_buf, build_layout(segments, "cpu"), torch.tensor([0.4]), **HYPER)
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)])
+    torch.testing.assert_close(got, param, atol=2e-6, rtol=2e-6)
