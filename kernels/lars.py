@@ -162,8 +162,8 @@ def _norms_kernel(p_ptr, g_ptr, chunk_tensor, chunk_start, chunk_end, excluded, 
 
 
 @triton.jit
-def _trust_kernel(partial_ptr, tensor_chunks, excluded, trust_ptr, eta, RBLOCK: tl.constexpr):
-    t = tl.program_id(0)
+def _tensor_sums(partial_ptr, tensor_chunks, t, RBLOCK: tl.constexpr):
+    """Tensor t's sums of p^2 and u^2: its chunks' partials added in a fixed order (no atomics)."""
     c0 = tl.load(tensor_chunks + t)
     c1 = tl.load(tensor_chunks + t + 1)
     acc_p = tl.zeros([RBLOCK], dtype=tl.float32)
@@ -173,8 +173,15 @@ def _trust_kernel(partial_ptr, tensor_chunks, excluded, trust_ptr, eta, RBLOCK: 
         m = idx < c1
         acc_p += tl.load(partial_ptr + 2 * idx, mask=m, other=0.0)
         acc_u += tl.load(partial_ptr + 2 * idx + 1, mask=m, other=0.0)
-    p_norm = tl.sqrt(tl.sum(acc_p, axis=0))
-    u_norm = tl.sqrt(tl.sum(acc_u, axis=0))
+    return tl.sum(acc_p, axis=0), tl.sum(acc_u, axis=0)
+
+
+@triton.jit
+def _trust_kernel(partial_ptr, tensor_chunks, excluded, trust_ptr, eta, RBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    sum_p, sum_u = _tensor_sums(partial_ptr, tensor_chunks, t, RBLOCK)
+    p_norm = tl.sqrt(sum_p)
+    u_norm = tl.sqrt(sum_u)
     ok = (p_norm > 0) & (u_norm > 0) & (tl.load(excluded + t) == 0)
     tl.store(trust_ptr + t, tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0))
 
@@ -209,17 +216,9 @@ def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, ch
 @triton.jit
 def _sums_kernel(partial_ptr, tensor_chunks, sums_ptr, RBLOCK: tl.constexpr):
     t = tl.program_id(0)
-    c0 = tl.load(tensor_chunks + t)
-    c1 = tl.load(tensor_chunks + t + 1)
-    acc_p = tl.zeros([RBLOCK], dtype=tl.float32)
-    acc_u = tl.zeros([RBLOCK], dtype=tl.float32)
-    for c in range(c0, c1, RBLOCK):
-        idx = c + tl.arange(0, RBLOCK)
-        m = idx < c1
-        acc_p += tl.load(partial_ptr + 2 * idx, mask=m, other=0.0)
-        acc_u += tl.load(partial_ptr + 2 * idx + 1, mask=m, other=0.0)
-    tl.store(sums_ptr + 2 * t, tl.sum(acc_p, axis=0))
-    tl.store(sums_ptr + 2 * t + 1, tl.sum(acc_u, axis=0))
+    sum_p, sum_u = _tensor_sums(partial_ptr, tensor_chunks, t, RBLOCK)
+    tl.store(sums_ptr + 2 * t, sum_p)
+    tl.store(sums_ptr + 2 * t + 1, sum_u)
 
 
 @triton.jit
