@@ -49,7 +49,7 @@ from fastbyol.data.augment import (
     blur_taps,
     gaussian_kernel,
 )
-from fastbyol.data.loader import MAX_CONSECUTIVE_BAD, mix_seed, shard_positions
+from fastbyol.data.loader import StreamOrder, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
 
@@ -99,20 +99,11 @@ class _Feed:
         self.files, self.labels, self.size, self.seed = files, labels, size, seed
         self.positions = positions
         self.transform = TwoViewTransform(size)
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
+        self.order = StreamOrder(len(files), seed)  # the torchvision pipeline's order, position for position
         self.skipped: list[str] = []
         # The files handed to DALI lately: a decode error inside the pipeline does not say which sample
         # failed, so the source re-checks these to name it.
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_FILES)
-
-    def index_at(self, position: int) -> int:
-        # The same per-epoch permutation as the torchvision pipeline's TwoViewDataset.index_at.
-        epoch, offset = divmod(position, len(self.files))
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._perm, self._perm_epoch = torch.randperm(len(self.files), generator=gen).numpy(), epoch
-        return int(self._perm[offset])
 
     def _read(self, index: int) -> tuple[np.ndarray, int, int]:
         path = self.files[index]
@@ -126,16 +117,8 @@ class _Feed:
 
     def __call__(self) -> tuple[np.ndarray, ...]:
         position = next(self.positions)
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            index = self.index_at(position + attempt)
-            try:
-                data, height, width = self._read(index)
-                break
-            except FastByolError as e:  # replaced by the next image of the stream, and reported
-                self.skipped.append(str(e))
-        else:
-            raise FastByolError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position "
-                                f"{position} (last: {self.skipped[-1]}): check the data folder")
+        (data, height, width), index, skipped = self.order.read(position, self._read)
+        self.skipped += skipped
         self.recent.append(self.files[index])
         p1, p2 = self.transform.params(height, width, mix_seed(self.seed, 0x5EED, position))
         (h1, v1), (h2, v2) = blur_filters(p1, self.size), blur_filters(p2, self.size)

@@ -9,8 +9,8 @@ at position ``step * batch_size`` continues the stream bitwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -44,37 +44,53 @@ class ImageSource(Protocol):
 Sample = tuple[torch.Tensor, torch.Tensor, int, list[str]]
 
 
+T = TypeVar("T")
+
+
+class StreamOrder:
+    """Stream position -> image index: epoch ``position // n`` is a fresh permutation of the n images,
+    seeded by (seed, epoch). Shared by the torchvision and DALI pipelines, so both read the same image
+    at every position."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return int(self._perm[offset])
+
+    def read(self, position: int, read: Callable[[int], T]) -> tuple[T, int, list[str]]:
+        """``read(index)`` of the image at ``position``; an unreadable one (``FastByolError``) is
+        replaced by the next image of the stream, and reported. Returns (value, index, skip messages)."""
+        skipped: list[str] = []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            index = self.index_at(position + attempt)
+            try:
+                return read(index), index, skipped
+            except FastByolError as e:
+                skipped.append(str(e))
+        raise FastByolError(
+            f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
+            f"(last: {skipped[-1]}): check the data folder")
+
+
 class TwoViewDataset(Dataset[Sample]):
     """Indexed by stream position: position -> (epoch permutation) -> image -> two views."""
 
     def __init__(self, images: ImageSource, transform: TwoViewTransform, seed: int) -> None:
         self.images, self.transform, self.seed = images, transform, seed
-        self._perm_epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
+        self.order = StreamOrder(len(images), seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def index_at(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.images))
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
-        return int(self._perm[offset])
-
     def __getitem__(self, position: int) -> Sample:
-        skipped: list[str] = []
-        # An unreadable image is replaced by the next one of the stream, and reported.
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            try:
-                img, label = self.images[self.index_at(position + attempt)]
-                break
-            except FastByolError as e:
-                skipped.append(str(e))
-        else:
-            raise FastByolError(
-                f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
-                f"(last: {skipped[-1]}): check the data folder")
+        (img, label), _, skipped = self.order.read(position, self.images.__getitem__)
         v1, v2 = self.transform(img, seed=mix_seed(self.seed, 0x5EED, position))  # type: ignore[arg-type]
         return v1, v2, label, skipped
 
