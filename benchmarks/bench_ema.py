@@ -14,14 +14,13 @@ Run from the repository root: ``python -m benchmarks.bench_ema [--quick] [--devi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from fastbyol.kernels.ema import ema_flat_, ema_flat_ref
 
-from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, write_results
+from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, triton_runs_here, write_results
 from fastbyol.step.ema import ema_update_
 
 TAU = 0.99  # byol-r50-300ep's base tau (BYOL.md, "Schedules"); the cost does not depend on its value
@@ -41,11 +40,6 @@ def target_shapes() -> list[tuple[int, ...]]:
         pair = ByolPair(cfg.model, seed=0)
     _, target = pair.param_pairs()
     return [tuple(p.shape) for p in target]
-
-
-def _triton_runs_here(device: torch.device) -> bool:
-    """Triton needs a GPU, or its interpreter on the CPU (set before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _split(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
@@ -85,7 +79,7 @@ def variants(device: torch.device) -> dict[str, Callable[[list[torch.Tensor], li
 
     table: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], Callable[[], None]]] = {
         "loop": loop, "foreach": foreach}
-    if not _triton_runs_here(device):
+    if not triton_runs_here(device):
         print("triton variants skipped: no GPU and TRITON_INTERPRET is not 1")
         return table
     table["triton_flat"] = triton_flat

@@ -16,7 +16,6 @@ Run from the repository root: ``python -m benchmarks.bench_lars [--quick] [--dev
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -24,7 +23,7 @@ import torch
 from fastbyol.kernels.ema import ema_flat_
 from fastbyol.kernels.lars import LarsLayout, build_layout, lars_ema_flat, lars_ema_flat_ref, lars_flat
 
-from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, write_results
+from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, triton_runs_here, write_results
 from fastbyol.step.ema import ema_ref, ema_update_
 from fastbyol.step.lars import LARS, lars_param_groups, lars_ref
 
@@ -68,9 +67,7 @@ def byol_r50_spec() -> Spec:
     groups = lars_param_groups(named for module in pair.online_modules() for named in module.named_modules())
     excluded_ids = {id(p) for g in groups if g["excluded"] for p in cast("list[torch.Tensor]", g["params"])}
     online, _ = pair.param_pairs()
-    paired = {id(p) for p in online}
-    unpaired = [p for module in pair.online_modules() for p in module.parameters() if id(p) not in paired]
-    ordered = online + unpaired
+    ordered = pair.online_flat_order()
     return Spec([tuple(p.shape) for p in ordered], [id(p) in excluded_ids for p in ordered],
                 sum(p.numel() for p in online))
 
@@ -79,11 +76,6 @@ def quick_spec() -> Spec:
     shapes = [s for s, _ in QUICK_TENSORS]
     return Spec(shapes, [e for _, e in QUICK_TENSORS],
                 sum(torch.Size(s).numel() for s in shapes[:QUICK_PAIRED]))
-
-
-def _triton_runs_here(device: torch.device) -> bool:
-    """Triton needs a GPU, or its interpreter on the CPU (set before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class State(NamedTuple):
@@ -166,7 +158,7 @@ def variants(spec: Spec, layout: LarsLayout, device: torch.device) -> dict[str, 
                                      s.target, tau_t)
 
     table: dict[str, Factory] = {"loop": loop, "foreach": foreach}
-    if not _triton_runs_here(device):
+    if not triton_runs_here(device):
         print("triton variants skipped: no GPU and TRITON_INTERPRET is not 1")
         return table
     table["triton_unfused"] = triton_unfused

@@ -10,14 +10,13 @@ Run from the repository root: ``python -m benchmarks.bench_loss [--quick] [--dev
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from fastbyol.kernels.byol_loss import byol_loss, byol_loss_ref
 
-from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, write_results
+from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, triton_runs_here, write_results
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Loss-value tolerances per dtype (the brief's; the kernel tests hold the full grid with gradients).
@@ -67,7 +66,7 @@ def _check(b: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     device: torch.device = args.device
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_here(device):
         raise SystemExit("bench_loss: Triton on the CPU needs TRITON_INTERPRET=1 set before Python starts")
     batches, d = ((8, 33), 16) if args.quick else ((256, 1024, 4096), 256)
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]

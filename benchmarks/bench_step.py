@@ -18,14 +18,13 @@ Run from the repository root: ``python -m benchmarks.bench_step [--quick] [--bat
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.harness import environment, parse_args, time_fn, write_results
+from benchmarks.harness import environment, parse_args, time_fn, triton_runs_here, write_results
 from fastbyol.config import build_config
 from fastbyol.engine.trainer import Trainer, start_run
 from fastbyol.step.train_step import forward_loss
@@ -104,7 +103,7 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench_step: unknown variant {unknown[0]}: choose from {', '.join(VARIANTS)}")
-    if args.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_here(args.device):
         names = [n for n in names if VARIANTS[n][1] == "off"]
         print("bench_step: no GPU and TRITON_INTERPRET unset: the kernels variants are skipped")
     env = environment(args.device)

@@ -86,6 +86,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def triton_runs_here(device: torch.device) -> bool:
+    """Triton needs a GPU, or its interpreter on the CPU (TRITON_INTERPRET=1, set before import)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @dataclass
 class Timing:
     """Per-call wall time of one benchmarked function, in milliseconds."""

@@ -84,12 +84,18 @@ class ByolPair(nn.Module):
         buffer, so ``online_flat[:target_flat.numel()]`` and ``target_flat`` are elementwise twins; the
         unpaired online parameters (predictor, probe) follow. Call after ``.to(...)``."""
         online, target = self.param_pairs()
+        return flatten_params_(self.online_flat_order()), flatten_params_(target)
+
+    def online_flat_order(self) -> list[torch.Tensor]:
+        """Every online parameter in the flat buffer's order: the paired online-tower parameters
+        (``param_pairs`` order), then the unpaired ones (predictor, probe)."""
+        online, _ = self.param_pairs()
         paired = {id(p) for p in online}
         unpaired: list[torch.Tensor] = [p for module in self.online_modules() for p in module.parameters()
                                         if id(p) not in paired]
         if len(paired) + len(unpaired) != sum(1 for m in self.online_modules() for _ in m.parameters()):
             raise RuntimeError("online parameters are shared between modules: they cannot be flattened")
-        return flatten_params_(online + unpaired), flatten_params_(target)
+        return online + unpaired
 
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""
