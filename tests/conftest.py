@@ -1,5 +1,7 @@
 """Test-session set-up: Triton's interpreter before any @triton.jit runs (no GPU here), and a CUDA marker
-that skips with a reason."""
+that skips with a reason. The disk is kept small by pyproject's tmp_path_retention_policy = "failed":
+pytest deletes a passing test's tmp_path when the test ends (training runs leave ~130 MB checkpoints;
+keeping them all once filled CI's disk)."""
 
 from __future__ import annotations
 
