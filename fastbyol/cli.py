@@ -107,8 +107,9 @@ def _train(args: argparse.Namespace) -> int:
             raise FastByolError("--resume continues a run with its saved config: drop --preset/--config "
                                 "(key=value overrides of run.* and data.workers/path are allowed)")
         trainer = resume_run(args.resume, args.overrides)
-        print(f"fastbyol: resuming {trainer.run_dir} at step {trainer.step}/{trainer.total_steps}",
-              file=sys.stderr)
+        if trainer.ctx.main:
+            print(f"fastbyol: resuming {trainer.run_dir} at step {trainer.step}/{trainer.total_steps}",
+                  file=sys.stderr)
     else:
         cfg = build_config(args.preset, args.config, args.overrides)
         if args.print_config:
@@ -117,11 +118,21 @@ def _train(args: argparse.Namespace) -> int:
         from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
 
         trainer = start_run(cfg)
-        print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}"
-              f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
-              f"({trainer.images_per_epoch} images/epoch), {trainer.total_steps} steps of "
-              f"{cfg.optim.batch_size}", file=sys.stderr)
-    summary = trainer.train()
+        ctx = trainer.ctx
+        ranks = f" x {ctx.world} ranks ({ctx.engine}, {ctx.backend})" if ctx.enabled else ""
+        if trainer.ctx.main:
+            print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}{ranks}"
+                  f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
+                  f"({trainer.images_per_epoch} images/epoch), {trainer.total_steps} steps of "
+                  f"{cfg.optim.batch_size}", file=sys.stderr)
+    from fastbyol.engine.distributed import shutdown
+
+    try:
+        summary = trainer.train()
+    finally:
+        shutdown(trainer.ctx)
+    if not trainer.ctx.main:
+        return 0
     last = summary["last"]
     logged = (f"loss {last['loss']:.4f}, proj_std {last['proj_std']:.4f} (uniform {last['proj_std_uniform']:.4f}), "
               if last else "")

@@ -145,6 +145,13 @@ class RunConfig:
     compile: str = "auto"
     """torch.compile of the forward and loss (fullgraph): 'auto' (default mode with a CUDA GPU, off on
     the CPU), 'default', 'max-autotune', 'reduce-overhead' (CUDA graphs; GPU only) or 'off' (eager)."""
+    engine: str = "auto"
+    """Distribution: 'auto' (DDP when a launcher such as torchrun started several processes, one process
+    otherwise), 'ddp', or 'deepspeed' (ZeRO sharding across nodes, started by the deepspeed launcher;
+    see run.zero_stage). optim.batch_size is the global batch, split evenly over the ranks."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage with run.engine=deepspeed: 0 (plain data parallel), 1 (optimizer state
+    sharded), 2 (and gradients), 3 (and parameters)."""
 
 
 @dataclass
@@ -222,6 +229,11 @@ class Config:
         _choice("run.progress", r.progress, ("auto", "on", "off"))
         _choice("run.kernels", r.kernels, ("auto", "on", "off"))
         _choice("run.compile", r.compile, ("auto", "off", "default", "max-autotune", "reduce-overhead"))
+        _choice("run.engine", r.engine, ("auto", "ddp", "deepspeed"))
+        _choice("run.zero_stage", r.zero_stage, (0, 1, 2, 3))
+        if r.zero_stage and r.engine != "deepspeed":
+            raise ConfigError(f"run.zero_stage={r.zero_stage} needs run.engine=deepspeed (ZeRO is DeepSpeed's): "
+                              "add run.engine=deepspeed, or set run.zero_stage=0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -234,11 +246,11 @@ class Config:
 
 # -- validation helpers: each raises ConfigError naming the key and the accepted values -------------
 
-def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
     if value not in allowed:
-        near = difflib.get_close_matches(str(value), allowed, n=1)
+        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(allowed)}")
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(map(str, allowed))}")
 
 
 def _positive_int(key: str, value: int) -> None:

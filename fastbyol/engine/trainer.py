@@ -2,10 +2,16 @@
 
 One readable loop, no callbacks. The run directory holds ``config.yaml`` (the resolved config),
 ``metrics.jsonl``, ``checkpoints/`` and, when the data had unreadable files, ``skipped.txt``.
+
+Several processes (``torchrun``): each rank builds the same model, converts every BatchNorm to the
+cross-replica one (BYOL.md: statistics over the global batch) before DDP wraps it, reads its own shard of
+each global batch, and steps LARS and the EMA identically; rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 import random
@@ -16,15 +22,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.config import Config, config_from_dict, parse_override, set_key
 from fastbyol.data.loader import build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint
 from fastbyol.engine.compile import compiled_forward, resolve_compile
+from fastbyol.engine.distributed import (
+    DistContext,
+    all_reduce_mean_,
+    all_reduce_sum_int,
+    broadcast_object,
+    init_distributed,
+    launched_world_size,
+)
 from fastbyol.errors import FastByolError
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
+from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
@@ -35,6 +52,21 @@ CHECKPOINT_VERSION = 1
 RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
                        "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
                        "run.compile"}
+
+
+def check_batch_split(cfg: Config, world: int) -> None:
+    """The global batch must split evenly into ranks x micro-batches."""
+    parts = world * cfg.optim.accum_steps
+    if cfg.optim.batch_size % parts:
+        raise FastByolError(f"optim.batch_size={cfg.optim.batch_size} does not split over {world} ranks x "
+                            f"optim.accum_steps={cfg.optim.accum_steps}: use a multiple of {parts}")
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for not broadcasting buffers every forward (renamed after torch 2.11)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,9 +125,13 @@ class IntervalMeter:
                 self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.micro_steps += 1
 
-    def means(self) -> dict[str, float]:
+    def means(self, ctx: DistContext) -> dict[str, float]:
+        """Interval means, averaged over ranks (every rank calls this: it is a collective)."""
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n].float() for n in names]) / self.micro_steps
+        all_reduce_mean_(ctx, stacked)
         # The one host sync of the interval: reading the summed device metrics.
-        return {name: float(total) / self.micro_steps for name, total in self.sums.items()}
+        return dict(zip(names, stacked.tolist()))
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run logs the same numbers."""
@@ -108,8 +144,11 @@ class IntervalMeter:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
+                 ctx: DistContext | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.ctx = ctx or DistContext()
+        check_batch_split(cfg, self.ctx.world)
         self.device = resolve_device(cfg.run.device)
         self.bf16 = use_bf16(cfg.run.precision, self.device)
         self.channels_last = use_channels_last(cfg.model.channels_last, self.device)
@@ -130,6 +169,8 @@ class Trainer:
         if self.channels_last:
             self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pair.train()
+        if self.ctx.world > 1:  # before DDP wraps it and before the flat buffers take the parameters
+            convert_global_batchnorm(self.pair)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
         hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
@@ -142,6 +183,13 @@ class Trainer:
             self.optimizer = FlatLARS(groups, self.online_flat, **hyper)
         else:
             self.optimizer = LARS(groups, **hyper)
+        # What the forward calls: the pair itself, or DDP around it (the target's parameters need no
+        # gradient, so DDP leaves them alone; the BatchNorm buffers are global already: no broadcast).
+        self.model: nn.Module = self.pair
+        if self.ctx.engine == "ddp":
+            self.model = DistributedDataParallel(
+                self.pair, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=False, **_no_buffer_sync())
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
         self.forward = compiled_forward(self.compile_mode)
 
@@ -154,6 +202,7 @@ class Trainer:
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint (every rank calls it: the skipped-image count is summed over ranks)."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -162,7 +211,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "step": self.step,
             "position": self.position,
-            "skipped": self.skipped,
+            "skipped": all_reduce_sum_int(self.ctx, self.skipped, self.device),
             "model": self.pair.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "meter": self.meter.state(),
@@ -179,7 +228,8 @@ class Trainer:
             first = str(e).splitlines()[0]
             raise FastByolError(f"checkpoint does not fit model.arch={self.cfg.model.arch}: {first}") from None
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
+        self.step, self.position = state["step"], state["position"]
+        self.skipped = state["skipped"] if self.ctx.main else 0  # a global count: rank 0 carries it
         self.meter = IntervalMeter.from_state(state["meter"], self.device)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -187,19 +237,35 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.state_dict(), self.run_dir / "checkpoints", self.step, self.cfg.run.keep_last)
+        """Rank 0 writes (atomically); every rank returns once the file is complete, or raises its error."""
+        state = self.state_dict()
+        ckpt_dir, keep = self.run_dir / "checkpoints", self.cfg.run.keep_last
+        if not self.ctx.enabled:
+            return checkpoint.save(state, ckpt_dir, self.step, keep)
+        path, error = None, None
+        if self.ctx.main:
+            try:
+                path = checkpoint.save(state, ckpt_dir, self.step, keep)
+            except checkpoint.CheckpointError as e:
+                error = str(e)
+        path, error = broadcast_object(self.ctx, (path, error))  # also the barrier: the file is complete
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
+        return Path(path)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         accum = cfg.optim.accum_steps
-        micro_batch = self.batch_size // accum
+        micro_batch = self.batch_size // (accum * self.ctx.world)  # this rank's share of a micro-step
         metrics_path = self.run_dir / "metrics.jsonl"
-        JsonlMetrics.truncate_after(metrics_path, self.step)
-        sink = JsonlMetrics(metrics_path)
-        progress = ProgressBar(end_step, self.step, enabled=cfg.run.progress != "off")
-        batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum)
+        if self.ctx.main:
+            JsonlMetrics.truncate_after(metrics_path, self.step)
+        sink = JsonlMetrics(metrics_path) if self.ctx.main else None
+        progress = ProgressBar(end_step, self.step, enabled=cfg.run.progress != "off" and self.ctx.main)
+        batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum,
+                                      self.ctx.rank, self.ctx.world)
         self.meter.t0 = time.perf_counter()
         last_row: dict[str, Any] = {}
         t_start = time.perf_counter()
@@ -207,11 +273,12 @@ class Trainer:
         try:
             while self.step < end_step:
                 self.optimizer.zero_grad(set_to_none=True)
-                for _ in range(accum):
+                for micro in range(accum):
                     t_wait = time.perf_counter()
                     batch = next(batches)  # fetch
                     self.meter.data_wait_s += time.perf_counter() - t_wait
-                    self.forward_backward_step(batch, 1.0 / accum)  # forward/backward
+                    with self._grad_sync(micro == accum - 1):
+                        self.forward_backward_step(batch, 1.0 / accum)  # forward/backward
                 self.update()  # optimizer, EMA
                 self.step += 1
                 self.position += self.batch_size
@@ -221,7 +288,8 @@ class Trainer:
                 # same rows as an uninterrupted one.
                 if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:  # log
                     last_row = self._log_row()
-                    sink.write(last_row)
+                    if sink is not None:
+                        sink.write(last_row)
                     progress.update(self.step, self.batch_size, last_row["loss"], force=True)
                 else:
                     progress.update(self.step, self.batch_size, last_row.get("loss"))
@@ -229,11 +297,18 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             progress.close()
-            sink.close()
+            if sink is not None:
+                sink.close()
         wall = time.perf_counter() - t_start
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "last": last_row, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def _grad_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager[object]:
+        """DDP all-reduces the gradients in the backward of the last micro-batch only."""
+        if isinstance(self.model, DistributedDataParallel) and not last_micro_step:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def forward_backward_step(self, batch: Batch, loss_scale: float) -> None:
         """One micro-batch: to the device, forward (compiled or eager), backward into the online grads;
@@ -242,7 +317,7 @@ class Trainer:
             self._record_skipped(batch.skipped)
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
-        out = forward_backward(self.pair, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
+        out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
                                forward=self.forward)
         self.meter.add(out._asdict())
 
@@ -258,7 +333,8 @@ class Trainer:
     def _log_row(self) -> dict[str, Any]:
         m = self.meter
         elapsed = time.perf_counter() - m.t0
-        means = m.means()
+        means = m.means(self.ctx)
+        skipped = all_reduce_sum_int(self.ctx, self.skipped, self.device)
         k = self.step - 1  # the step whose lr/tau were just applied
         row = {
             "step": self.step,
@@ -270,7 +346,7 @@ class Trainer:
             "tau": float(self.tau[k]),
             "img_per_s": m.steps * self.batch_size / elapsed if elapsed > 0 else 0.0,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
-            "skipped_images": self.skipped,
+            "skipped_images": skipped,
         }
         if "probe_loss" in means:
             row["probe_loss"], row["probe_top1"] = means["probe_loss"], 100.0 * means["probe_top1"]
@@ -279,9 +355,10 @@ class Trainer:
 
     def _record_skipped(self, messages: list[str]) -> None:
         self.skipped += len(messages)
-        with open(self.run_dir / "skipped.txt", "a", encoding="utf-8") as f:
+        rank = f"rank {self.ctx.rank} " if self.ctx.world > 1 else ""
+        with open(self.run_dir / "skipped.txt", "a", encoding="utf-8") as f:  # one short line per append
             for msg in messages:
-                f.write(f"step {self.step}: {msg}\n")
+                f.write(f"{rank}step {self.step}: {msg}\n")
 
 
 # Fields of a metrics row that depend on wall-clock time (excluded when comparing runs).
@@ -289,14 +366,25 @@ TIMING_FIELDS = ("img_per_s", "data_wait_frac")
 
 
 def start_run(cfg: Config) -> Trainer:
-    resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
+    device = resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
+    check_batch_split(cfg, launched_world_size())
+    ctx = init_distributed(cfg.run.engine, device)
     existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
-    run_dir = new_run_dir(cfg)
-    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+    run_dir, error = None, None
+    if ctx.main:  # rank 0 names and creates the run directory; the others take its name
+        try:
+            run_dir = new_run_dir(cfg)
+            atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+        except FastByolError as e:
+            error = str(e)
+    run_dir, error = broadcast_object(ctx, (run_dir, error))
+    if error is not None:
+        raise FastByolError(error)
+    assert run_dir is not None
     try:
-        return Trainer(cfg, run_dir)
+        return Trainer(cfg, run_dir, ctx=ctx)
     except FastByolError:
-        if not existed:  # a bad data path leaves no empty run directory behind
+        if not existed and ctx.main:  # a bad data path leaves no empty run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -313,5 +401,8 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
                                 f"only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change")
         set_key(cfg, key, value)
     cfg.validate()
-    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
-    return Trainer(cfg, run_dir, resume=state)
+    check_batch_split(cfg, launched_world_size())
+    ctx = init_distributed(cfg.run.engine, resolve_device(cfg.run.device))
+    if ctx.main:
+        atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+    return Trainer(cfg, run_dir, resume=state, ctx=ctx)

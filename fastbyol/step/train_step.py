@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastbyol.data.views import Views
-from fastbyol.model.byol import ByolPair
+from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.step.ema import ema_update_
 from fastbyol.step.lars import FlatLARS
 from fastbyol.step.loss import byol_loss, projection_std
@@ -42,9 +43,10 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def forward_loss(pair: ByolPair, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
+def forward_loss(pair: ByolPair | nn.Module, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
                  bf16: bool, fused_loss: bool) -> tuple[torch.Tensor, MicroStepOut]:
     """Forward both views through online and target; returns (the loss to backward, the metrics).
+    ``pair`` is the ByolPair or a DistributedDataParallel around it.
 
     This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
     tensor value, and the fused loss is a custom op with a fake and an autograd rule. With the online
@@ -52,7 +54,7 @@ def forward_loss(pair: ByolPair, view1: torch.Tensor, view2: torch.Tensor, label
     detached features, so its gradient never reaches the encoder. ``fused_loss`` takes the Triton kernel
     (``fastbyol.kernels.byol_loss``) instead of the PyTorch reference."""
     with autocast_for(view1.device, bf16):
-        out = pair(view1, view2)
+        out: ByolOutputs = pair(view1, view2)
     if fused_loss:
         from fastbyol.kernels.byol_loss import byol_loss as fused
 
@@ -72,11 +74,11 @@ def forward_loss(pair: ByolPair, view1: torch.Tensor, view2: torch.Tensor, label
                                None if probe_loss is None else probe_loss.detach(), probe_top1)
 
 
-ForwardLoss = Callable[[ByolPair, torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, bool],
+ForwardLoss = Callable[["ByolPair | nn.Module", torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, bool],
                        tuple[torch.Tensor, MicroStepOut]]
 
 
-def forward_backward(pair: ByolPair, views: Views, labels: torch.Tensor | None, loss_scale: float,
+def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
                      bf16: bool, fused_loss: bool = False, forward: ForwardLoss = forward_loss) -> MicroStepOut:
     """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean."""
