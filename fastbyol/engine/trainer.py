@@ -62,7 +62,7 @@ def check_batch_split(cfg: Config, world: int) -> None:
                             f"optim.accum_steps={cfg.optim.accum_steps}: use a multiple of {parts}")
 
 
-def _no_buffer_sync() -> dict[str, bool]:
+def _no_buffer_sync() -> dict[str, Any]:
     """DDP's switch for not broadcasting buffers every forward (renamed after torch 2.11)."""
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": False}
