@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     from fastbyol.config import describe_keys, preset_names
 
     parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, exact BYOL pretraining.")
+    # The deepspeed launcher inserts --local_rank=N before the command (LOCAL_RANK is in the environment).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train", help="pretrain with BYOL", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -177,7 +177,22 @@ class Trainer:
         self.online_params, self.target_params = self.pair.param_pairs()
         self.kernels = use_kernels(cfg.run.kernels, self.device)
         self.optimizer: LARS
-        if self.kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
+        self.ds_engine: Any = None
+        if self.ctx.engine == "deepspeed":  # DeepSpeed owns the online half and the (sharded) LARS state
+            from fastbyol.engine import zero
+            from fastbyol.step.zero_lars import ZeroLARS
+
+            if resume is not None:  # the full weights first: DeepSpeed partitions what the modules hold
+                self._load_model(resume["model"])
+            self.optimizer = ZeroLARS(groups, use_kernels=self.kernels, **hyper)
+            self.ds_engine = zero.build_engine(self.pair, self.optimizer, cfg, self.ctx)
+            self.optimizer.attach(self.ds_engine)
+            if resume is not None:
+                if "deepspeed_tag" not in resume:
+                    raise FastByolError("this checkpoint was not written by a run.engine=deepspeed run: resume it "
+                                        "with its own engine (torchrun or a single process)")
+                zero.load(self.ds_engine, run_dir / "checkpoints", resume["deepspeed_tag"])
+        elif self.kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
             self.online_flat, self.target_flat = self.pair.flatten_pairs_()
             self.tau_buf = torch.zeros(1, dtype=torch.float32, device=self.device)
             self.optimizer = FlatLARS(groups, self.online_flat, **hyper)
@@ -186,7 +201,11 @@ class Trainer:
         # What the forward calls: the pair itself, or DDP around it (the target's parameters need no
         # gradient, so DDP leaves them alone; the BatchNorm buffers are global already: no broadcast).
         self.model: nn.Module = self.pair
-        if self.ctx.engine == "ddp":
+        if self.ds_engine is not None:
+            from fastbyol.engine.zero import DeepSpeedPair
+
+            self.model = DeepSpeedPair(self.pair, self.ds_engine)
+        elif self.ctx.engine == "ddp":
             self.model = DistributedDataParallel(
                 self.pair, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=False, **_no_buffer_sync())
@@ -212,22 +231,39 @@ class Trainer:
             "step": self.step,
             "position": self.position,
             "skipped": all_reduce_sum_int(self.ctx, self.skipped, self.device),
-            "model": self.pair.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self._full_model_state(),
+            # DeepSpeed keeps its sharded LARS state in its own checkpoint (see fastbyol.engine.zero).
+            "optimizer": self.optimizer.state_dict() if self.ds_engine is None else {},
             "meter": self.meter.state(),
             "rng": rng,
         }
+
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole pair's state dict, every tensor complete (ZeRO-3: gathered, then copied out)."""
+        if self.ds_engine is None:
+            return self.pair.state_dict()
+        from fastbyol.engine.zero import gathered
+
+        with gathered(self.ds_engine, self.online_params_all()):
+            return {k: v.detach().clone() for k, v in self.pair.state_dict().items()}
+
+    def online_params_all(self) -> list[torch.Tensor]:
+        return [p for module in self.pair.online_modules() for p in module.parameters()]
+
+    def _load_model(self, model_state: dict[str, torch.Tensor]) -> None:
+        try:
+            self.pair.load_state_dict(model_state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise FastByolError(f"checkpoint does not fit model.arch={self.cfg.model.arch}: {first}") from None
 
     def _load(self, state: dict[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise FastByolError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}: "
                                 "it was written by another fastbyol release")
-        try:
-            self.pair.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise FastByolError(f"checkpoint does not fit model.arch={self.cfg.model.arch}: {first}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ds_engine is None:  # (DeepSpeed runs loaded theirs before the engine was built)
+            self._load_model(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], state["position"]
         self.skipped = state["skipped"] if self.ctx.main else 0  # a global count: rank 0 carries it
         self.meter = IntervalMeter.from_state(state["meter"], self.device)
@@ -238,8 +274,15 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes (atomically); every rank returns once the file is complete, or raises its error."""
-        state = self.state_dict()
         ckpt_dir, keep = self.run_dir / "checkpoints", self.cfg.run.keep_last
+        tag = None
+        if self.ds_engine is not None:  # DeepSpeed's shards first; the fastbyol file below commits them
+            from fastbyol.engine import zero
+
+            tag = zero.save(self.ds_engine, ckpt_dir, self.step)
+        state = self.state_dict()
+        if tag is not None:
+            state["deepspeed_tag"] = tag
         if not self.ctx.enabled:
             return checkpoint.save(state, ckpt_dir, self.step, keep)
         path, error = None, None
@@ -251,6 +294,11 @@ class Trainer:
         path, error = broadcast_object(self.ctx, (path, error))  # also the barrier: the file is complete
         if error is not None:
             raise checkpoint.CheckpointError(error)
+        if tag is not None and self.ctx.main:
+            from fastbyol.engine import zero
+
+            kept = {checkpoint.load(p).get("deepspeed_tag", "") for _, p in checkpoint.list_checkpoints(ckpt_dir)}
+            zero.prune(ckpt_dir, kept)
         return Path(path)
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -278,7 +326,7 @@ class Trainer:
                     batch = next(batches)  # fetch
                     self.meter.data_wait_s += time.perf_counter() - t_wait
                     with self._grad_sync(micro == accum - 1):
-                        self.forward_backward_step(batch, 1.0 / accum)  # forward/backward
+                        self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
                 self.update()  # optimizer, EMA
                 self.step += 1
                 self.position += self.batch_size
@@ -310,21 +358,35 @@ class Trainer:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def forward_backward_step(self, batch: Batch, loss_scale: float) -> None:
+    def forward_backward_step(self, batch: Batch, loss_scale: float, last_micro_step: bool = True) -> None:
         """One micro-batch: to the device, forward (compiled or eager), backward into the online grads;
         its metrics stay on the device in the meter."""
         if batch.skipped:
             self._record_skipped(batch.skipped)
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
-        out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
-                               forward=self.forward)
+        if self.ds_engine is not None:  # DeepSpeed scales by 1/accum itself and counts micro-steps in step()
+            out = forward_backward(self.model, views, labels, 1.0, self.bf16, fused_loss=self.kernels,
+                                   forward=self.forward, backward=self.ds_engine.backward)
+            if not last_micro_step:
+                self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
+        else:
+            out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
+                                   forward=self.forward)
         self.meter.add(out._asdict())
 
     def update(self) -> None:
         """LARS at this step's lr, then the target EMA at its tau (once per optimizer step)."""
         lr, tau = float(self.lr[self.step]), float(self.tau[self.step])
-        if isinstance(self.optimizer, FlatLARS):  # kernels: optimizer + EMA in one pass over memory
+        if self.ds_engine is not None:
+            from fastbyol.engine.zero import gathered
+
+            for group in self.ds_engine.optimizer.param_groups:
+                group["lr"] = lr
+            self.ds_engine.step()  # the accumulation boundary: reduce, ZeroLARS on each partition, gather
+            with gathered(self.ds_engine, self.online_params):  # the EMA reads full fp32 online weights
+                target_step(self.online_params, self.target_params, tau)
+        elif isinstance(self.optimizer, FlatLARS):  # kernels: optimizer + EMA in one pass over memory
             optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
         else:
             optimizer_step(self.optimizer, lr)

@@ -108,13 +108,20 @@ class ByolPair(nn.Module):
         return self
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> ByolOutputs:
-        # One forward per view, as the official code does: BatchNorm statistics are per view.
-        feat1 = self.online.encoder(view1)
-        proj1 = self.online.projector(feat1)
-        proj2 = self.online(view2)
-        p1, p2 = self.predictor(proj1), self.predictor(proj2)
+        p1, p2, proj1, logits = online_outputs(self.online, self.predictor, self.probe, view1, view2)
         with torch.no_grad():
             z1 = self.target(view1)
             z2 = self.target(view2)
-        logits = self.probe(feat1.detach()) if self.probe is not None else None
-        return ByolOutputs(p1, p2, z1, z2, proj1.detach(), logits)
+        return ByolOutputs(p1, p2, z1, z2, proj1, logits)
+
+
+def online_outputs(online: Tower, predictor: nn.Module, probe: nn.Module | None, view1: torch.Tensor,
+                   view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The online half of the pair's forward: (p1, p2, detached projection of view 1, probe logits).
+    One forward per view, as the official code does: BatchNorm statistics are per view."""
+    feat1 = online.encoder(view1)
+    proj1 = online.projector(feat1)
+    proj2 = online(view2)
+    p1, p2 = predictor(proj1), predictor(proj2)
+    logits = probe(feat1.detach()) if probe is not None else None
+    return p1, p2, proj1.detach(), logits
