@@ -5,7 +5,6 @@ ZeRO-3 run resumes to the uninterrupted run's parameters, and its checkpoint exp
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from fastbyol.engine.trainer import start_run
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'fastbyol[gpu]'")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parent.parent
 TINY = ["data.num_images=64", "optim.batch_size=16", "model.proj_hidden=64", "model.proj_dim=32",
         "model.small_stem=true", "data.image_size=16", "data.workers=0", "run.progress=off",
         "optim.warmup_epochs=0.25", "run.epochs=3", "run.log_every=2", "run.kernels=off"]
@@ -39,7 +39,8 @@ CKPTS = ("run.ckpt_every=3", "run.keep_last=4")  # steps 3, 6, 9 and 10
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FASTBYOL_VENV=sys.prefix,
+               MASTER_PORT=str(29700 + os.getpid() % 200))
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
@@ -49,9 +50,9 @@ def _launch(launcher: str, args: list[str]) -> list[str]:
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "fastbyol", "train", *args]
-    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [deepspeed, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "--module",
-            "fastbyol", "train", *args]
+    # The README's multi-node launch script on this machine (local:2; a hostfile needs ssh to the nodes).
+    stage = next(a.split("=", 1)[1] for a in args if a.startswith("run.zero_stage="))
+    return ["bash", str(REPO / "scripts" / "launch_deepspeed.sh"), "local:2", stage, *args]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -144,3 +145,20 @@ def test_deepspeed_checkpoint_exports_the_online_encoder(root: Path) -> None:
     assert ds.keys() == single.keys() and "conv1.weight" in ds and "layer4.1.bn2.running_var" in ds
     for key, value in ds.items():
         torch.testing.assert_close(value, single[key], atol=LOOSE, rtol=1e-2)
+
+
+def test_zero_memory_benchmark_shows_the_shards(tmp_path: Path) -> None:
+    """benchmarks/zero_memory.py on 2 ranks: ZeRO-3 holds half the online parameters of ZeRO-0 per rank,
+    and ZeRO-1 half the momentum (plus DeepSpeed's fp32 master partition, the other half)."""
+    import csv
+
+    from benchmarks.zero_memory import main
+
+    main(["--arch", "resnet18", "--stages", "0,1,3", "--steps", "1", "--image-size", "16", "--batch", "4",
+          "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*zero-memory-resnet18-2ranks.csv")
+    rows = {int(r["zero_stage"]): r for r in csv.DictReader(path.open())}
+    params = {s: float(r["params_mib"]) for s, r in rows.items()}
+    optim = {s: float(r["optim_mib"]) for s, r in rows.items()}
+    assert params[3] == pytest.approx(params[0] / 2, rel=0.01) and params[1] == params[0]
+    assert optim[1] == pytest.approx(optim[0], rel=0.01)  # momentum / 2 + master copy / 2

@@ -35,14 +35,17 @@ KERNEL_STEPS = 4
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FASTBYOL_VENV=sys.prefix)
     env.pop("WORLD_SIZE", None)
     return env
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "fastbyol", "train", *args]
+    """The README's single-node launch script (torchrun, 2 ranks), with this interpreter's venv."""
+    return ["bash", str(REPO / "scripts" / "launch_torchrun.sh"), "2", *args]
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -128,7 +131,5 @@ def test_killed_two_rank_run_resumes_to_the_same_parameters(runs: dict[str, Path
     job.wait()
     steps = [s for s, _ in checkpoint.list_checkpoints(root / "killed" / "checkpoints")]
     assert STEPS not in steps, "the job finished before it was killed: nothing was tested"
-    resume = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "fastbyol", "train", "--resume", str(root / "killed")]
-    _run(resume, root)
+    _run(_torchrun(["--resume", str(root / "killed")]), root)
     _assert_same_training(_final(runs["ddp"]), _final(root / "killed"), atol=0.0, rtol=0.0)
