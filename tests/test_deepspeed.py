@@ -4,16 +4,13 @@ ZeRO-3 run resumes to the uninterrupted run's parameters, and its checkpoint exp
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from multirank import REPO, TINY, assert_same_training, kill_after_checkpoint, run, torchrun
 
 from fastbyol.config import build_config
 from fastbyol.engine import checkpoint
@@ -22,10 +19,6 @@ from fastbyol.engine.trainer import start_run
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'fastbyol[gpu]'")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = ["data.num_images=64", "optim.batch_size=16", "model.proj_hidden=64", "model.proj_dim=32",
-        "model.small_stem=true", "data.image_size=16", "data.workers=0", "run.progress=off",
-        "optim.warmup_epochs=0.25", "run.epochs=3", "run.log_every=2", "run.kernels=off"]
 STEPS = 10
 # Tight at step 3, loose at step 10. The math is the same, but ReLU is not smooth: once fp32 rounding
 # (different summation orders over 2 x 8 vs 16 images, ~1e-7) moves a pre-activation across zero, the
@@ -38,41 +31,16 @@ TIGHT_STEP, TIGHT, LOOSE = 3, 2e-5, 2e-3
 CKPTS = ("run.ckpt_every=3", "run.keep_last=4")  # steps 3, 6, 9 and 10
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FASTBYOL_VENV=sys.prefix,
-               MASTER_PORT=str(29700 + os.getpid() % 200))
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def _launch(launcher: str, args: list[str]) -> list[str]:
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "fastbyol", "train", *args]
+        return torchrun(args)
     # The README's multi-node launch script on this machine (local:2; a hostfile needs ssh to the nodes).
     stage = next(a.split("=", 1)[1] for a in args if a.startswith("run.zero_stage="))
     return ["bash", str(REPO / "scripts" / "launch_deepspeed.sh"), "local:2", stage, *args]
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 def _final(run_dir: Path, step: int = STEPS) -> dict[str, Any]:
     return checkpoint.load(run_dir / "checkpoints" / checkpoint.checkpoint_name(step))
-
-
-def _assert_same_model(a: dict[str, Any], b: dict[str, Any], atol: float, rtol: float) -> float:
-    assert a["model"].keys() == b["model"].keys()
-    worst = 0.0
-    for name, x in a["model"].items():
-        y = b["model"][name]
-        if x.is_floating_point():
-            worst = max(worst, float((x - y).abs().max()))
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
-    return worst
 
 
 def _args(root: Path, name: str, stage: int, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[str]:
@@ -95,12 +63,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_zero_stage_two_ranks_equal_one_process(root: Path, stage: int, launcher: str) -> None:
     """DeepSpeed owns the online half and the sharded LARS state (ZeroLARS: whole-layer trust ratios from
     all-reduced partial norms); the target is EMA'd from the full fp32 online weights on every rank."""
-    _run(_launch(launcher, _args(root, f"zero{stage}", stage, extra=CKPTS)), root)
+    run(_launch(launcher, _args(root, f"zero{stage}", stage, extra=CKPTS)), root)
     ds = _final(root / f"zero{stage}")
     assert ds["deepspeed_tag"] == f"step-{STEPS:08d}" and ds["position"] == STEPS * 16
-    early = _assert_same_model(_final(root / "single", TIGHT_STEP), _final(root / f"zero{stage}", TIGHT_STEP),
+    early = assert_same_training(_final(root / "single", TIGHT_STEP), _final(root / f"zero{stage}", TIGHT_STEP),
                                atol=TIGHT, rtol=1e-4)
-    late = _assert_same_model(_final(root / "single"), ds, atol=LOOSE, rtol=1e-2)
+    late = assert_same_training(_final(root / "single"), ds, atol=LOOSE, rtol=1e-2)
     print(f"ZeRO-{stage} ({launcher}): worst parameter/statistic difference {early:.3g} at step {TIGHT_STEP}, "
           f"{late:.3g} at step {STEPS}")
 
@@ -109,22 +77,11 @@ def test_killed_zero3_run_resumes_to_the_same_parameters(root: Path) -> None:
     """SIGKILL a 2-rank ZeRO-3 job after its step-4 checkpoint; resumed (DeepSpeed's shards + the fastbyol
     file), it ends where the uninterrupted ZeRO-3 run ended."""
     if not (root / "zero3").exists():
-        _run(_launch("torchrun", _args(root, "zero3", 3, extra=CKPTS)), root)
-    job = subprocess.Popen(_launch("torchrun", _args(root, "killed", 3, extra=("run.ckpt_every=2",
-                                                                               "run.keep_last=5"))),
-                           cwd=root, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    ckpt = root / "killed" / "checkpoints" / checkpoint.checkpoint_name(4)
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), "the job never wrote its step-4 checkpoint"
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    assert STEPS not in [s for s, _ in checkpoint.list_checkpoints(root / "killed" / "checkpoints")]
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastbyol",
-          "train", "--resume", str(root / "killed")], root)
-    worst = _assert_same_model(_final(root / "zero3"), _final(root / "killed"), atol=1e-6, rtol=1e-6)
+        run(_launch("torchrun", _args(root, "zero3", 3, extra=CKPTS)), root)
+    kill_after_checkpoint(_launch("torchrun", _args(root, "killed", 3, extra=("run.ckpt_every=2", "run.keep_last=5"))),
+                          root, root / "killed", 4, STEPS)
+    run(torchrun(["--resume", str(root / "killed")]), root)
+    worst = assert_same_training(_final(root / "zero3"), _final(root / "killed"), atol=1e-6, rtol=1e-6)
     print(f"ZeRO-3 killed and resumed vs uninterrupted: worst difference {worst:.3g}")
     # DeepSpeed shards no kept checkpoint refers to are deleted.
     tags = {p.name for p in (root / "killed" / "checkpoints" / "deepspeed").iterdir() if p.is_dir()}
@@ -137,9 +94,9 @@ def test_deepspeed_checkpoint_exports_the_online_encoder(root: Path) -> None:
     """The fastbyol file of a ZeRO-3 run holds the gathered weights: `fastbyol export` turns it into the
     same torchvision state_dict as the single-process run's (to fp32 tolerance)."""
     if not (root / "zero3").exists():
-        _run(_launch("torchrun", _args(root, "zero3", 3, extra=CKPTS)), root)
+        run(_launch("torchrun", _args(root, "zero3", 3, extra=CKPTS)), root)
     for name in ("zero3", "single"):
-        _run([sys.executable, "-m", "fastbyol", "export", str(root / name), str(root / f"{name}-export")], root)
+        run([sys.executable, "-m", "fastbyol", "export", str(root / name), str(root / f"{name}-export")], root)
     ds = torch.load(root / "zero3-export.pth", map_location="cpu", weights_only=True)
     single = torch.load(root / "single-export.pth", map_location="cpu", weights_only=True)
     assert ds.keys() == single.keys() and "conv1.weight" in ds and "layer4.1.bn2.running_var" in ds

@@ -1,0 +1,79 @@
+"""Helpers shared by the multi-rank tests (test_distributed.py, test_deepspeed.py): launch a job the way
+the README does, and compare two runs' checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ResNet-18 with the small stem on 16 px procedural images; a global batch of 16 = 2 ranks x 8.
+TINY = ["data.num_images=64", "optim.batch_size=16", "model.proj_hidden=64", "model.proj_dim=32",
+        "model.small_stem=true", "data.image_size=16", "data.workers=0", "run.progress=off",
+        "optim.warmup_epochs=0.25", "run.epochs=3", "run.log_every=2", "run.kernels=off"]
+
+
+def env() -> dict[str, str]:
+    """This interpreter's venv for the launch scripts, one thread per rank, no inherited rank variables,
+    a rendezvous port of this test process's own."""
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FASTBYOL_VENV=sys.prefix)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        out.pop(name, None)
+    out["MASTER_PORT"] = str(29700 + os.getpid() % 200)
+    return out
+
+
+def torchrun(args: list[str]) -> list[str]:
+    """The README's single-node launch script (torchrun --standalone, 2 ranks)."""
+    return ["bash", str(REPO / "scripts" / "launch_torchrun.sh"), "2", *args]
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    done = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def assert_same_training(a: dict[str, Any], b: dict[str, Any], atol: float, rtol: float,
+                         momentum_atol: float | None = None) -> float:
+    """Online, predictor and target parameters and BatchNorm statistics of two checkpoints, and their
+    LARS momentum where both hold it (a DeepSpeed run keeps its own in DeepSpeed's shards; momentum is a
+    sum of gradients: ``momentum_atol`` where those are the chaotic part). Returns the worst difference."""
+    assert a["model"].keys() == b["model"].keys()
+    worst = 0.0
+    for name, x in a["model"].items():
+        y = b["model"][name]
+        if x.is_floating_point():
+            worst = max(worst, float((x - y).abs().max()))
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    if a["optimizer"] and b["optimizer"]:
+        for k, state in a["optimizer"]["state"].items():
+            torch.testing.assert_close(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"],
+                                       atol=atol if momentum_atol is None else momentum_atol, rtol=rtol)
+    return worst
+
+
+def kill_after_checkpoint(cmd: list[str], cwd: Path, run_dir: Path, step: int, final_step: int) -> None:
+    """Start a job, SIGKILL its whole process group once ``ckpt-<step>.pt`` exists, and check the kill
+    landed before the run's end (else nothing would be tested)."""
+    from fastbyol.engine import checkpoint
+
+    job = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    ckpt = run_dir / "checkpoints" / checkpoint.checkpoint_name(step)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finished = job.poll() is not None
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert ckpt.exists(), f"the job never wrote its step-{step} checkpoint"
+    steps = [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")]
+    assert not finished and final_step not in steps, "the job finished before it was killed: nothing was tested"
