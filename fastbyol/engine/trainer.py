@@ -125,11 +125,13 @@ class IntervalMeter:
                 self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.micro_steps += 1
 
-    def means(self, ctx: DistContext) -> dict[str, float]:
-        """Interval means, averaged over ranks (every rank calls this: it is a collective)."""
+    def means(self, ctx: DistContext | None = None) -> dict[str, float]:
+        """Interval means, averaged over ranks when ``ctx`` spans several (then every rank must call it: it
+        is a collective)."""
         names = sorted(self.sums)
         stacked = torch.stack([self.sums[n].float() for n in names]) / self.micro_steps
-        all_reduce_mean_(ctx, stacked)
+        if ctx is not None:
+            all_reduce_mean_(ctx, stacked)
         # The one host sync of the interval: reading the summed device metrics.
         return dict(zip(names, stacked.tolist()))
 
