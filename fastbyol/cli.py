@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer = start_run(cfg)
         ctx = trainer.ctx
         ranks = f" x {ctx.world} ranks ({ctx.engine}, {ctx.backend})" if ctx.enabled else ""
-        if ctx.main:
+        if trainer.ctx.main:
             print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}{ranks}"
                   f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
                   f"({trainer.images_per_epoch} images/epoch), {trainer.total_steps} steps of "

@@ -246,8 +246,11 @@ class Trainer:
             return self.pair.state_dict()
         from fastbyol.engine.zero import gathered
 
-        with gathered(self.ds_engine, self.pair.online_parameters()):
+        with gathered(self.ds_engine, self.online_params_all()):
             return {k: v.detach().clone() for k, v in self.pair.state_dict().items()}
+
+    def online_params_all(self) -> list[torch.Tensor]:
+        return [p for module in self.pair.online_modules() for p in module.parameters()]
 
     def _load_model(self, model_state: dict[str, torch.Tensor]) -> None:
         try:
@@ -296,7 +299,8 @@ class Trainer:
         if tag is not None and self.ctx.main:
             from fastbyol.engine import zero
 
-            zero.prune(ckpt_dir, [step for step, _ in checkpoint.list_checkpoints(ckpt_dir)])
+            kept = {checkpoint.load(p).get("deepspeed_tag", "") for _, p in checkpoint.list_checkpoints(ckpt_dir)}
+            zero.prune(ckpt_dir, kept)
         return Path(path)
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -363,12 +367,14 @@ class Trainer:
             self._record_skipped(batch.skipped)
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
-        # DeepSpeed's engine.backward scales by 1/accum itself.
-        backward = None if self.ds_engine is None else self.ds_engine.backward
-        out = forward_backward(self.model, views, labels, loss_scale if backward is None else 1.0, self.bf16,
-                               fused_loss=self.kernels, forward=self.forward, backward=backward)
-        if self.ds_engine is not None and not last_micro_step:
-            self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
+        if self.ds_engine is not None:  # DeepSpeed scales by 1/accum itself and counts micro-steps in step()
+            out = forward_backward(self.model, views, labels, 1.0, self.bf16, fused_loss=self.kernels,
+                                   forward=self.forward, backward=self.ds_engine.backward)
+            if not last_micro_step:
+                self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
+        else:
+            out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
+                                   forward=self.forward)
         self.meter.add(out._asdict())
 
     def update(self) -> None:

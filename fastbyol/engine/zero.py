@@ -92,14 +92,9 @@ def gathered(engine: Any, params: list[torch.Tensor]) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
-def tag_for(step: int) -> str:
-    """The DeepSpeed tag of the checkpoint of ``step`` (the fastbyol file ``ckpt-<step>.pt`` commits it)."""
-    return f"step-{step:08d}"
-
-
 def save(engine: Any, ckpt_dir: Path, step: int) -> str:
     """DeepSpeed's sharded checkpoint of this step (every rank calls it); returns its tag."""
-    tag = tag_for(step)
+    tag = f"step-{step:08d}"
     try:
         engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=tag, save_latest=False)
     except OSError as e:
@@ -120,9 +115,8 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> None:
                             "resume with the run's world size and run.zero_stage")
 
 
-def prune(ckpt_dir: Path, kept_steps: list[int]) -> None:
+def prune(ckpt_dir: Path, keep_tags: set[str]) -> None:
     """Delete DeepSpeed tags that no kept fastbyol checkpoint refers to (rank 0, after the save)."""
-    keep_tags = {tag_for(step) for step in kept_steps}
     root = ckpt_dir / "deepspeed"
     if root.is_dir():
         for child in root.iterdir():

@@ -91,15 +91,11 @@ class ByolPair(nn.Module):
         (``param_pairs`` order), then the unpaired ones (predictor, probe)."""
         online, _ = self.param_pairs()
         paired = {id(p) for p in online}
-        every = self.online_parameters()
-        unpaired = [p for p in every if id(p) not in paired]
-        if len(paired) + len(unpaired) != len(every):
+        unpaired: list[torch.Tensor] = [p for module in self.online_modules() for p in module.parameters()
+                                        if id(p) not in paired]
+        if len(paired) + len(unpaired) != sum(1 for m in self.online_modules() for _ in m.parameters()):
             raise RuntimeError("online parameters are shared between modules: they cannot be flattened")
         return online + unpaired
-
-    def online_parameters(self) -> list[torch.Tensor]:
-        """Every parameter of ``online_modules``, module by module."""
-        return [p for module in self.online_modules() for p in module.parameters()]
 
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""

@@ -51,20 +51,6 @@ def lars_param_groups(named_modules: Iterable[tuple[str, nn.Module]]) -> list[di
     return [{"params": adapted, "excluded": False}, {"params": excluded, "excluded": True}]
 
 
-def trust_ratios(p_norms: torch.Tensor, u_norms: torch.Tensor, eta: float) -> torch.Tensor:
-    """Per tensor: eta * ||p|| / ||u||, or 1 where either norm is 0 (a device-side choice: no host sync)."""
-    ok = (p_norms > 0) & (u_norms > 0)
-    return torch.where(ok, eta * p_norms / torch.where(ok, u_norms, 1.0), 1.0)
-
-
-def momentum_step_(params: list[torch.Tensor], bufs: list[torch.Tensor], updates: list[torch.Tensor],
-                   momentum: float, lr: float) -> None:
-    """In place: m = momentum * m + u, then p = p - lr * m (no Nesterov, no dampening)."""
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, updates)
-    torch._foreach_add_(params, bufs, alpha=-lr)
-
-
 class LARS(torch.optim.Optimizer):
     """Layer-wise adaptive rate scaling with BYOL's exclusions. Set ``group['lr']`` each step."""
 
@@ -90,10 +76,15 @@ class LARS(torch.optim.Optimizer):
                 updates = grads
             else:
                 updates = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-                trust = trust_ratios(torch.stack(torch._foreach_norm(params)),
-                                     torch.stack(torch._foreach_norm(updates)), group["eta"])
+                p_norms = torch.stack(torch._foreach_norm(params))
+                u_norms = torch.stack(torch._foreach_norm(updates))
+                # Device-side choice, no host sync: r = 1 where a norm is zero.
+                trust = torch.where((p_norms > 0) & (u_norms > 0), group["eta"] * p_norms / u_norms,
+                                    torch.ones_like(p_norms))
                 torch._foreach_mul_(updates, list(trust.to(updates[0].dtype).unbind(0)))
-            momentum_step_(params, bufs, updates, group["momentum"], group["lr"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 class FlatLARS(LARS):

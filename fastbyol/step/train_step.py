@@ -85,7 +85,7 @@ def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Ten
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean.
     ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``)."""
     total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss)
-    scaled = total * loss_scale
+    scaled = total * loss_scale if loss_scale != 1.0 else total
     if backward is None:
         scaled.backward()
     else:

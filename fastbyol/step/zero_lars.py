@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fastbyol.step.lars import LARS, momentum_step_, trust_ratios
+from fastbyol.step.lars import LARS
 
 WRITTEN_FOR = "0.19.8"
 """The DeepSpeed release whose ZeRO layouts this module reads."""
@@ -390,12 +390,15 @@ class ZeroLARS(LARS):
                 sums.index_copy_(0, part.live_index, partial)
             if part.reduce:
                 self._all_reduce(sums)
-            norms = sums.sqrt()
-            trust = trust_ratios(norms[:, 0], norms[:, 1], group["eta"])
+            p_norm, u_norm = sums.sqrt().unbind(1)
+            ok = (p_norm > 0) & (u_norm > 0)
+            trust = torch.where(ok, group["eta"] * p_norm / torch.where(ok, u_norm, 1.0), 1.0)
             if views:
                 torch._foreach_mul_(updates, list(trust.index_select(0, part.live_index).unbind(0)))
         if views:
-            momentum_step_(params, bufs, updates, group["momentum"], group["lr"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
     def _step_kernels(self, part: _Partition, group: dict[str, Any], grad: torch.Tensor, buf: torch.Tensor) -> None:
         from fastbyol.kernels.lars import lars_shard_apply, lars_shard_sums
