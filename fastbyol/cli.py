@@ -1,4 +1,5 @@
-"""Command line: ``fastbyol train | doctor | presets | data make | data check | eval | export | demo``.
+"""Command line: ``fastbyol train | bench | report | doctor | presets | data make | data check | eval | export |
+demo``.
 
 Every error a user can cause surfaces as one line, ``fastbyol: error: ...``, with exit code 2; a
 traceback means a bug in fastbyol.
@@ -43,7 +44,40 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="PATH",
                        help="continue a run: a checkpoint file, or a run directory (its newest valid checkpoint)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--profile", nargs="?", const="10:15", metavar="A:B",
+                       help="torch.profiler trace of optimizer steps A..B-1 into RUN_DIR/profile (default 10:15); "
+                            "the same as run.profile=A:B")
     train.add_argument("overrides", nargs="*", metavar="key=value")
+
+    bench = sub.add_parser(
+        "bench", help="time the real training step over a sweep of settings; CSV + table",
+        description="Time the training step (the same Trainer.train_step as train) for every combination of "
+                    "the comma-separated values below, after warm-up; telemetry on/off alternate inside one "
+                    "trainer so its overhead is measured. Writes <date>-<device>-bench.csv/.md under --out.")
+    bench.add_argument("--preset", default="synthetic-r50", help="base preset (default synthetic-r50)")
+    bench.add_argument("--batch", default="", help="global batch sizes, e.g. 128,256 (default: the preset's)")
+    bench.add_argument("--compile", default="auto", help="run.compile values, e.g. off,default,max-autotune")
+    bench.add_argument("--kernels", default="auto", help="run.kernels values, e.g. off,on")
+    bench.add_argument("--channels-last", default="auto", help="model.channels_last values, e.g. on,off")
+    bench.add_argument("--data", default="synthetic",
+                       help="data sources: synthetic (one batch on the device), torch, dali (image folder)")
+    bench.add_argument("--data-path", default="", help="image folder for --data torch/dali (default: a "
+                                                       "procedurally drawn JPEG folder made for the bench)")
+    bench.add_argument("--telemetry", default="on,off", help="on, off, or on,off (default: both, interleaved)")
+    bench.add_argument("--steps", type=int, default=30, help="timed steps per case and telemetry mode (30)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps first (5; compile needs them)")
+    bench.add_argument("--rounds", type=int, default=3, help="alternating telemetry blocks per case (3)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    bench.add_argument("--quick", action="store_true",
+                       help="ResNet-18 on 32 px images with narrow heads: a smoke sweep for a CPU")
+    bench.add_argument("--out", default="runs/bench", help="folder for the CSV and markdown (runs/bench)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every case")
+
+    report = sub.add_parser("report", help="HTML page with plots of a run (loss, lr, tau, img/s, GPU timelines)")
+    report.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    report.add_argument("--bench", nargs="*", default=[], metavar="CSV",
+                        help="fastbyol bench CSVs to include (RUN_DIR/bench/*.csv are included anyway)")
+    report.add_argument("--out", help="output folder (default RUN_DIR/report)")
     sub.add_parser("doctor", help="what this machine has (torch/CUDA/GPU, DALI, Triton, DeepSpeed, NVML) "
                                   "and which paths fastbyol will take").add_argument(
         "--json", action="store_true", help="machine-readable output")
@@ -108,11 +142,15 @@ def _train(args: argparse.Namespace) -> int:
         if args.preset or args.config:
             raise FastByolError("--resume continues a run with its saved config: drop --preset/--config "
                                 "(key=value overrides of run.* and data.workers/path are allowed)")
+        if args.profile:
+            args.overrides.append(f"run.profile={args.profile}")
         trainer = resume_run(args.resume, args.overrides)
         if trainer.ctx.main:
             print(f"fastbyol: resuming {trainer.run_dir} at step {trainer.step}/{trainer.total_steps}",
                   file=sys.stderr)
     else:
+        if args.profile:
+            args.overrides.append(f"run.profile={args.profile}")
         cfg = build_config(args.preset, args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
@@ -141,6 +179,36 @@ def _train(args: argparse.Namespace) -> int:
     print(f"fastbyol: done: step {summary['step']}/{summary['total_steps']}, {logged}"
           f"{summary['img_per_s']:.1f} img/s, {summary['wall_s']:.1f} s; run directory {summary['run_dir']}",
           file=sys.stderr)
+    return 0
+
+
+def _csv_list(flag: str, text: str, kind: type = str) -> list:  # type: ignore[type-arg]
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        raise FastByolError(f"{flag} {text!r}: give comma-separated {kind.__name__} values, e.g. 128,256") from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastbyol.engine.bench import QUICK_OVERRIDES, Sweep, run_sweep
+
+    sweep = Sweep(preset=args.preset, overrides=(QUICK_OVERRIDES if args.quick else []) + args.overrides,
+                  batch=_csv_list("--batch", args.batch, int), compile=_csv_list("--compile", args.compile),
+                  kernels=_csv_list("--kernels", args.kernels),
+                  channels_last=_csv_list("--channels-last", args.channels_last),
+                  data=_csv_list("--data", args.data), telemetry=_csv_list("--telemetry", args.telemetry),
+                  steps=args.steps, warmup=args.warmup, rounds=args.rounds, data_path=args.data_path)
+    _, path = run_sweep(sweep, Path(args.out), device=args.device)
+    print(f"fastbyol: wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fastbyol.telemetry.report import build_report
+
+    page = build_report(Path(args.run_dir), [Path(p) for p in args.bench], Path(args.out) if args.out else None)
+    print(f"fastbyol: wrote {page}")
     return 0
 
 
@@ -248,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args)
         if args.command == "presets":
             return _presets()
-        commands = {"data": _data, "eval": _eval, "export": _export, "demo": _demo}
+        commands = {"data": _data, "eval": _eval, "export": _export, "demo": _demo, "bench": _bench,
+                    "report": _report}
         if args.command in commands:
             return commands[args.command](args)
         _parser().print_help()

@@ -152,6 +152,22 @@ class RunConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage with run.engine=deepspeed: 0 (plain data parallel), 1 (optimizer state
     sharded), 2 (and gradients), 3 (and parameters)."""
+    telemetry: str = "on"
+    """'on': per-phase step times (CUDA events, read at the log cadence), MFU, peak memory, and an NVML
+    sampler thread per GPU (utilisation, power, energy, clocks, temperature, clock-event reasons, PCIe)
+    written to metrics.jsonl and gpu_samples.jsonl; 'off': none of it (img/s and data wait stay)."""
+    telemetry_hz: float = 4.0
+    """NVML samples per second per GPU with run.telemetry=on (one PCIe read blocks NVML ~20 ms)."""
+    peak_tflops: float = 0.0
+    """The device's dense peak TFLOP/s for MFU at the run's precision; 0: the bf16 peak from fastbyol's
+    table of GPUs (MFU is left out on a GPU or precision the table lacks, and on the CPU)."""
+    tensorboard: bool = False
+    """Also write every metrics row to TensorBoard event files under <run dir>/tensorboard (needs the
+    tensorboard package)."""
+    profile: str = ""
+    """'A:B': a torch.profiler trace of optimizer steps A..B-1 under <run dir>/profile (Chrome trace JSON and
+    a summary table), with the step's phases as named ranges; '' off. NVTX ranges for the phases are
+    pushed whenever run.telemetry=on and a CUDA GPU is used (for nsys)."""
 
 
 @dataclass
@@ -231,6 +247,12 @@ class Config:
         _choice("run.compile", r.compile, ("auto", "off", "default", "max-autotune", "reduce-overhead"))
         _choice("run.engine", r.engine, ("auto", "ddp", "deepspeed"))
         _choice("run.zero_stage", r.zero_stage, (0, 1, 2, 3))
+        _choice("run.telemetry", r.telemetry, ("on", "off"))
+        _in_range("run.telemetry_hz", r.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
+        _in_range("run.peak_tflops", r.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
+                  low_ok=True)
+        if r.profile:
+            parse_profile_window(r.profile)
         if r.zero_stage and r.engine != "deepspeed":
             raise ConfigError(f"run.zero_stage={r.zero_stage} needs run.engine=deepspeed (ZeRO is DeepSpeed's): "
                               "add run.engine=deepspeed, or set run.zero_stage=0")
@@ -242,6 +264,18 @@ class Config:
     def to_yaml(self) -> str:
         """The resolved config as the run directory's config.yaml holds it."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_profile_window(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B), the optimizer steps A..B-1 that run.profile traces."""
+    try:
+        first, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"run.profile={text!r} is not a step window: use A:B, e.g. run.profile=10:15 "
+                          "(steps 10 to 14)") from None
+    if not 0 <= first < end:
+        raise ConfigError(f"run.profile={text!r} is empty or negative: use A:B with 0 <= A < B, e.g. 10:15")
+    return first, end
 
 
 # -- validation helpers: each raises ConfigError naming the key and the accepted values -------------

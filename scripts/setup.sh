@@ -8,6 +8,24 @@ extras="${1:-gpu,dev}"
 venv="${FASTBYOL_VENV:-.venv}"
 py="${PYTHON:-python3}"
 stamp="$venv/.fastbyol-setup-$(sha256sum pyproject.toml | cut -c1-16)-${extras//,/_}"
+# Debian's chromium + chromium-driver for the report's browser test (tests/test_report.py). Checked before the
+# stamp, since a .venv kept from another machine does not bring the browser; two file tests when it is there.
+# Not fatal: without root or apt-get the test skips (outside CI), so say so once, at the first set-up.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    mkdir -p "$venv"
+    browser_log="$venv/chromium-setup.log"
+    echo "setup: installing Debian's chromium and chromium-driver for the browser test (log: $browser_log)" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver; } >"$browser_log" 2>&1; then
+      echo "setup: apt-get install chromium chromium-driver failed (see $browser_log): the browser test will be" \
+        "skipped (and fails under CI)" >&2
+    fi
+  elif [ ! -f "$stamp" ]; then
+    echo "setup: no /usr/bin/chromium or /usr/bin/chromedriver, and no root with apt-get to install them: the" \
+      "browser test will be skipped (as root: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 [ -f "$stamp" ] && exit 0
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 log="$venv/setup.log"

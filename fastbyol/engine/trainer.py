@@ -1,7 +1,9 @@
 """The training loop: fetch -> forward/backward -> optimizer -> EMA -> log -> checkpoint.
 
 One readable loop, no callbacks. The run directory holds ``config.yaml`` (the resolved config),
-``metrics.jsonl``, ``checkpoints/`` and, when the data had unreadable files, ``skipped.txt``.
+``metrics.jsonl``, ``checkpoints/``, ``telemetry.json`` (the devices, the FLOP count, why GPU telemetry is off
+if it is), ``gpu_samples.jsonl`` (the NVML timeline, with a GPU), optionally ``tensorboard/`` and ``profile/``,
+and, when the data had unreadable files, ``skipped.txt``.
 
 Several processes (``torchrun``): each rank builds the same model, converts every BatchNorm to the
 cross-replica one (BYOL.md: statistics over the global batch) before DDP wraps it, reads its own shard of
@@ -12,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import os
 import random
+import resource
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.config import Config, config_from_dict, parse_override, set_key
+from fastbyol.config import Config, config_from_dict, parse_override, parse_profile_window, set_key
 from fastbyol.data.loader import build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint
@@ -38,6 +44,7 @@ from fastbyol.engine.distributed import (
     init_distributed,
     launched_world_size,
 )
+from fastbyol.engine.flops import gflop_per_image
 from fastbyol.errors import FastByolError
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
@@ -45,13 +52,17 @@ from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
-from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar
+from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source
+from fastbyol.telemetry.phases import PhaseTimer
+from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink, require_tensorboard
+from fastbyol.telemetry.throughput import peak_bf16_tflops, throughput_fields
 
 CHECKPOINT_VERSION = 1
 # Keys a resumed run may change; everything else must match the checkpoint's run.
 RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
                        "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
-                       "run.compile"}
+                       "run.compile", "run.telemetry", "run.telemetry_hz", "run.peak_tflops", "run.tensorboard",
+                       "run.profile"}
 
 
 def check_batch_split(cfg: Config, world: int) -> None:
@@ -93,6 +104,15 @@ def use_kernels(setting: str, device: torch.device) -> bool:
         raise FastByolError("run.kernels=on needs a CUDA GPU (or TRITON_INTERPRET=1 to run the Triton kernels "
                             "in the interpreter, for tests): use run.kernels=auto or off on the CPU")
     return on
+
+
+def cuda_uuids() -> list[str] | None:
+    """The UUIDs of the CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied), so NVML samples the
+    same GPUs; None where torch cannot tell."""
+    try:
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -214,6 +234,21 @@ class Trainer:
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
         self.forward = compiled_forward(self.compile_mode)
 
+        # Telemetry: phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0).
+        self.telemetry = cfg.run.telemetry == "on"
+        self.phases = PhaseTimer(self.device, enabled=self.telemetry)
+        self.gflop_per_image = (gflop_per_image(cfg.model, cfg.data.image_size, probe_classes)
+                                if self.telemetry else None)
+        self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else f"cpu ({os.cpu_count()} cores)")
+        self.peak_tflops = cfg.run.peak_tflops or (
+            peak_bf16_tflops(self.device_name) if self.device.type == "cuda" and self.bf16 else None)
+        self.sampler: GpuSampler | None = None
+        self._last_samples: list[dict[str, Any]] = []
+        if cfg.run.tensorboard and self.ctx.main:
+            require_tensorboard()
+        self.profile_window = parse_profile_window(cfg.run.profile) if cfg.run.profile else None
+
         self.step = 0  # optimizer steps done
         self.position = 0  # samples consumed from the data stream
         self.skipped = 0
@@ -309,10 +344,15 @@ class Trainer:
         end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         accum = cfg.optim.accum_steps
         micro_batch = self.batch_size // (accum * self.ctx.world)  # this rank's share of a micro-step
-        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path, samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "gpu_samples.jsonl"
+        sink = samples_sink = tensorboard = None
         if self.ctx.main:
             JsonlMetrics.truncate_after(metrics_path, self.step)
-        sink = JsonlMetrics(metrics_path) if self.ctx.main else None
+            JsonlMetrics.truncate_after(samples_path, self.step)
+            sink = JsonlMetrics(metrics_path)
+            self._start_telemetry()
+            samples_sink = JsonlMetrics(samples_path) if self.sampler is not None else None
+            tensorboard = TensorBoardSink(self.run_dir / "tensorboard") if cfg.run.tensorboard else None
         progress = ProgressBar(end_step, self.step, enabled=cfg.run.progress != "off" and self.ctx.main)
         batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum,
                                       self.ctx.rank, self.ctx.world)
@@ -320,19 +360,15 @@ class Trainer:
         last_row: dict[str, Any] = {}
         t_start = time.perf_counter()
         start_step = self.step
+        profiler: Any = None
         try:
             while self.step < end_step:
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in range(accum):
-                    t_wait = time.perf_counter()
-                    batch = next(batches)  # fetch
-                    self.meter.data_wait_s += time.perf_counter() - t_wait
-                    with self._grad_sync(micro == accum - 1):
-                        self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
-                self.update()  # optimizer, EMA
-                self.step += 1
-                self.position += self.batch_size
-                self.meter.steps += 1
+                if self.profile_window and self.step == self.profile_window[0]:
+                    profiler = self._start_profiler()
+                self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
+                if profiler is not None and self.profile_window and self.step >= self.profile_window[1]:
+                    self._stop_profiler(profiler)
+                    profiler = None
                 # Rows at the log cadence and at the run's true end only: a session stopped early
                 # (max_steps) keeps its partial interval in the checkpoint, so a resumed run logs the
                 # same rows as an uninterrupted one.
@@ -340,19 +376,94 @@ class Trainer:
                     last_row = self._log_row()
                     if sink is not None:
                         sink.write(last_row)
+                    if samples_sink is not None:
+                        samples_sink.write_rows(self._last_samples)
+                    if tensorboard is not None:
+                        tensorboard.write(last_row)
                     progress.update(self.step, self.batch_size, last_row["loss"], force=True)
                 else:
                     progress.update(self.step, self.batch_size, last_row.get("loss"))
                 if self.step % cfg.run.ckpt_every == 0 or self.step == end_step:  # checkpoint
                     self.save_checkpoint()
         finally:
+            if profiler is not None:
+                self._stop_profiler(profiler)
+            if self.sampler is not None:
+                self.sampler.stop()
             progress.close()
-            if sink is not None:
-                sink.close()
+            for open_sink in (sink, samples_sink, tensorboard):
+                if open_sink is not None:
+                    open_sink.close()
         wall = time.perf_counter() - t_start
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "last": last_row, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def train_step(self, batches: Iterator[Batch]) -> None:
+        """One optimizer step: per micro-batch fetch and forward/backward, then LARS and the EMA. No host
+        sync: the metrics and the phase events stay on the device until the log row reads them."""
+        accum = self.cfg.optim.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            t_wait = time.perf_counter()
+            with self.phases.host_range("data_wait"):
+                batch = next(batches)  # fetch
+            self.meter.data_wait_s += time.perf_counter() - t_wait
+            with self._grad_sync(micro == accum - 1):
+                self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
+        self.update()  # optimizer, EMA
+        self.step += 1
+        self.position += self.batch_size
+        self.meter.steps += 1
+        if self.sampler is not None:
+            self.sampler.set_step(self.step)
+
+    def _start_telemetry(self) -> None:
+        """Rank 0: the NVML sampler (with a GPU and a driver) and telemetry.json; one line says why GPU
+        telemetry is off when it is."""
+        reason = "run.telemetry=off"
+        if self.telemetry:
+            if self.device.type != "cuda" and not os.environ.get("FASTBYOL_GPU_REPLAY"):
+                reason = "the run is on the CPU"
+            else:
+                source, reason = open_gpu_source(uuids=cuda_uuids())
+                if source is not None:
+                    self.sampler = GpuSampler(source, self.cfg.run.telemetry_hz)
+                    self.sampler.set_step(self.step)
+                    self.sampler.start()
+            if self.sampler is None:
+                print(f"fastbyol: GPU telemetry off: {reason}", file=sys.stderr)
+        info = {"gpu_telemetry": self.sampler is not None, "reason": "" if self.sampler else reason,
+                "devices": self.sampler.devices if self.sampler else [], "device": self.device_name,
+                "world": self.ctx.world, "precision": "bf16" if self.bf16 else "fp32",
+                "gflop_per_image": self.gflop_per_image, "peak_tflops": self.peak_tflops,
+                "sample_hz": self.cfg.run.telemetry_hz if self.sampler else None}
+        atomic_write_bytes(self.run_dir / "telemetry.json", json.dumps(info, indent=2).encode())
+
+    def _start_profiler(self) -> Any:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        profiler.__enter__()
+        self.phases.profiling = True
+        self._profile_first = self.step
+        return profiler
+
+    def _stop_profiler(self, profiler: Any) -> None:
+        """Close the window; every rank writes its trace (Chrome trace JSON: chrome://tracing, Perfetto)."""
+        self.phases.profiling = False
+        profiler.__exit__(None, None, None)
+        out = self.run_dir / "profile"
+        out.mkdir(exist_ok=True)
+        stem = f"steps-{self._profile_first}-{self.step - 1}-rank{self.ctx.rank}"
+        profiler.export_chrome_trace(str(out / f"trace-{stem}.json"))
+        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=40)
+        atomic_write_bytes(out / f"summary-{stem}.txt", table.encode())
+        if self.ctx.main:
+            print(f"fastbyol: profile of steps {self._profile_first}-{self.step - 1} written to {out}",
+                  file=sys.stderr)
 
     def _grad_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager[object]:
         """DDP all-reduces the gradients in the backward of the last micro-batch only."""
@@ -367,40 +478,48 @@ class Trainer:
             self._record_skipped(batch.skipped)
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
+        self.phases.start("forward")
         if self.ds_engine is not None:  # DeepSpeed scales by 1/accum itself and counts micro-steps in step()
             out = forward_backward(self.model, views, labels, 1.0, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward, backward=self.ds_engine.backward)
+                                   forward=self.forward, backward=self.ds_engine.backward, phase=self.phases.start)
             if not last_micro_step:
                 self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
         else:
             out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward)
+                                   forward=self.forward, phase=self.phases.start)
+        self.phases.stop()
         self.meter.add(out._asdict())
 
     def update(self) -> None:
-        """LARS at this step's lr, then the target EMA at its tau (once per optimizer step)."""
+        """LARS at this step's lr, then the target EMA at its tau (once per optimizer step). With the fused
+        kernels the EMA runs inside the optimizer's pass, so the phase timer sees one 'optimizer' phase."""
         lr, tau = float(self.lr[self.step]), float(self.tau[self.step])
+        self.phases.start("optimizer")
         if self.ds_engine is not None:
             from fastbyol.engine.zero import gathered
 
             for group in self.ds_engine.optimizer.param_groups:
                 group["lr"] = lr
             self.ds_engine.step()  # the accumulation boundary: reduce, ZeroLARS on each partition, gather
+            self.phases.start("ema")
             with gathered(self.ds_engine, self.online_params):  # the EMA reads full fp32 online weights
                 target_step(self.online_params, self.target_params, tau)
         elif isinstance(self.optimizer, FlatLARS):  # kernels: optimizer + EMA in one pass over memory
             optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
         else:
             optimizer_step(self.optimizer, lr)
+            self.phases.start("ema")
             target_step(self.online_params, self.target_params, tau)
+        self.phases.stop()
 
     def _log_row(self) -> dict[str, Any]:
         m = self.meter
         elapsed = time.perf_counter() - m.t0
-        means = m.means(self.ctx)
+        means = m.means(self.ctx)  # the interval's one host sync: every phase event has completed after it
         skipped = all_reduce_sum_int(self.ctx, self.skipped, self.device)
         k = self.step - 1  # the step whose lr/tau were just applied
-        row = {
+        img_per_s = m.steps * self.batch_size / elapsed if elapsed > 0 else 0.0
+        row: dict[str, Any] = {
             "step": self.step,
             "epoch": round(self.position / self.images_per_epoch, 6),
             "loss": means["loss"],
@@ -408,14 +527,34 @@ class Trainer:
             "proj_std_uniform": 1.0 / math.sqrt(self.cfg.model.proj_dim),
             "lr": float(self.lr[k]),
             "tau": float(self.tau[k]),
-            "img_per_s": m.steps * self.batch_size / elapsed if elapsed > 0 else 0.0,
+            "img_per_s": img_per_s,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": skipped,
         }
         if "probe_loss" in means:
             row["probe_loss"], row["probe_top1"] = means["probe_loss"], 100.0 * means["probe_top1"]
+        if self.telemetry:
+            row.update(self._telemetry_fields(img_per_s, m))
         self.meter = IntervalMeter()
         return row
+
+    def _telemetry_fields(self, img_per_s: float, m: IntervalMeter) -> dict[str, Any]:
+        """Throughput, MFU, per-step phase times, peak memory and the GPUs' interval summary (rank 0's
+        node). Phase times measured since a resume start there (the meter's partial interval has none)."""
+        fields: dict[str, Any] = throughput_fields(img_per_s, self.ctx.world, self.gflop_per_image, self.peak_tflops)
+        steps = max(m.steps, 1)
+        phase_ms = {"data_wait": 1e3 * m.data_wait_s / steps}
+        phase_ms.update({name: ms / steps for name, ms in self.phases.read().items()})
+        fields["phase_ms"] = {name: round(ms, 4) for name, ms in phase_ms.items()}
+        if self.device.type == "cuda":  # allocator statistics: host-side counters, no device sync
+            fields["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:  # the process's high-water resident set (Linux reports KiB), since it started
+            fields["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self._last_samples = self.sampler.drain() if self.sampler is not None else []
+        if self._last_samples:
+            fields["gpus"] = aggregate(self._last_samples)
+        return fields
 
     def _record_skipped(self, messages: list[str]) -> None:
         self.skipped += len(messages)
@@ -426,7 +565,8 @@ class Trainer:
 
 
 # Fields of a metrics row that depend on wall-clock time (excluded when comparing runs).
-TIMING_FIELDS = ("img_per_s", "data_wait_frac")
+TIMING_FIELDS = ("img_per_s", "data_wait_frac", "img_per_s_per_gpu", "tflop_per_s", "mfu_pct", "phase_ms",
+                 "peak_mem_gib", "peak_rss_gib", "gpus")
 
 
 def start_run(cfg: Config) -> Trainer:

@@ -80,11 +80,15 @@ ForwardLoss = Callable[["ByolPair | nn.Module", torch.Tensor, torch.Tensor, "tor
 
 def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
                      bf16: bool, fused_loss: bool = False, forward: ForwardLoss = forward_loss,
-                     backward: Callable[[torch.Tensor], object] | None = None) -> MicroStepOut:
+                     backward: Callable[[torch.Tensor], object] | None = None,
+                     phase: Callable[[str], None] | None = None) -> MicroStepOut:
     """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean.
-    ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``)."""
+    ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``); ``phase("backward")`` is
+    called between the two (the trainer's phase timer)."""
     total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss)
+    if phase is not None:
+        phase("backward")
     scaled = total * loss_scale if loss_scale != 1.0 else total
     if backward is None:
         scaled.backward()

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from fastbyol.errors import FastByolError
+
 
 class JsonlMetrics:
     """Appends one row per log step, flushed, so a killed run loses no logged row."""
@@ -19,8 +21,12 @@ class JsonlMetrics:
         self._file: IO[str] = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
-        self._file.flush()
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self._file.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+            self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -43,6 +49,50 @@ class JsonlMetrics:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def require_tensorboard() -> None:
+    """Fail before the run starts, not at its first row, when the optional package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise FastByolError("run.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                            "or set run.tensorboard=false") from None
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row as TensorBoard tags: numbers at the top level, ``phase_ms/forward``,
+    ``gpu0/power_w``; lists of names (clock-event reasons) and non-numbers are left out."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if key == "gpus" and isinstance(value, list):
+            for gpu in value:
+                for field, v in gpu.items():
+                    if field != "gpu" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        out[f"gpu{gpu.get('gpu', 0)}/{field}"] = float(v)
+        elif isinstance(value, dict):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[key] = float(value)
+    return out
+
+
+class TensorBoardSink:
+    """Every metrics row as TensorBoard scalars at its step (``tensorboard --logdir RUN_DIR/tensorboard``)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, row: dict[str, Any]) -> None:
+        for tag, value in scalars(row).items():
+            self.writer.add_scalar(tag, value, global_step=row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

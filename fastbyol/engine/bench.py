@@ -1,0 +1,286 @@
+"""``fastbyol bench``: the real training step, timed over a sweep of settings.
+
+Each case builds a ``Trainer`` exactly as ``fastbyol train`` does and calls the same ``Trainer.train_step``
+(fetch, forward/backward, LARS, EMA). The data are either one synthetic batch made on the device and
+reused (``synthetic``: the step's own throughput, no input pipeline) or a real image folder read by the
+torchvision or DALI pipeline (``torch`` / ``dali``; a procedurally drawn JPEG folder is made when no
+``--data-path`` is given). After warm-up (compilation, autotuning, allocator caching, clocks ramping up),
+every timed step is bracketed by CUDA events (no host sync between steps; one at the end) or, on the CPU,
+by ``time.perf_counter``.
+
+Telemetry (phase events + the NVML sampler) is switched on and off *inside one trainer*, in alternating
+blocks of steps, so its overhead is measured on the same memory layout and clocks, not across two
+processes: ``telemetry_overhead_pct`` = median step time with it / without it - 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastbyol.config import build_config
+from fastbyol.data.views import Batch
+from fastbyol.engine.trainer import Trainer, cuda_uuids, start_run
+from fastbyol.errors import FastByolError
+from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source
+from fastbyol.telemetry.results import environment, write_results
+from fastbyol.telemetry.throughput import throughput_fields
+
+AXES = ("batch", "compile", "kernels", "channels_last", "data", "telemetry")
+DATA_KINDS = ("synthetic", "torch", "dali")
+# A smoke run on a 2-core CPU: the smallest ResNet on small images, narrow heads.
+QUICK_OVERRIDES = ["model.arch=resnet18", "model.small_stem=true", "data.image_size=32", "model.proj_hidden=64",
+                   "model.proj_dim=32"]
+
+
+@dataclass
+class Sweep:
+    """Every axis is a list of values; the cases are their product (telemetry on/off share a trainer)."""
+
+    preset: str = "synthetic-r50"
+    overrides: Sequence[str] = ()
+    batch: Sequence[int] = ()  # () = the preset's optim.batch_size
+    compile: Sequence[str] = ("auto",)
+    kernels: Sequence[str] = ("auto",)
+    channels_last: Sequence[str] = ("auto",)
+    data: Sequence[str] = ("synthetic",)
+    telemetry: Sequence[str] = ("on", "off")
+    steps: int = 30
+    """Timed steps per case and telemetry mode."""
+    warmup: int = 5
+    rounds: int = 3
+    """Alternating telemetry blocks per case (each mode gets steps // rounds steps per block)."""
+    data_path: str = ""
+
+    def validate(self) -> None:
+        for value in self.data:
+            if value not in DATA_KINDS:
+                raise FastByolError(f"--data {value} is not a data source: use {', '.join(DATA_KINDS)}")
+        for value in self.telemetry:
+            if value not in ("on", "off"):
+                raise FastByolError(f"--telemetry {value}: use on, off or on,off")
+        if any(b < 1 for b in self.batch):
+            raise FastByolError("--batch needs positive batch sizes, e.g. --batch 128,256")
+        if self.steps < 1 or self.warmup < 0 or self.rounds < 1:
+            raise FastByolError("--steps and --rounds must be >= 1 and --warmup >= 0")
+        if self.steps < self.rounds:
+            raise FastByolError(f"--steps {self.steps} is fewer than --rounds {self.rounds}: raise --steps")
+
+
+def _quantile(sorted_ms: list[float], q: float) -> float:
+    pos = q * (len(sorted_ms) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+class _StepClock:
+    """Per-step times: CUDA events around each step, read after one sync at the end of a block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def time_steps(self, trainer: Trainer, batches: Iterator[Batch], n: int) -> tuple[list[float], float]:
+        """(per-step ms, block wall seconds). The step counter is held at one mid-run step, so every timed
+        step applies the same lr and tau and a short data set never runs past the schedules' end."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        stamps: list[Any] = []
+        for _ in range(n):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _held_step(trainer, batches)
+                end.record()
+                stamps.append((start, end))
+            else:
+                s = time.perf_counter()
+                _held_step(trainer, batches)
+                stamps.append((s, time.perf_counter()))
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the block's one host sync: every event is complete
+        wall = time.perf_counter() - t0
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in stamps], wall
+        return [(b - a) * 1e3 for a, b in stamps], wall
+
+
+def _held_step(trainer: Trainer, batches: Iterator[Batch]) -> None:
+    step = trainer.step
+    trainer.train_step(batches)
+    trainer.step = step
+
+
+def _case_overrides(sweep: Sweep, case: dict[str, Any], out_dir: Path, name: str, folder: str) -> list[str]:
+    overrides = [*sweep.overrides, f"run.out_dir={out_dir}", f"run.name={name}", "run.progress=off",
+                 "run.telemetry=on", f"run.compile={case['compile']}", f"run.kernels={case['kernels']}",
+                 f"model.channels_last={case['channels_last']}", "run.ckpt_every=1000000000"]
+    if case["batch"]:
+        overrides.append(f"optim.batch_size={case['batch']}")
+    if case["data"] == "synthetic":
+        overrides.append("data.source=synthetic")
+        overrides.append("model.online_probe=false")
+    else:
+        overrides += ["data.source=folder", f"data.path={folder}", f"data.loader={case['data']}"]
+    return overrides
+
+
+def _batches(trainer: Trainer, data: str) -> Iterator[Batch]:
+    micro = trainer.batch_size // trainer.cfg.optim.accum_steps
+    if data == "synthetic":  # one batch on the device, reused: no input pipeline in the timing
+        batch = next(trainer.source.batches(0, micro, 1))
+        views = batch.views.to(trainer.device, trainer.channels_last)
+        return itertools.repeat(Batch(views, batch.labels, []))
+    return trainer.source.batches(0, micro, 10**9)
+
+
+def _set_telemetry(trainer: Trainer, on: bool) -> GpuSampler | None:
+    """Phase events on/off, and a fresh NVML sampler for an 'on' block (where a driver is)."""
+    trainer.phases.enabled = on
+    trainer.phases.nvtx = on and trainer.device.type == "cuda"
+    trainer.phases.read()
+    if not on:
+        return None
+    if trainer.device.type != "cuda" and not _replaying():
+        return None
+    source, _ = open_gpu_source(uuids=cuda_uuids())
+    if source is None:
+        return None
+    sampler = GpuSampler(source, trainer.cfg.run.telemetry_hz)
+    sampler.start()
+    return sampler
+
+
+def _replaying() -> bool:
+    import os
+
+    return bool(os.environ.get("FASTBYOL_GPU_REPLAY"))
+
+
+def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> list[dict[str, Any]]:
+    """One trainer, warm-up, then alternating telemetry blocks; one row per telemetry mode."""
+    name = "-".join(f"{k}{v}" for k, v in case.items() if k != "telemetry").replace("/", "_")
+    cfg = build_config(sweep.preset, overrides=_case_overrides(sweep, case, out_dir, name, folder))
+    trainer = start_run(cfg)
+    clock = _StepClock(trainer.device)
+    batches = _batches(trainer, case["data"])
+    trainer.step = trainer.total_steps // 2  # past warm-up: the cost does not depend on lr or tau
+    for _ in range(sweep.warmup):
+        _held_step(trainer, batches)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    modes = list(case["telemetry"])
+    per_block = max(1, sweep.steps // sweep.rounds)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    walls: dict[str, float] = {m: 0.0 for m in modes}
+    phases: dict[str, dict[str, float]] = {m: {} for m in modes}
+    samples: list[dict[str, Any]] = []
+    waits: dict[str, float] = {m: 0.0 for m in modes}
+    for r in range(sweep.rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):  # ABBA order cancels slow drift
+            sampler = _set_telemetry(trainer, mode == "on")
+            trainer.meter.data_wait_s = 0.0
+            try:
+                block, wall = clock.time_steps(trainer, batches, per_block)
+            finally:
+                if sampler is not None:
+                    sampler.set_step(trainer.step)
+                    sampler.stop()
+                    samples += sampler.drain()
+            times[mode] += block
+            walls[mode] += wall
+            waits[mode] += trainer.meter.data_wait_s
+            for phase, phase_ms in trainer.phases.read().items():
+                phases[mode][phase] = phases[mode].get(phase, 0.0) + phase_ms
+            trainer.meter.sums.clear()  # the metrics of the timed steps are not read: keep memory flat
+            trainer.meter.micro_steps = 0
+    rows = []
+    for mode in modes:
+        ms = sorted(times[mode])
+        n = len(ms)
+        median = statistics.median(ms)
+        img_per_s = trainer.batch_size / (median / 1e3)
+        row: dict[str, Any] = {
+            **{k: v for k, v in case.items() if k != "telemetry"},
+            "telemetry": mode, "status": "ok", "arch": cfg.model.arch, "image_size": cfg.data.image_size,
+            "batch": trainer.batch_size, "world": trainer.ctx.world, "bf16": trainer.bf16,
+            "channels_last_used": trainer.channels_last, "compile_used": trainer.compile_mode,
+            "kernels_used": trainer.kernels, "steps": n, "median_ms": median, "p10_ms": _quantile(ms, 0.1),
+            "p90_ms": _quantile(ms, 0.9), "img_per_s": img_per_s,
+            "img_per_s_wall": n * trainer.batch_size / walls[mode] if walls[mode] > 0 else None,
+            "data_wait_ms": 1e3 * waits[mode] / n,
+        }
+        row.update(throughput_fields(img_per_s, trainer.ctx.world, trainer.gflop_per_image, trainer.peak_tflops))
+        row["gflop_per_image"] = trainer.gflop_per_image
+        for phase, total in sorted(phases[mode].items()):
+            row[f"{phase}_ms"] = total / n
+        if trainer.device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+        if mode == "on" and samples:
+            gpus = aggregate(samples)
+            row["gpu_sm_util_pct"] = statistics.fmean(g["sm_util_pct"] for g in gpus if g["sm_util_pct"] is not None) \
+                if any(g["sm_util_pct"] is not None for g in gpus) else None
+            powers = [g["power_w"] for g in gpus if g["power_w"] is not None]
+            row["gpu_power_w"] = sum(powers) if powers else None
+            row["joule_per_image"] = sum(powers) / img_per_s if powers else None
+            row["gpu_clock_events"] = " ".join(sorted({r for g in gpus for r in (g["clock_events"] or [])}))
+        rows.append(row)
+    by_mode = {r["telemetry"]: r for r in rows}
+    if "on" in by_mode and "off" in by_mode:
+        overhead = 100.0 * (by_mode["on"]["median_ms"] / by_mode["off"]["median_ms"] - 1.0)
+        by_mode["on"]["telemetry_overhead_pct"] = overhead
+    del trainer, batches
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _image_folder(sweep: Sweep, tmp: Path) -> str:
+    """The user's folder, or a small procedurally drawn JPEG folder when a sweep reads real files."""
+    if sweep.data_path or all(d == "synthetic" for d in sweep.data):
+        return sweep.data_path
+    from fastbyol.data.builders import make_synthetic
+
+    folder = tmp / "images"
+    make_synthetic(str(folder), num_classes=4, train_per_class=64, val_per_class=1, size=96)
+    return str(folder / "train")
+
+
+def run_sweep(sweep: Sweep, out: Path, device: str = "auto") -> tuple[list[dict[str, Any]], Path]:
+    """Every case of the sweep; a case that cannot run here (e.g. kernels on a CPU, DALI absent) gets a row
+    with status 'skipped: <why>'. Writes ``<date>-<device>-bench.csv`` and ``.md`` under ``out``."""
+    sweep.validate()
+    rows: list[dict[str, Any]] = []
+    telemetry = tuple(dict.fromkeys(sweep.telemetry))
+    batches = sweep.batch or (0,)
+    with tempfile.TemporaryDirectory(prefix="fastbyol-bench-") as tmp:
+        folder = _image_folder(sweep, Path(tmp))
+        for batch, compile_mode, kernels, channels_last, data in itertools.product(
+                batches, sweep.compile, sweep.kernels, sweep.channels_last, sweep.data):
+            case = {"batch": batch, "compile": compile_mode, "kernels": kernels, "channels_last": channels_last,
+                    "data": data, "telemetry": telemetry}
+            sweep_overrides = list(sweep.overrides)
+            if device != "auto":
+                sweep_overrides.append(f"run.device={device}")
+            try:
+                rows += run_case(Sweep(**{**sweep.__dict__, "overrides": sweep_overrides}), case, Path(tmp), folder)
+            except FastByolError as e:
+                for mode in telemetry:
+                    rows.append({**{k: v for k, v in case.items() if k != "telemetry"}, "telemetry": mode,
+                                 "status": f"skipped: {e}"})
+        if not rows:
+            raise FastByolError("the sweep has no case: give at least one value for every axis")
+        dev = torch.device("cuda") if torch.cuda.is_available() and device != "cpu" else torch.device("cpu")
+        path = write_results(rows, environment(dev), out, "bench")
+    return rows, path

@@ -1,0 +1,30 @@
+"""The model FLOPs of one training image, counted once per run on the real architecture.
+
+The pair is built on the ``meta`` device (no memory, no compute, the global RNG untouched) and one
+forward of both views through online and target, the loss and the backward run under
+``torch.utils.flop_counter.FlopCounterMode``: convolutions and matmuls, as MFU counts them. An "image" is
+one pair of views, as img/s counts it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastbyol.config import ModelConfig
+from fastbyol.model.byol import ByolPair
+from fastbyol.step.train_step import forward_loss
+
+
+def gflop_per_image(model: ModelConfig, image_size: int, probe_classes: int = 0) -> float:
+    """Forward + backward GFLOP per image (two views) of the BYOL step, target forward included."""
+    batch = 2  # BatchNorm needs more than one value per channel; FLOPs are linear in the batch
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        pair = ByolPair(model, seed=0, probe_classes=probe_classes)
+        views = torch.empty(batch, 3, image_size, image_size)
+        labels = torch.zeros(batch, dtype=torch.long) if probe_classes else None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        total, _ = forward_loss(pair, views, views, labels, bf16=False, fused_loss=False)
+        total.backward()
+    return counter.get_total_flops() / batch / 1e9
