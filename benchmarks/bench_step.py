@@ -9,8 +9,11 @@ pipeline has its own benchmark). An image is one pair of views.
 Variants (``--variants``): ``eager`` (compile off, kernels off: the reference path), ``eager_kernels``,
 ``compiled`` (torch.compile default mode, kernels off), ``compiled_kernels``, and ``compiled_ro_kernels``
 (mode reduce-overhead: CUDA graphs). MFU = achieved FLOP/s / the device's dense bf16 peak, with FLOPs
-counted by ``torch.utils.flop_counter.FlopCounterMode`` on one eager step of the real model (convolutions
-and matmuls, forward and backward; elementwise work is not counted, as is the convention).
+counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real model (``fastbyol.engine.flops``:
+convolutions and matmuls, forward and backward; elementwise work is not counted, as is the convention).
+
+Each variant is one case of ``fastbyol bench`` (``fastbyol.engine.bench.run_case``: the same trainer, step,
+warm-up and event timing), with telemetry off; this script names the five variants and adds the speed-up.
 
 Run from the repository root: ``python -m benchmarks.bench_step [--quick] [--batch 256]``.
 """
@@ -22,16 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from benchmarks.harness import environment, parse_args, triton_runs_here, write_results
+from fastbyol.engine.bench import QUICK_OVERRIDES, Sweep, run_case
 
-from benchmarks.harness import environment, parse_args, time_fn, triton_runs_here, write_results
-from fastbyol.config import build_config
-from fastbyol.engine.trainer import Trainer, start_run
-from fastbyol.step.train_step import forward_loss
-
-# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s (no sparsity).
-PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5,
-                    "H200": 989.4, "A100": 312.0}
 VARIANTS = {  # name -> (run.compile, run.kernels)
     "eager": ("off", "off"),
     "eager_kernels": ("off", "on"),
@@ -39,52 +35,6 @@ VARIANTS = {  # name -> (run.compile, run.kernels)
     "compiled_kernels": ("default", "on"),
     "compiled_ro_kernels": ("reduce-overhead", "on"),
 }
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def build(variant: str, args: argparse.Namespace, out_dir: Path) -> Trainer:
-    compile_mode, kernels = VARIANTS[variant]
-    overrides = [f"run.device={args.device.type}", f"run.compile={compile_mode}", f"run.kernels={kernels}",
-                 f"optim.batch_size={args.batch}", f"run.out_dir={out_dir}", f"run.name={variant}",
-                 "run.progress=off", "run.max_steps=1000"]
-    if args.quick:  # seconds on a CPU: the smallest ResNet on small images, narrow heads
-        overrides += ["model.arch=resnet18", "model.small_stem=true", "data.image_size=32",
-                      "model.proj_hidden=64", "model.proj_dim=32"]
-    return start_run(build_config("synthetic-r50", overrides=overrides))
-
-
-def step_fn(trainer: Trainer) -> tuple[Any, Any]:
-    batch = next(trainer.source.batches(0, trainer.batch_size, 1))
-    trainer.step = trainer.total_steps // 2  # any step past warm-up: the cost does not depend on lr or tau
-
-    def step() -> None:
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.forward_backward_step(batch, 1.0)
-        trainer.update()
-
-    return step, batch
-
-
-def flops_per_step(trainer: Trainer, batch: Any) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    compiled, trainer.forward = trainer.forward, forward_loss  # count on the eager graph: same math
-    try:
-        with counter:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.forward_backward_step(batch, 1.0)
-    finally:
-        trainer.forward = compiled
-    return float(counter.get_total_flops())
 
 
 def main() -> None:
@@ -106,40 +56,29 @@ def main() -> None:
     if not triton_runs_here(args.device):
         names = [n for n in names if VARIANTS[n][1] == "off"]
         print("bench_step: no GPU and TRITON_INTERPRET unset: the kernels variants are skipped")
-    env = environment(args.device)
-    peak = peak_tflops(args.device, args.peak_tflops)
+    overrides = [f"run.device={args.device.type}", *(QUICK_OVERRIDES if args.quick else [])]
+    if args.peak_tflops:
+        overrides.append(f"run.peak_tflops={args.peak_tflops}")
+    # Warm-up covers compilation and, for reduce-overhead, the CUDA-graph recording runs.
+    sweep = Sweep(overrides=overrides, steps=args.iters, rounds=1,
+                  warmup=args.warmup if args.quick else max(args.warmup, 3))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            trainer = build(name, args, Path(tmp))
-            step, batch = step_fn(trainer)
-            flops = flops_per_step(trainer, batch) if not rows else rows[0]["gflop_per_step"] * 1e9
-            if args.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(args.device)
-            # Warm-up covers compilation and, for reduce-overhead, the CUDA-graph recording runs.
-            warmup = args.warmup if args.quick else max(args.warmup, 3)
-            timing = time_fn(step, args.device, warmup=warmup, iters=args.iters)
-            img_per_s = args.batch / (timing.median_ms / 1e3)
-            achieved = flops / (timing.median_ms / 1e3) / 1e12
-            rows.append({
-                "variant": name, "arch": trainer.cfg.model.arch, "image_size": trainer.cfg.data.image_size,
-                "batch": args.batch, "bf16": trainer.bf16, "channels_last": trainer.channels_last,
-                "compile": trainer.compile_mode, "kernels": trainer.kernels,
-                "median_ms": timing.median_ms, "p10_ms": timing.p10_ms, "p90_ms": timing.p90_ms,
-                "iters": timing.iters, "img_per_s": img_per_s,
-                "gflop_per_step": flops / 1e9, "gflop_per_image": flops / 1e9 / args.batch,
-                "tflop_per_s": achieved, "mfu_pct": 100 * achieved / peak if peak else None,
-                "max_mem_gb": torch.cuda.max_memory_allocated(args.device) / 1e9 if args.device.type == "cuda"
-                else None,
-                "speedup_vs_eager": None,
-            })
-            del trainer, step, batch
-            if args.device.type == "cuda":
-                torch.cuda.empty_cache()
+            compile_mode, kernels = VARIANTS[name]
+            case = {"batch": args.batch, "compile": compile_mode, "kernels": kernels, "channels_last": "auto",
+                    "data": "synthetic", "telemetry": ("off",)}
+            (row,) = run_case(sweep, case, Path(tmp), "")
+            rows.append({"variant": name, "arch": row["arch"], "image_size": row["image_size"], "batch": args.batch,
+                         "bf16": row["bf16"], "channels_last": row["channels_last_used"],
+                         "compile": row["compile_used"], "kernels": row["kernels_used"],
+                         **{k: row.get(k) for k in ("median_ms", "p10_ms", "p90_ms", "steps", "img_per_s",
+                                                    "gflop_per_image", "tflop_per_s", "mfu_pct", "peak_mem_gib")},
+                         "speedup_vs_eager": None})
     base = next((r["median_ms"] for r in rows if r["variant"] == "eager"), None)
     for row in rows:
         row["speedup_vs_eager"] = base / row["median_ms"] if base else None
-    write_results(rows, env, args.out, "step")
+    write_results(rows, environment(args.device), args.out, "step")
 
 
 if __name__ == "__main__":

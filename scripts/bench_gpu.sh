@@ -19,3 +19,19 @@ for bench in ema loss lars step; do
     echo "== bench_$bench"
     "$py" -m "benchmarks.bench_$bench" --device cuda --out "$out" "$@"
 done
+# Issue 7: the sweep of the real step (telemetry on/off interleaved: its overhead), then a short
+# synthetic ResNet-50 run with the NVML sampler and a profiler window, and its report where matplotlib is.
+echo "== fastbyol bench"
+"$py" -m fastbyol bench --batch 128,256 --compile off,default --kernels off,on --channels-last on,off \
+    --steps 60 --rounds 4 --out "$out"
+echo "== fastbyol train (telemetry, profile)"
+runs="${BENCH_RUNS:-/tmp/fastbyol-runs}"
+"$py" -m fastbyol train --preset synthetic-r50 --profile 40:45 run.max_steps=100 run.log_every=10 \
+    run.out_dir="$runs" run.name=telemetry-r50 run.progress=off
+cp "$runs/telemetry-r50/metrics.jsonl" "$out/$(date -u +%F)-gpu-telemetry-r50-metrics.jsonl"
+cp "$runs/telemetry-r50/telemetry.json" "$out/$(date -u +%F)-gpu-telemetry-r50-telemetry.json"
+if "$py" -c "import matplotlib" 2>/dev/null; then
+    "$py" -m fastbyol report "$runs/telemetry-r50" --bench "$out"/*-bench.csv
+else
+    echo "bench_gpu.sh: matplotlib absent here: fastbyol report skipped (run it on the copied run directory)" >&2
+fi
