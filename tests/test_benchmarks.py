@@ -87,3 +87,21 @@ def test_bench_lars_quick_run_writes_rows(tmp_path: Path) -> None:
     for row in rows:
         assert int(row["n_values"]) > int(row["n_paired"]) > 0
         assert float(row["max_abs_diff"]) <= 1e-5
+
+
+def test_telemetry_cost_quick(tmp_path: Path) -> None:
+    """benchmarks/telemetry_cost.py: the phase timer's microseconds per step and the sampler thread's CPU
+    share (replayed samples here), as a share of a given step time."""
+    import json
+
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"t": k, "step": 0, "gpu": 0, "power_w": 600.0}) + "\n" for k in range(4)))
+    env = {**os.environ, "FASTBYOL_GPU_REPLAY": str(replay)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.telemetry_cost", "--quick", "--device", "cpu",
+                           "--step-ms", "100", "--out", str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (path,) = tmp_path.glob("*-telemetry-cost.csv")
+    (row,) = list(csv.DictReader(path.open()))
+    assert 0 < float(row["phase_timer_us_per_step"]) < 1000 and row["sampler_source"] == "ReplaySource"
+    assert int(row["sampler_samples"]) >= 1 and float(row["bound_pct_of_step"]) >= 0
