@@ -15,7 +15,7 @@ export PYTHONPATH="/tmp/site-fastbyol:$repo${PYTHONPATH:+:$PYTHONPATH}"
 cd /tmp
 "$py" -c "import torch, fastbyol.kernels.lars; assert torch.cuda.is_available(), 'no CUDA GPU visible'"
 export PYTHONUNBUFFERED=1
-for bench in ema loss lars step; do
+for bench in ema loss lars step telemetry_cost; do
     echo "== bench_$bench"
     "$py" -m "benchmarks.bench_$bench" --device cuda --out "$out" "$@"
 done
