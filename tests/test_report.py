@@ -336,8 +336,9 @@ def _browser_or_skip() -> None:
     pytest.skip(message)
 
 
-def test_page_renders_in_headless_chromium(gpu_report: Report, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def _render_in_chromium(index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Path]:
+    """Open the page in headless Debian chromium; wait until every plot image has loaded; screenshot the whole
+    page. Returns (the page's state, the screenshot)."""
     _browser_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -360,7 +361,7 @@ def test_page_renders_in_headless_chromium(gpu_report: Report, tmp_path: Path,
                               options=options)
     try:
         driver.set_page_load_timeout(60)
-        driver.get(gpu_report.index.as_uri())
+        driver.get(index.as_uri())
         state_js = """
             const imgs = Array.from(document.querySelectorAll('img.plot'));
             return {ready: document.readyState, n: imgs.length,
@@ -371,14 +372,41 @@ def test_page_renders_in_headless_chromium(gpu_report: Report, tmp_path: Path,
         WebDriverWait(driver, 30).until(
             lambda d: (s := d.execute_script(state_js))["ready"] == "complete" and s["loaded"] == s["n"])
         state = driver.execute_script(state_js)
-        assert state["n"] == state["loaded"] == state["claimed"] == state["shown"] == len(TRAINING_PNGS | GPU_PNGS)
         driver.set_window_size(1280, min(int(state["height"]) + 200, 12000))
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot))
     finally:
         driver.quit()
+    if os.environ.get("FASTBYOL_KEEP_SCREENSHOT"):  # for looking at the page by eye
+        Path(os.environ["FASTBYOL_KEEP_SCREENSHOT"]).write_bytes(shot.read_bytes())
+    return state, shot
+
+
+def test_page_renders_in_headless_chromium(gpu_report: Report, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    state, shot = _render_in_chromium(gpu_report.index, tmp_path, monkeypatch)
+    assert state["n"] == state["loaded"] == state["claimed"] == state["shown"] == len(TRAINING_PNGS | GPU_PNGS)
     with Image.open(shot) as image:
         assert image.width >= 1000 and image.height >= 4000
     assert _colours(shot.read_bytes()) > 200, "the screenshot is (nearly) blank"
-    if os.environ.get("FASTBYOL_KEEP_SCREENSHOT"):  # for looking at the page by eye
-        Path(os.environ["FASTBYOL_KEEP_SCREENSHOT"]).write_bytes(shot.read_bytes())
+
+
+def test_report_of_a_real_smoke_run_renders_in_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: a real (tiny) training run with replayed GPU samples, ``fastbyol report`` on its run
+    directory, and the page in the browser with every training and GPU plot loaded."""
+    from fastbyol.cli import main
+
+    replay = tmp_path / "h100.jsonl"
+    replay.write_text("".join(json.dumps(_gpu_sample(k, gpu)) + "\n" for k in range(24) for gpu in (0, 1)))
+    monkeypatch.setenv("FASTBYOL_GPU_REPLAY", str(replay))
+    assert main(["train", "--preset", "smoke", f"run.out_dir={tmp_path}", "run.name=smoke", "run.max_steps=6",
+                 "run.log_every=2", "run.telemetry_hz=20", "data.num_images=64", "optim.batch_size=8",
+                 "model.proj_hidden=64", "model.proj_dim=32", "model.small_stem=true", "data.image_size=16",
+                 "data.workers=0", "run.progress=off", "optim.warmup_epochs=0.25", "run.epochs=2"]) == 0
+    assert main(["report", str(tmp_path / "smoke")]) == 0
+    index = tmp_path / "smoke" / "report" / "index.html"
+    made = {p.name for p in index.parent.glob("*.png")}
+    assert {"loss.png", "schedules.png", "throughput.png", "phases.png", "gpu_util.png", "gpu_power.png"} <= made
+    state, shot = _render_in_chromium(index, tmp_path, monkeypatch)
+    assert state["n"] == state["loaded"] == state["claimed"] == len(made)
+    assert _colours(shot.read_bytes()) > 200, "the screenshot is (nearly) blank"
