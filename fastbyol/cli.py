@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastbyol.errors import FastByolError
+from fastbyol.errors import FastByolError, RunStopped
 
 TRAIN_EPILOG = """\
 overrides are key=value pairs applied after the preset and --config, e.g.
@@ -325,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FastByolError as e:
         print(f"fastbyol: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunStopped as e:
+        print(f"fastbyol: {e}", file=sys.stderr)
+        return RunStopped.exit_code
     except KeyboardInterrupt:
         print("fastbyol: interrupted", file=sys.stderr)
         return 130

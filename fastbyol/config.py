@@ -130,6 +130,9 @@ class RunConfig:
     """Write a metrics.jsonl row every this many optimizer steps."""
     ckpt_every: int = 1000
     """Write a checkpoint every this many optimizer steps (and always at the end)."""
+    ckpt_minutes: float = 0.0
+    """Also write a checkpoint when this many minutes have passed since the last one (0: off). Checked
+    after every step in one process, at the log cadence across ranks (rank 0's clock decides)."""
     keep_last: int = 3
     """Checkpoints kept in the run directory (older ones are deleted)."""
     out_dir: str = "runs"
@@ -237,6 +240,7 @@ class Config:
         _choice("run.precision", r.precision, ("auto", "bf16", "fp32"))
         _positive_int("run.log_every", r.log_every)
         _positive_int("run.ckpt_every", r.ckpt_every)
+        _in_range("run.ckpt_minutes", r.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)", low_ok=True)
         _positive_int("run.keep_last", r.keep_last)
         if not r.out_dir:
             raise ConfigError("run.out_dir is empty: set run.out_dir=runs (or any writable folder)")

@@ -45,7 +45,8 @@ from fastbyol.engine.distributed import (
     launched_world_size,
 )
 from fastbyol.engine.flops import gflop_per_image
-from fastbyol.errors import FastByolError
+from fastbyol.engine.preempt import StopRequest
+from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
 from fastbyol.model.syncbn import convert_global_batchnorm
@@ -59,7 +60,8 @@ from fastbyol.telemetry.throughput import peak_bf16_tflops, throughput_fields
 
 CHECKPOINT_VERSION = 1
 # Keys a resumed run may change; everything else must match the checkpoint's run.
-RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress",
+RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.ckpt_minutes", "run.keep_last",
+                       "run.progress",
                        "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
                        "run.compile", "run.telemetry", "run.telemetry_hz", "run.peak_tflops", "run.tensorboard",
                        "run.profile"}
@@ -243,6 +245,8 @@ class Trainer:
                             else f"cpu ({os.cpu_count()} cores)")
         self.peak_tflops = cfg.run.peak_tflops or (
             peak_bf16_tflops(self.device_name) if self.device.type == "cuda" and self.bf16 else None)
+        self.stop = StopRequest()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75
+        self.clock = time.monotonic  # for run.ckpt_minutes (a test sets its own)
         self.sampler: GpuSampler | None = None
         self._last_samples: list[dict[str, Any]] = []
         if cfg.run.tensorboard and self.ctx.main:
@@ -361,6 +365,8 @@ class Trainer:
         t_start = time.perf_counter()
         start_step = self.step
         profiler: Any = None
+        self.stop.install()
+        last_ckpt_time = self.clock()
         try:
             while self.step < end_step:
                 if self.profile_window and self.step == self.profile_window[0]:
@@ -383,9 +389,16 @@ class Trainer:
                     progress.update(self.step, self.batch_size, last_row["loss"], force=True)
                 else:
                     progress.update(self.step, self.batch_size, last_row.get("loss"))
-                if self.step % cfg.run.ckpt_every == 0 or self.step == end_step:  # checkpoint
-                    self.save_checkpoint()
+                stop, time_due = self._stop_or_time_due(last_ckpt_time)
+                if self.step % cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due:  # checkpoint
+                    path = self.save_checkpoint()
+                    last_ckpt_time = self.clock()
+                    if stop and self.step < end_step:
+                        raise RunStopped(f"stopped by {self.stop.name or 'a signal'} at step {self.step}/"
+                                         f"{self.total_steps}; checkpoint {path} written; continue with "
+                                         f"fastbyol train --resume {self.run_dir}")
         finally:
+            self.stop.restore()
             if profiler is not None:
                 self._stop_profiler(profiler)
             if self.sampler is not None:
@@ -398,6 +411,20 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "last": last_row, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def _stop_or_time_due(self, last_ckpt_time: float) -> tuple[bool, bool]:
+        """(a signal asked to stop, the wall-time checkpoint is due). One process: after every step, from host
+        state only. Several ranks must agree on the step, so they decide together at the log cadence (a
+        sync point already): any rank's signal stops all; rank 0's clock decides the timed checkpoint."""
+        minutes = self.cfg.run.ckpt_minutes
+        due = minutes > 0 and self.clock() - last_ckpt_time >= 60 * minutes
+        if not self.ctx.enabled:
+            return self.stop.requested, due
+        if self.step % self.cfg.run.log_every:
+            return False, False
+        stops = all_reduce_sum_int(self.ctx, int(self.stop.requested), self.device)
+        due_on_main = all_reduce_sum_int(self.ctx, int(due and self.ctx.main), self.device)
+        return stops > 0, due_on_main > 0
 
     def train_step(self, batches: Iterator[Batch]) -> None:
         """One optimizer step: per micro-batch fetch and forward/backward, then LARS and the EMA. No host
