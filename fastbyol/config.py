@@ -155,6 +155,13 @@ class RunConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage with run.engine=deepspeed: 0 (plain data parallel), 1 (optimizer state
     sharded), 2 (and gradients), 3 (and parameters)."""
+    nonfinite: str = "stop"
+    """A step whose loss or gradients are not finite (checked on the device, read at the log cadence and
+    before every checkpoint): 'stop' the run with a diagnostic (step, loss parts, largest gradient norms;
+    no checkpoint is written after the bad step), or 'skip' it (the optimizer, the EMA and the BatchNorm
+    statistics left as they were; costs one copy of the weights per step) up to run.nonfinite_max_skips."""
+    nonfinite_max_skips: int = 20
+    """With run.nonfinite=skip: stop anyway once more steps than this have been skipped in the run."""
     telemetry: str = "on"
     """'on': per-phase step times (CUDA events, read at the log cadence), MFU, peak memory, and an NVML
     sampler thread per GPU (utilisation, power, energy, clocks, temperature, clock-event reasons, PCIe)
@@ -252,6 +259,11 @@ class Config:
         _choice("run.engine", r.engine, ("auto", "ddp", "deepspeed"))
         _choice("run.zero_stage", r.zero_stage, (0, 1, 2, 3))
         _choice("run.telemetry", r.telemetry, ("on", "off"))
+        _choice("run.nonfinite", r.nonfinite, ("stop", "skip"))
+        _non_negative_int("run.nonfinite_max_skips", r.nonfinite_max_skips)
+        if r.nonfinite == "skip" and r.engine == "deepspeed":
+            raise ConfigError("run.nonfinite=skip is not supported with run.engine=deepspeed (its sharded "
+                              "optimizer state is not snapshotted): use run.nonfinite=stop")
         _in_range("run.telemetry_hz", r.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
         _in_range("run.peak_tflops", r.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
                   low_ok=True)

@@ -50,6 +50,7 @@ from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
 from fastbyol.model.syncbn import convert_global_batchnorm
+from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
@@ -64,7 +65,11 @@ RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.
                        "run.progress",
                        "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
                        "run.compile", "run.telemetry", "run.telemetry_hz", "run.peak_tflops", "run.tensorboard",
-                       "run.profile"}
+                       "run.profile", "run.nonfinite", "run.nonfinite_max_skips"}
+
+
+class NonFiniteStop(FastByolError):
+    """The run stopped on a non-finite loss or gradient (run.nonfinite=stop, or past the skip limit)."""
 
 
 def check_batch_split(cfg: Config, world: int) -> None:
@@ -235,6 +240,9 @@ class Trainer:
                 gradient_as_bucket_view=False, **_no_buffer_sync())
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
         self.forward = compiled_forward(self.compile_mode)
+        self.guard = self._build_guard()
+        self.nonfinite_skipped = 0  # steps skipped so far in the run (run.nonfinite=skip)
+        self._interval_nonfinite = 0  # ... since the last metrics row
 
         # Telemetry: phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0).
         self.telemetry = cfg.run.telemetry == "on"
@@ -260,6 +268,41 @@ class Trainer:
         if resume is not None:
             self._load(resume)
 
+    def _build_guard(self) -> NonFiniteGuard:
+        online_ids = {id(p) for module in self.pair.online_modules() for p in module.parameters()}
+        named = [(name, p) for name, p in self.pair.named_parameters() if id(p) in online_ids]
+        protect: list[torch.Tensor] | None = None
+        if self.cfg.run.nonfinite == "skip":  # everything a step writes: weights, momentum, BN statistics
+            buffers = [b for b in self.pair.buffers()]
+            if isinstance(self.optimizer, FlatLARS):
+                protect = [self.online_flat, self.target_flat, self.optimizer.momentum_flat, *buffers]
+            else:
+                for _, p in named:  # created here, not at the first step, so the snapshot covers them
+                    self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                protect = [*(p for _, p in named), *self.target_params,  # online: tower, predictor, probe
+                           *[self.optimizer.state[p]["momentum_buffer"] for _, p in named], *buffers]
+        return NonFiniteGuard([n for n, _ in named], [p for _, p in named], self.device, protect)
+
+    def _check_nonfinite(self) -> None:
+        """Read the guard (a host sync: called at the log cadence and before a checkpoint only); raise with
+        the diagnostic under 'stop' or past the skip limit; count the skipped steps."""
+        bad = self.guard.read()
+        if bad is None:
+            return
+        policy, limit = self.cfg.run.nonfinite, self.cfg.run.nonfinite_max_skips
+        if policy == "stop" or self.nonfinite_skipped + bad.count > limit:
+            kept = checkpoint.list_checkpoints(self.run_dir / "checkpoints")
+            last = f"the last checkpoint, {kept[0][1]}, is from before it" if kept else "no checkpoint was written"
+            why = "run.nonfinite=stop" if policy == "stop" else f"more than {limit} skipped steps"
+            raise NonFiniteStop(f"non-finite loss or gradients at {bad.describe()} ({bad.count} bad step(s); "
+                                f"{why}); {last}: resume it with a lower optim.base_lr, or set "
+                                "run.nonfinite=skip")
+        self.nonfinite_skipped += bad.count
+        self._interval_nonfinite += bad.count
+        if self.ctx.main:
+            print(f"fastbyol: skipped {bad.count} non-finite step(s) (optimizer, EMA and BatchNorm statistics "
+                  f"untouched), the first at {bad.describe()}", file=sys.stderr)
+
     # -- checkpoint state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint (every rank calls it: the skipped-image count is summed over ranks)."""
@@ -272,6 +315,7 @@ class Trainer:
             "step": self.step,
             "position": self.position,
             "skipped": all_reduce_sum_int(self.ctx, self.skipped, self.device),
+            "nonfinite_skipped": self.nonfinite_skipped,
             "model": self._full_model_state(),
             # DeepSpeed keeps its sharded LARS state in its own checkpoint (see fastbyol.engine.zero).
             "optimizer": self.optimizer.state_dict() if self.ds_engine is None else {},
@@ -307,6 +351,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], state["position"]
         self.skipped = state["skipped"] if self.ctx.main else 0  # a global count: rank 0 carries it
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.meter = IntervalMeter.from_state(state["meter"], self.device)
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -367,6 +412,7 @@ class Trainer:
         profiler: Any = None
         self.stop.install()
         last_ckpt_time = self.clock()
+        self.guard.set_step(self.step)
         try:
             while self.step < end_step:
                 if self.profile_window and self.step == self.profile_window[0]:
@@ -391,6 +437,7 @@ class Trainer:
                     progress.update(self.step, self.batch_size, last_row.get("loss"))
                 stop, time_due = self._stop_or_time_due(last_ckpt_time)
                 if self.step % cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due:  # checkpoint
+                    self._check_nonfinite()  # never write the weights of a bad step
                     path = self.save_checkpoint()
                     last_ckpt_time = self.clock()
                     if stop and self.step < end_step:
@@ -430,6 +477,7 @@ class Trainer:
         """One optimizer step: per micro-batch fetch and forward/backward, then LARS and the EMA. No host
         sync: the metrics and the phase events stay on the device until the log row reads them."""
         accum = self.cfg.optim.accum_steps
+        self.guard.snapshot()  # skip policy: what the step writes, to put back if it is not finite
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(accum):
             t_wait = time.perf_counter()
@@ -438,7 +486,10 @@ class Trainer:
             self.meter.data_wait_s += time.perf_counter() - t_wait
             with self._grad_sync(micro == accum - 1):
                 self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
+        ok = self.guard.check({"loss": self._last_out.loss, "probe_loss": self._last_out.probe_loss})
         self.update()  # optimizer, EMA
+        self.guard.restore_if_bad(ok)
+        self.guard.advance()
         self.step += 1
         self.position += self.batch_size
         self.meter.steps += 1
@@ -515,6 +566,7 @@ class Trainer:
             out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
                                    forward=self.forward, phase=self.phases.start)
         self.phases.stop()
+        self._last_out = out
         self.meter.add(out._asdict())
 
     def update(self) -> None:
@@ -543,6 +595,8 @@ class Trainer:
         m = self.meter
         elapsed = time.perf_counter() - m.t0
         means = m.means(self.ctx)  # the interval's one host sync: every phase event has completed after it
+        self._check_nonfinite()
+        nonfinite, self._interval_nonfinite = self._interval_nonfinite, 0
         skipped = all_reduce_sum_int(self.ctx, self.skipped, self.device)
         k = self.step - 1  # the step whose lr/tau were just applied
         img_per_s = m.steps * self.batch_size / elapsed if elapsed > 0 else 0.0
@@ -557,6 +611,7 @@ class Trainer:
             "img_per_s": img_per_s,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": skipped,
+            "nonfinite_steps": nonfinite,
         }
         if "probe_loss" in means:
             row["probe_loss"], row["probe_top1"] = means["probe_loss"], 100.0 * means["probe_top1"]
