@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "(default byol-r50-1000ep)")
     train.add_argument("--config", help="YAML file with sections model/data/optim/byol/run (and preset:)")
     train.add_argument("--resume", metavar="PATH",
-                       help="continue a run: a checkpoint file, or a run directory (its newest valid checkpoint)")
+                       help="continue a run: a checkpoint file, or a run directory (its newest valid checkpoint); "
+                            "'auto': run.out_dir/run.name is resumed if it has a checkpoint, else started "
+                            "(the same command for every try of a requeued job)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.add_argument("--profile", nargs="?", const="10:15", metavar="A:B",
                        help="torch.profiler trace of optimizer steps A..B-1 into RUN_DIR/profile (default 10:15); "
@@ -136,7 +138,16 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from fastbyol.config import build_config
 
-    if args.resume:
+    if args.resume == "auto":
+        if args.profile:
+            args.overrides.append(f"run.profile={args.profile}")
+        from fastbyol.engine.trainer import auto_resume
+
+        trainer, resumed = auto_resume(build_config(args.preset, args.config, args.overrides))
+        if trainer.ctx.main:
+            what = f"resuming at step {trainer.step}" if resumed else "no checkpoint yet: starting"
+            print(f"fastbyol: --resume auto: {trainer.run_dir}: {what}/{trainer.total_steps}", file=sys.stderr)
+    elif args.resume:
         from fastbyol.engine.trainer import resume_run
 
         if args.preset or args.config:

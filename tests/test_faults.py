@@ -196,3 +196,23 @@ def test_timed_checkpoints(tmp_path: Path) -> None:
     # Start at 20 s; steps 1-3 look at 40, 60, 80 s: 60 s have passed at step 3; the save resets the clock (100 s);
     # step 4 looks at 120 s; step 5 is the end of the session (always saved).
     assert steps == [3, 5]
+
+
+def test_resume_auto_starts_then_continues_and_refuses_other_math(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The same command line for every try of a requeued job."""
+    from fastbyol.cli import main
+
+    base = ["train", "--resume", "auto", "--preset", "smoke", f"run.out_dir={tmp_path}", "run.name=job", *TINY]
+    assert main([*base, "run.max_steps=2"]) == 0
+    assert "--resume auto: " in (err := capsys.readouterr().err) and "no checkpoint yet: starting/16" in err
+    assert main([*base, "run.max_steps=4"]) == 0  # a resumable key may differ: it takes the command's value
+    assert "resuming at step 2/16" in capsys.readouterr().err
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "job" / "checkpoints")][0] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "job" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert main([*base, "optim.base_lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"fastbyol: error: --resume auto: {tmp_path / 'job'} holds a run with optim.base_lr=")
+    assert "use the run's settings, or another run.name" in err
+    assert main(["train", "--resume", "auto", "--preset", "smoke", f"run.out_dir={tmp_path}"]) == 2
+    assert "--resume auto needs run.name=NAME" in capsys.readouterr().err

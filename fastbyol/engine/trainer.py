@@ -31,7 +31,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.config import Config, config_from_dict, parse_override, parse_profile_window, set_key
+from fastbyol.config import (
+    Config,
+    config_from_dict,
+    parse_override,
+    parse_profile_window,
+    set_key,
+    valid_keys,
+)
 from fastbyol.data.loader import build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint
@@ -692,3 +699,32 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
     if ctx.main:
         atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
     return Trainer(cfg, run_dir, resume=state, ctx=ctx)
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def auto_resume(cfg: Config) -> tuple[Trainer, bool]:
+    """``--resume auto``: the same command starts the run the first time and continues it afterwards (a
+    requeued cluster job). The run directory is run.out_dir/run.name; with a valid checkpoint there the
+    run resumes, provided the command's config matches the saved one outside RESUMABLE_OVERRIDES (those
+    take the command's values); without one it starts. Returns (trainer, resumed)."""
+    if not cfg.run.name:
+        raise FastByolError("--resume auto needs run.name=NAME, so that the same command finds its run again")
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if not checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        return start_run(cfg), False
+    _, state = checkpoint.resolve_resume(str(run_dir))
+    saved = config_from_dict(state["config"])
+    changed = []
+    for key in valid_keys():
+        ours, theirs = _value(cfg, key), _value(saved, key)
+        if ours == theirs:
+            continue
+        if key not in RESUMABLE_OVERRIDES:
+            raise FastByolError(f"--resume auto: {run_dir} holds a run with {key}={theirs!r}, but this command "
+                                f"says {ours!r}: use the run's settings, or another run.name for a new run")
+        changed.append(f"{key}={ours}")
+    return resume_run(str(run_dir), changed), True
