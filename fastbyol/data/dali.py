@@ -111,7 +111,7 @@ class _Feed:
             data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:  # the header only: the crop needs the size
                 width, height = img.size
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # the bomb is no OSError
             raise FastByolError(f"cannot read image {path}: {e}") from None
         return np.frombuffer(data, dtype=np.uint8), height, width
 
