@@ -162,14 +162,40 @@ def test_unreadable_file_is_skipped_and_reported(folder: Path, tmp_path: Path) -
     assert len(skipped) == 1 and "empty.jpg" in skipped[0]
 
 
-def test_decode_failure_names_the_file(folder: Path, tmp_path: Path) -> None:
+def test_undecodable_file_is_skipped_by_rebuilding_at_the_same_position(folder: Path, tmp_path: Path) -> None:
+    """A JPEG cut after a valid header passes the feed's header check and stops DALI's decoder mid-batch: the
+    source names it, rebuilds the pipeline at that batch's first position with the file skipped, and hands
+    out exactly the batches of a source that knew the file was bad from the start."""
     files, labels, n = _files(folder)
     whole = Path(files[0]).read_bytes()
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(whole[: len(whole) // 2])  # the header reads; decoding stops half-way
-    source = D.DaliSource([str(truncated)], [0], 1, SIZE, 0, torch.device("cpu"), num_threads=1)
-    with pytest.raises(FastByolError, match=r"cannot decode image .*truncated\.jpg.*fastbyol data check --full"):
-        next(source.batches(0, 2, 1))
+    all_files, all_labels = [*files[:20], str(truncated), *files[20:]], [*labels[:20], 0, *labels[20:]]
+    cpu = torch.device("cpu")
+    source = D.DaliSource(all_files, all_labels, n, SIZE, 0, cpu, num_threads=1)
+    got = list(source.batches(0, 43, 3))  # 129 positions: every file once
+    assert list(source.undecodable) == [str(truncated)]
+    messages = [msg for b in got for msg in b.skipped]
+    assert len(messages) == 1 and messages[0].startswith(f"cannot decode image {truncated}")
+    knew = D.DaliSource(all_files, all_labels, n, SIZE, 0, cpu, num_threads=1)
+    knew.undecodable[str(truncated)] = "known"
+    for a, b in zip(got, knew.batches(0, 43, 3), strict=True):
+        assert torch.equal(a.labels, b.labels)  # type: ignore[arg-type]
+        assert torch.equal(a.views.view1, b.views.view1) and torch.equal(a.views.view2, b.views.view2)
+
+
+def test_decode_failure_that_names_no_file_stops_with_the_fix(folder: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PIL decodes every recently fed file but DALI did not, nothing can be skipped: one line naming
+    the fix (`fastbyol data check --full`)."""
+    files, labels, n = _files(folder)
+    whole = Path(files[0]).read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    monkeypatch.setattr(D, "find_undecodable", lambda recent: [])
+    source = D.DaliSource([str(truncated), *files], [0, *labels], n, SIZE, 0, torch.device("cpu"), num_threads=1)
+    with pytest.raises(FastByolError, match=r"DALI could not decode an image .*fastbyol data check --full"):
+        list(source.batches(0, 43, 3))
 
 
 def test_loader_switch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

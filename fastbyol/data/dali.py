@@ -95,18 +95,24 @@ def _dali_modules() -> tuple[Any, Any, Any]:
 class _Feed:
     """The external source: stream position -> encoded bytes, label and both views' decisions."""
 
-    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, positions: Iterator[int]) -> None:
+    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, positions: Iterator[int],
+                 views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2), undecodable: dict[str, str] | None = None
+                 ) -> None:
         self.files, self.labels, self.size, self.seed = files, labels, size, seed
         self.positions = positions
-        self.transform = TwoViewTransform(size)
+        self.transform = TwoViewTransform(size, *views)
         self.order = StreamOrder(len(files), seed)  # the torchvision pipeline's order, position for position
-        self.skipped: list[str] = []
+        # Files DALI's decoder failed on earlier in the run (path -> why): skipped like unreadable ones.
+        self.undecodable = undecodable if undecodable is not None else {}
+        self.skipped: list[tuple[int, str]] = []  # (stream position, message)
         # The files handed to DALI lately: a decode error inside the pipeline does not say which sample
         # failed, so the source re-checks these to name it.
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_FILES)
 
     def _read(self, index: int) -> tuple[np.ndarray, int, int]:
         path = self.files[index]
+        if path in self.undecodable:
+            raise FastByolError(f"cannot decode image {path}: {self.undecodable[path]}")
         try:
             data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:  # the header only: the crop needs the size
@@ -118,7 +124,7 @@ class _Feed:
     def __call__(self) -> tuple[np.ndarray, ...]:
         position = next(self.positions)
         (data, height, width), index, skipped = self.order.read(position, self._read)
-        self.skipped += skipped
+        self.skipped += [(position, msg) for msg in skipped]
         self.recent.append(self.files[index])
         p1, p2 = self.transform.params(height, width, mix_seed(self.seed, 0x5EED, position))
         (h1, v1), (h2, v2) = blur_filters(p1, self.size), blur_filters(p2, self.size)
@@ -205,7 +211,8 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
 
 
 def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | None, num_threads: int,
-                   seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65, decode: str = "full") -> Any:
+                   seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65, decode: str = "full",
+                   views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> Any:
     """The DALI pipeline: external source -> decode -> two views. ``device_id`` None: CPU operators only.
 
     ``decode``: 'full' decodes each image once and cuts both views from it; 'roi' decodes each view's
@@ -215,6 +222,7 @@ def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | Non
     on_gpu = device_id is not None
     where = "mixed" if on_gpu else "cpu"
     gpu = {} if device_id is None else {"hw_decoder_load": hw_decoder_load}
+    spec1, spec2 = views
 
     def roi(data: Any, p: Any) -> Any:
         anchor = fn.stack(p[_I["top"]], p[_I["left"]])
@@ -226,11 +234,11 @@ def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | Non
     def two_views() -> tuple[Any, ...]:
         data, label, p1, p2, h1, v1, h2, v2 = fn.external_source(source=feed, num_outputs=8, batch=False)
         if decode == "roi":
-            return (_augment(roi(data, p1), p1, h1, v1, VIEW1, size, cropped=True, on_gpu=on_gpu),
-                    _augment(roi(data, p2), p2, h2, v2, VIEW2, size, cropped=True, on_gpu=on_gpu), label)
+            return (_augment(roi(data, p1), p1, h1, v1, spec1, size, cropped=True, on_gpu=on_gpu),
+                    _augment(roi(data, p2), p2, h2, v2, spec2, size, cropped=True, on_gpu=on_gpu), label)
         img = fn.decoders.image(data, device=where, output_type=types.RGB, **gpu)
-        return (_augment(img, p1, h1, v1, VIEW1, size, on_gpu=on_gpu),
-                _augment(img, p2, h2, v2, VIEW2, size, on_gpu=on_gpu), label)
+        return (_augment(img, p1, h1, v1, spec1, size, on_gpu=on_gpu),
+                _augment(img, p2, h2, v2, spec2, size, on_gpu=on_gpu), label)
 
     pipe = two_views(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                      prefetch_queue_depth=prefetch, exec_dynamic=True)
@@ -245,48 +253,72 @@ class DaliSource:
 
     def __init__(self, files: list[str], labels: list[int], num_classes: int, size: int, seed: int,
                  device: torch.device, num_threads: int, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 decode: str = "full") -> None:
+                 decode: str = "full", views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> None:
         require_dali()
         if not files:
             raise FastByolError("the DALI source got no images: check data.path")
         self.files, self.labels, self.num_classes = files, labels, num_classes
         self.size, self.seed, self.device = size, seed, device
         self.num_threads, self.prefetch, self.hw_decoder_load = max(1, num_threads), prefetch, hw_decoder_load
-        self.decode = decode
+        self.decode, self.views = decode, views
+        self.undecodable: dict[str, str] = {}
+        """Files DALI's decoder failed on (path -> why), found while reading: skipped from then on."""
         self.images_per_epoch = len(files)
 
     def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
                 ) -> Iterator[Batch]:
-        """This rank's micro-batches of the stream from global position ``start`` (``shard_positions``)."""
-        # DALI prefetches past the last batch asked for: the positions run on (lazily) beyond it.
-        positions = itertools.chain.from_iterable(shard_positions(start, micro_batch, 1 << 62, rank, world))
-        feed = _Feed(self.files, self.labels, self.size, self.seed, positions)
+        """This rank's micro-batches of the stream from global position ``start`` (``shard_positions``).
+
+        A file whose header reads but whose data DALI cannot decode (a truncated JPEG) stops the pipeline
+        mid-batch. Then the file is found (the recently fed ones decoded with PIL), added to the feed's
+        undecodable set, and the pipeline rebuilt from the failed batch's first position: the batch comes
+        out with the file replaced, exactly as the torchvision pipeline replaces it, and the file is
+        skipped, counted and listed from then on. Only a failure that names no file ends the run."""
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed, self.prefetch,
-                              self.hw_decoder_load, self.decode)
-        reported = 0
-        for _ in range(num_batches):
+        undecodable = self.undecodable
+        reported: set[tuple[int, str]] = set()  # a rebuilt feed re-reads positions: report each skip once
+        done = 0
+        while done < num_batches:
+            # DALI prefetches past the last batch asked for: the positions run on (lazily) beyond it.
+            first = start + done * world * micro_batch
+            positions = itertools.chain.from_iterable(shard_positions(first, micro_batch, 1 << 62, rank, world))
+            feed = _Feed(self.files, self.labels, self.size, self.seed, positions, self.views, undecodable)
+            pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed,
+                                  self.prefetch, self.hw_decoder_load, self.decode, self.views)
             try:
-                v1, v2, labels = pipe.run()
+                while done < num_batches:
+                    v1, v2, labels = pipe.run()
+                    views = Views(_to_torch(v1, self.device), _to_torch(v2, self.device))
+                    # The feed runs ahead of the batch handed out (prefetch), so a skipped file may be
+                    # reported with a batch or two of delay; every one is reported exactly once.
+                    skipped = [msg for pos, msg in feed.skipped if (pos, msg) not in reported]
+                    reported.update(feed.skipped)
+                    done += 1
+                    yield Batch(views, torch.from_numpy(labels.as_array().reshape(-1)), skipped)
             except RuntimeError as e:
                 if "decoders.image" not in str(e):  # not a decode failure: DALI's own error stands
                     raise
-                raise decode_error(e, list(feed.recent), self.files) from None
-            views = Views(_to_torch(v1, self.device), _to_torch(v2, self.device))
-            # The feed runs ahead of the batch handed out (prefetch), so a skipped file may be reported
-            # with a batch or two of delay; every one is reported exactly once.
-            skipped, reported = feed.skipped[reported:], len(feed.skipped)
-            yield Batch(views, torch.from_numpy(labels.as_array().reshape(-1)), skipped)
+                culprits = find_undecodable(list(feed.recent))
+                if not culprits or all(path in undecodable for path, _ in culprits):
+                    raise decode_error(e, list(feed.recent), self.files) from None
+                undecodable.update(culprits)
+            finally:
+                del pipe
+
+
+def find_undecodable(recent: list[str]) -> list[tuple[str, str]]:
+    """The recently fed files that do not decode with PIL, newest first, with why: (path, reason)."""
+    from fastbyol.data.check import check_file
+
+    return [(path, why) for path in dict.fromkeys(reversed(recent)) if (why := check_file(path, full=True))]
 
 
 def decode_error(error: RuntimeError, recent: list[str], files: list[str]) -> FastByolError:
     """DALI stopped on a sample it could not decode: name the file (by decoding the recently fed ones
     with PIL) and say how to keep it out of the run."""
-    from fastbyol.data.check import check_file
-
     reason = next((line.strip() for line in str(error).splitlines() if "decode" in line.lower()),
                   str(error).splitlines()[0] if str(error) else type(error).__name__)
-    culprits = [(path, why) for path in dict.fromkeys(reversed(recent)) if (why := check_file(path, full=True))]
+    culprits = find_undecodable(recent)
     root = os.path.commonpath(files) if files else "DIR"
     fix = (f"run `fastbyol data check --full {root}` and set data.file_list to the clean list it writes, "
            "or remove the file")
