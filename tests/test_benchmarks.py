@@ -45,7 +45,9 @@ def _assert_rows(rows: list[dict[str, str]], numeric: list[str]) -> None:
      ["median_ms", "p10_ms", "p90_ms", "gb_per_s", "pct_of_copy_bw", "speedup_vs_loop"]),
     ("benchmarks.bench_loss", {"ref", "triton"},
      ["median_ms", "p10_ms", "p90_ms", "gb_per_s", "pct_of_copy_bw", "speedup_vs_ref"]),
-], ids=["ema", "loss"])
+    ("benchmarks.bench_ntxent", {"ref", "triton"},
+     ["median_ms", "p10_ms", "p90_ms", "tflop_per_s", "pct_of_matmul", "speedup_vs_ref"]),
+], ids=["ema", "loss", "ntxent"])
 def test_quick_run_writes_rows(tmp_path: Path, module: str, variants: set[str], numeric: list[str]) -> None:
     rows = _run_quick(module, tmp_path)
     # triton_multi joins the ema rows once fastbyol.kernels.ema has ema_multi_; the others are always there.
