@@ -66,7 +66,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             compile_mode, kernels = VARIANTS[name]
-            case = {"batch": args.batch, "compile": compile_mode, "kernels": kernels, "channels_last": "auto",
+            case = {"method": "byol", "batch": args.batch, "compile": compile_mode, "kernels": kernels,
+                    "channels_last": "auto",
                     "data": "synthetic", "telemetry": ("off",)}
             (row,) = run_case(sweep, case, Path(tmp), "")
             rows.append({"variant": name, "arch": row["arch"], "image_size": row["image_size"], "batch": args.batch,

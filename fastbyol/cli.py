@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                     "the comma-separated values below, after warm-up; telemetry on/off alternate inside one "
                     "trainer so its overhead is measured. Writes <date>-<device>-bench.csv/.md under --out.")
     bench.add_argument("--preset", default="synthetic-r50", help="base preset (default synthetic-r50)")
+    bench.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
     bench.add_argument("--batch", default="", help="global batch sizes, e.g. 128,256 (default: the preset's)")
     bench.add_argument("--compile", default="auto", help="run.compile values, e.g. off,default,max-autotune")
     bench.add_argument("--kernels", default="auto", help="run.kernels values, e.g. off,on")
@@ -128,8 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="checkpoint file or run directory")
     export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
 
-    demo = sub.add_parser("demo", help="digits demo: pretrain BYOL, then kNN/linear vs random init")
+    demo = sub.add_parser("demo", help="digits demo: pretrain BYOL (and/or SimCLR), then kNN/linear vs random init")
     demo.add_argument("--out", default="runs/demo", help="folder for the dataset and the run (runs/demo)")
+    demo.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
     demo.add_argument("--linear-epochs", type=int, default=80)
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the digits preset")
     return parser
@@ -205,6 +207,7 @@ def _bench(args: argparse.Namespace) -> int:
     from fastbyol.engine.bench import QUICK_OVERRIDES, Sweep, run_sweep
 
     sweep = Sweep(preset=args.preset, overrides=(QUICK_OVERRIDES if args.quick else []) + args.overrides,
+                  method=_csv_list("--method", args.method),
                   batch=_csv_list("--batch", args.batch, int), compile=_csv_list("--compile", args.compile),
                   kernels=_csv_list("--kernels", args.kernels),
                   channels_last=_csv_list("--channels-last", args.channels_last),
@@ -306,7 +309,8 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fastbyol.engine.demo import format_table, run_demo
 
-    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs)
+    methods = tuple(_csv_list("--method", args.method))
+    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods)
     print(format_table(result))
     return 0
 

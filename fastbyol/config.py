@@ -84,6 +84,10 @@ class DataConfig:
     """A clean list of the folder's images (``fastbyol data check DIR`` writes DIR/fastbyol-filelist.txt):
     the loaders read only those files, so an image found corrupt up front never reaches a run. Empty:
     scan data.path."""
+    views: str = "auto"
+    """Augmentations of the two views: 'byol' (BYOL's asymmetric pair: view 1 always blurred, view 2 rarely
+    blurred and sometimes solarised), 'view1' (BYOL's view 1 for both, SimCLR's default here), or 'auto'
+    ('byol' for method=byol, 'view1' for method=simclr)."""
     loader: str = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
     JPEG, PNG, ...), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto' (DALI for a folder on
@@ -112,6 +116,19 @@ class OptimConfig:
 class ByolConfig:
     tau_base: float = 0.996
     """Target decay at step 0; it rises to 1 with a cosine over the run."""
+
+
+@dataclass
+class SimclrConfig:
+    """SimCLR (Chen et al. 2020, arXiv 2002.05709; the official ``simclr`` code), used with method=simclr."""
+
+    temperature: float = 0.0
+    """NT-Xent temperature; 0: auto, 0.1 for optim.batch_size >= 1024 and 0.5 below (the paper's best values
+    for large batches, and the official CIFAR recipe's for small ones)."""
+    proj_hidden: int = 2048
+    """Hidden width of the projection head (official: the encoder's width, 2048 for ResNet-50)."""
+    proj_dim: int = 128
+    """Output width of the projection head, where NT-Xent compares the views (official: 128)."""
 
 
 @dataclass
@@ -185,10 +202,14 @@ class Config:
     """A whole run. Sections are the component configs; ``preset`` records where it started."""
 
     preset: str = "byol-r50-1000ep"
+    method: str = "byol"
+    """'byol', or 'simclr' (the contrastive baseline on the same engine: one network, NT-Xent with negatives
+    from the global batch, no target, no EMA; settings in the simclr section)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     byol: ByolConfig = field(default_factory=ByolConfig)
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     # -- derived quantities (the schedules and the loop read these) --------------------------------
@@ -196,8 +217,32 @@ class Config:
         """``epochs * N // batch_size``, as the official code counts (the stream crosses epochs)."""
         return max(1, int(self.run.epochs * images_per_epoch) // self.optim.batch_size)
 
+    def nt_xent_temperature(self) -> float:
+        """simclr.temperature, with 0 resolved by the global batch (0.1 from 1024 up, 0.5 below)."""
+        t = self.simclr.temperature
+        return t if t > 0 else (0.1 if self.optim.batch_size >= 1024 else 0.5)
+
+    def proj_dim(self) -> int:
+        """Width of the projection the loss reads (and the collapse monitor measures)."""
+        return self.simclr.proj_dim if self.method == "simclr" else self.model.proj_dim
+
     def validate(self) -> Config:
         m, d, o, b, r = self.model, self.data, self.optim, self.byol, self.run
+        _choice("method", self.method, ("byol", "simclr"))
+        _in_range("simclr.temperature", self.simclr.temperature, 0.0, 100.0,
+                  "a positive float, e.g. 0.1 (or 0 for auto)", low_ok=True)
+        _positive_int("simclr.proj_hidden", self.simclr.proj_hidden)
+        _positive_int("simclr.proj_dim", self.simclr.proj_dim)
+        if self.method == "simclr" and self.run.engine == "deepspeed":
+            raise ConfigError("method=simclr does not run under run.engine=deepspeed yet: use run.engine=auto "
+                              "(DDP under torchrun) or method=byol")
+        if self.method == "simclr" and self.optim.accum_steps > 1:
+            raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {self.optim.accum_steps}): NT-Xent's "
+                              "negatives are the whole batch, and accumulating would shrink them to one "
+                              "micro-batch; lower optim.batch_size or add ranks")
+        _choice("data.views", d.views, ("auto", "byol", "view1"))
+        if d.views == "auto":  # resolved here, so the run directory's config.yaml says what ran
+            d.views = "view1" if self.method == "simclr" else "byol"
         _choice("model.arch", m.arch, ARCHS)
         _positive_int("model.proj_hidden", m.proj_hidden)
         _positive_int("model.proj_dim", m.proj_dim)
@@ -369,6 +414,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _simclr_paper(epochs: int) -> dict[str, Any]:
+    """The official SimCLR ImageNet recipe: ResNet-50, batch 4096, LARS at 0.3 x batch / 256, weight decay
+    1e-6, 10 warm-up epochs then cosine, temperature 0.1, head 2048 -> 2048 -> 128."""
+    return {
+        "method": "simclr",
+        "model": {"arch": "resnet50"},
+        "data": {"source": "folder", "image_size": 224},
+        "optim": {"batch_size": 4096, "base_lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10.0},
+        "simclr": {"temperature": 0.1, "proj_hidden": 2048, "proj_dim": 128},
+        "run": {"epochs": float(epochs)},
+    }
+
+
+PRESETS["simclr-r50-1000ep"] = _simclr_paper(1000)
+PRESETS["simclr-r50-100ep"] = _simclr_paper(100)
+# The digits demo's SimCLR twin: everything as "digits" but the method (temperature auto: 0.5 at batch 64).
+PRESETS["digits-simclr"] = {**PRESETS["digits"], "method": "simclr"}
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -377,11 +441,15 @@ def preset_names() -> list[str]:
 
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "preset"}
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in TOP_LEVEL_KEYS}
+
+
+# Keys that are not in a section: ``method=simclr`` on the command line, ``method: simclr`` in YAML.
+TOP_LEVEL_KEYS = ("preset", "method")
 
 
 def valid_keys() -> list[str]:
-    keys = []
+    keys = ["method"]
     for name, cls in _sections().items():
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
@@ -429,6 +497,9 @@ def _unknown_key(key: str) -> ConfigError:
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.field`` to ``value`` coerced to the field's type; unknown keys suggest the nearest."""
+    if key == "method":
+        cfg.method = _coerce(key, value, str)
+        return
     section_name, _, name = key.partition(".")
     sections = _sections()
     if section_name not in sections or not name:
@@ -507,7 +578,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 def describe_keys() -> str:
     """Every key with its default and docstring, for ``--help``."""
-    lines = []
+    lines = [f"  method = 'byol'\n      {_field_docs(Config)['method']}"]
     for name, cls in _sections().items():
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):

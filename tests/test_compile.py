@@ -39,6 +39,21 @@ def test_forward_and_loss_have_no_graph_break(fused_loss: bool, bf16: bool) -> N
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_simclr_forward_and_nt_xent_have_no_graph_break(fused_loss: bool) -> None:
+    """method=simclr with one process: the network over both views, NT-Xent (reference or the fused custom
+    op, its indices made on the device), the probe: one graph."""
+    from fastbyol.model.simclr import SimclrNet
+
+    cfg = build_config("smoke", overrides=[*SMALL, "method=simclr", "simclr.proj_hidden=32", "simclr.proj_dim=16"])
+    net = SimclrNet(cfg.model, cfg.simclr, seed=0, probe_classes=5).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    views = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    explanation = torch._dynamo.explain(forward_loss)(net.train(), *views, torch.tensor([0, 1, 2, 3]), False,
+                                                      fused_loss, 0.5)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_fused_optimizer_and_ema_have_no_graph_break() -> None:
     pair = _pair()
     online_flat, target_flat = pair.flatten_pairs_()

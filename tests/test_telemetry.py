@@ -83,10 +83,10 @@ def test_flop_count_of_resnet50_matches_the_known_figure() -> None:
     forward each) = 8 forwards = 16 x 4.09 GFLOP, less the first convolution's unneeded input gradient,
     plus the heads: 65.1 GFLOP measured."""
     cfg = build_config("synthetic-r50")
-    gflop = gflop_per_image(cfg.model, 224)
+    gflop = gflop_per_image(cfg, 224)
     assert abs(gflop - 16 * 4.089) / (16 * 4.089) < 0.01
     rng = torch.get_rng_state()
-    gflop_per_image(cfg.model, 32)
+    gflop_per_image(cfg, 32)
     assert torch.equal(rng, torch.get_rng_state())  # counting leaves the run's RNG alone
 
 
@@ -120,7 +120,7 @@ def test_cpu_run_logs_phases_flops_and_says_why_gpu_telemetry_is_off(tmp_path: P
         assert "mfu_pct" not in row and "gpus" not in row  # no peak for a CPU, no NVML
     info = json.loads((tmp_path / "on" / "telemetry.json").read_text())
     assert info["gpu_telemetry"] is False and info["reason"] == "the run is on the CPU"
-    assert info["gflop_per_image"] == pytest.approx(gflop_per_image(trainer.cfg.model, 16))
+    assert info["gflop_per_image"] == pytest.approx(gflop_per_image(trainer.cfg, 16))
     assert not (tmp_path / "on" / "gpu_samples.jsonl").exists()
 
     start_run(_cfg(tmp_path, "off", ["run.max_steps=2", "run.log_every=2", "run.telemetry=off"])).train()

@@ -30,15 +30,16 @@ from fastbyol.config import build_config
 from fastbyol.data.views import Batch
 from fastbyol.engine.trainer import Trainer, cuda_uuids, start_run
 from fastbyol.errors import FastByolError
-from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source
+from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.results import environment, write_results
 from fastbyol.telemetry.throughput import throughput_fields
 
-AXES = ("batch", "compile", "kernels", "channels_last", "data", "telemetry")
+AXES = ("method", "batch", "compile", "kernels", "channels_last", "data", "telemetry")
+METHODS = ("byol", "simclr")
 DATA_KINDS = ("synthetic", "torch", "dali")
 # A smoke run on a 2-core CPU: the smallest ResNet on small images, narrow heads.
 QUICK_OVERRIDES = ["model.arch=resnet18", "model.small_stem=true", "data.image_size=32", "model.proj_hidden=64",
-                   "model.proj_dim=32"]
+                   "model.proj_dim=32", "simclr.proj_hidden=64", "simclr.proj_dim=32"]
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Sweep:
 
     preset: str = "synthetic-r50"
     overrides: Sequence[str] = ()
+    method: Sequence[str] = ("byol",)
+    """'byol' and/or 'simclr': the two methods side by side on the same data, device and settings."""
     batch: Sequence[int] = ()  # () = the preset's optim.batch_size
     compile: Sequence[str] = ("auto",)
     kernels: Sequence[str] = ("auto",)
@@ -61,6 +64,9 @@ class Sweep:
     data_path: str = ""
 
     def validate(self) -> None:
+        for value in self.method:
+            if value not in METHODS:
+                raise FastByolError(f"--method {value} is not a method: use {', '.join(METHODS)} (or byol,simclr)")
         for value in self.data:
             if value not in DATA_KINDS:
                 raise FastByolError(f"--data {value} is not a data source: use {', '.join(DATA_KINDS)}")
@@ -122,7 +128,8 @@ def _held_step(trainer: Trainer, batches: Iterator[Batch]) -> None:
 
 
 def _case_overrides(sweep: Sweep, case: dict[str, Any], out_dir: Path, name: str, folder: str) -> list[str]:
-    overrides = [*sweep.overrides, f"run.out_dir={out_dir}", f"run.name={name}", "run.progress=off",
+    overrides = [*sweep.overrides, f"method={case['method']}", f"run.out_dir={out_dir}", f"run.name={name}",
+                 "run.progress=off",
                  "run.telemetry=on", f"run.compile={case['compile']}", f"run.kernels={case['kernels']}",
                  f"model.channels_last={case['channels_last']}", "run.ckpt_every=1000000000"]
     if case["batch"]:
@@ -151,7 +158,7 @@ def _set_telemetry(trainer: Trainer, on: bool) -> GpuSampler | None:
     trainer.phases.read()
     if not on:
         return None
-    if trainer.device.type != "cuda" and not _replaying():
+    if trainer.device.type != "cuda" and not replaying():
         return None
     source, _ = open_gpu_source(uuids=cuda_uuids())
     if source is None:
@@ -159,12 +166,6 @@ def _set_telemetry(trainer: Trainer, on: bool) -> GpuSampler | None:
     sampler = GpuSampler(source, trainer.cfg.run.telemetry_hz)
     sampler.start()
     return sampler
-
-
-def _replaying() -> bool:
-    import os
-
-    return bool(os.environ.get("FASTBYOL_GPU_REPLAY"))
 
 
 def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> list[dict[str, Any]]:
@@ -266,10 +267,10 @@ def run_sweep(sweep: Sweep, out: Path, device: str = "auto") -> tuple[list[dict[
     batches = sweep.batch or (0,)
     with tempfile.TemporaryDirectory(prefix="fastbyol-bench-") as tmp:
         folder = _image_folder(sweep, Path(tmp))
-        for batch, compile_mode, kernels, channels_last, data in itertools.product(
-                batches, sweep.compile, sweep.kernels, sweep.channels_last, sweep.data):
-            case = {"batch": batch, "compile": compile_mode, "kernels": kernels, "channels_last": channels_last,
-                    "data": data, "telemetry": telemetry}
+        for method, batch, compile_mode, kernels, channels_last, data in itertools.product(
+                sweep.method, batches, sweep.compile, sweep.kernels, sweep.channels_last, sweep.data):
+            case = {"method": method, "batch": batch, "compile": compile_mode, "kernels": kernels,
+                    "channels_last": channels_last, "data": data, "telemetry": telemetry}
             sweep_overrides = list(sweep.overrides)
             if device != "auto":
                 sweep_overrides.append(f"run.device={device}")

@@ -6,16 +6,21 @@ with fake implementations, so they trace. Backward runs the AOTAutograd graph co
 optimizer and the EMA stay outside: with the kernels on they are three launches of a custom op already,
 and outside the compiled region ``reduce-overhead``'s CUDA graphs never capture a parameter update.
 Shapes are static (every micro-batch has the same size), so there is one compilation per run.
+
+SimCLR with several ranks all-gathers the projections inside its loss (an autograd function around
+``dist.all_gather``, which dynamo cannot put in a full graph): there the network alone is compiled and the
+loss (one fused custom op with the kernels on) runs eagerly after it.
 """
 
 from __future__ import annotations
 
 import shutil
+from typing import Any
 
 import torch
 
 from fastbyol.errors import FastByolError
-from fastbyol.step.train_step import ForwardLoss, forward_loss
+from fastbyol.step.train_step import ForwardLoss, MicroStepOut, forward_loss, loss_from_outputs, network_outputs
 
 
 def resolve_compile(setting: str, device: torch.device) -> str:
@@ -34,9 +39,17 @@ def resolve_compile(setting: str, device: torch.device) -> str:
     return setting
 
 
-def compiled_forward(mode: str) -> ForwardLoss:
-    """``forward_loss`` itself for 'off', else its torch.compile'd form (fullgraph, static shapes)."""
+def compiled_forward(mode: str, network_only: bool = False) -> ForwardLoss:
+    """``forward_loss`` itself for 'off', else its torch.compile'd form (fullgraph, static shapes); with
+    ``network_only``, the compiled network followed by the eager loss."""
     if mode == "off":
         return forward_loss
-    compiled: ForwardLoss = torch.compile(forward_loss, mode=mode, fullgraph=True, dynamic=False)
-    return compiled
+    if not network_only:
+        compiled: ForwardLoss = torch.compile(forward_loss, mode=mode, fullgraph=True, dynamic=False)
+        return compiled
+    network = torch.compile(network_outputs, mode=mode, fullgraph=True, dynamic=False)
+
+    def forward(pair: Any, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None, bf16: bool,
+                fused_loss: bool, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
+        return loss_from_outputs(network(pair, view1, view2, bf16), labels, fused_loss, temperature)
+    return forward

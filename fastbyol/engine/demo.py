@@ -1,5 +1,7 @@
-"""``fastbyol demo``: build the digits folder, pretrain BYOL on it, and show the representation was learned:
-kNN and linear-probe accuracy of the BYOL encoder next to the same architecture at random initialisation."""
+"""``fastbyol demo``: build the digits folder, pretrain on it with BYOL (and, with ``--method byol,simclr``,
+SimCLR on the same data, augmentation family, schedule and encoder), and show the representation was
+learned: kNN and linear-probe accuracy of each pretrained encoder next to the same architecture at random
+initialisation."""
 
 from __future__ import annotations
 
@@ -13,10 +15,18 @@ from fastbyol.config import build_config
 from fastbyol.data.builders import make_digits
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
+from fastbyol.errors import FastByolError
 from fastbyol.files import atomic_write_bytes
 
+# Each method's preset and its row in the table.
+METHODS = {"byol": ("digits", "BYOL (online encoder)"), "simclr": ("digits-simclr", "SimCLR (encoder)")}
 
-def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80) -> dict[str, Any]:
+
+def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
+             methods: tuple[str, ...] = ("byol",)) -> dict[str, Any]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise FastByolError(f"--method {','.join(unknown) or '(none)'}: use byol, simclr or byol,simclr")
     t0 = time.perf_counter()
     root = Path(out_dir)
     data = root / "digits"
@@ -24,27 +34,38 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80) -> dic
         counts = make_digits(str(data))
         print(f"fastbyol demo: wrote {counts['train']} train / {counts['val']} val digit images to {data}",
               file=sys.stderr)
-    cfg = build_config("digits", overrides=[f"data.path={data / 'train'}", f"run.out_dir={root}",
-                                            f"run.name=byol-{time.strftime('%Y%m%d-%H%M%S')}", *overrides])
-    trainer = start_run(cfg)
-    print(f"fastbyol demo: pretraining {cfg.model.arch} with BYOL on {trainer.device.type} for "
-          f"{trainer.total_steps} steps -> {trainer.run_dir}", file=sys.stderr)
-    summary = trainer.train()
-    size = cfg.data.image_size
-    rows = {}
+    rows: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
+    eval_s = 0.0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for method in methods:
+        preset, label = METHODS[method]
+        cfg = build_config(preset, overrides=[f"data.path={data / 'train'}", f"run.out_dir={root}",
+                                              f"run.name={method}-{stamp}", *overrides])
+        trainer = start_run(cfg)
+        print(f"fastbyol demo: pretraining {cfg.model.arch} with {method} on {trainer.device.type} for "
+              f"{trainer.total_steps} steps -> {trainer.run_dir}", file=sys.stderr)
+        summary = trainer.train()
+        t_eval = time.perf_counter()
+        rows[label] = evaluate_encoder(trainer.pair.online.encoder, str(data), cfg.data.image_size, trainer.device,
+                                       linear_epochs=linear_epochs)
+        eval_s += time.perf_counter() - t_eval
+        runs[method] = {"steps": summary["step"], "pretrain_img_per_s": summary["img_per_s"],
+                        "pretrain_s": summary["wall_s"], "run_dir": str(trainer.run_dir)}
     t_eval = time.perf_counter()
-    rows["BYOL (online encoder)"] = evaluate_encoder(trainer.pair.online.encoder, str(data), size, trainer.device,
-                                                     linear_epochs=linear_epochs)
-    random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), size, trainer.device)
-    rows["random init (BN calibrated)"] = evaluate_encoder(random_init, str(data), size, trainer.device,
-                                                           linear_epochs=linear_epochs)
+    random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), cfg.data.image_size,
+                                            trainer.device)
+    rows["random init (BN calibrated)"] = evaluate_encoder(random_init, str(data), cfg.data.image_size,
+                                                           trainer.device, linear_epochs=linear_epochs)
+    first = runs[methods[0]]
     result = {
-        "arch": cfg.model.arch, "device": trainer.device.type, "steps": summary["step"],
-        "pretrain_img_per_s": summary["img_per_s"], "pretrain_s": summary["wall_s"],
-        "eval_s": time.perf_counter() - t_eval, "total_s": time.perf_counter() - t0,
-        "rows": rows, "run_dir": str(trainer.run_dir),
+        "arch": cfg.model.arch, "device": trainer.device.type, "steps": first["steps"],
+        "pretrain_img_per_s": first["pretrain_img_per_s"], "pretrain_s": first["pretrain_s"],
+        "eval_s": eval_s + time.perf_counter() - t_eval, "total_s": time.perf_counter() - t0,
+        "rows": rows, "runs": runs, "run_dir": first["run_dir"],
     }
-    atomic_write_bytes(trainer.run_dir / "demo.json", json.dumps(result, indent=2).encode())
+    for run in runs.values():
+        atomic_write_bytes(Path(run["run_dir"]) / "demo.json", json.dumps(result, indent=2).encode())
     return result
 
 
@@ -53,7 +74,9 @@ def format_table(result: dict[str, Any]) -> str:
              f"{'-' * 30} {'-' * 13} {'-' * 13}"]
     for name, r in result["rows"].items():
         lines.append(f"{name:30s} {r['knn20']['top1']:12.1f}% {r['linear']['top1']:12.1f}%")
-    lines.append(f"{result['arch']} on {result['device']}: pretraining {result['steps']} steps at "
-                 f"{result['pretrain_img_per_s']:.1f} img/s in {result['pretrain_s']:.0f} s; evaluation "
+    runs = result.get("runs") or {"byol": result}
+    pretraining = "; ".join(f"{method} {run['steps']} steps at {run['pretrain_img_per_s']:.1f} img/s in "
+                            f"{run['pretrain_s']:.0f} s" for method, run in runs.items())
+    lines.append(f"{result['arch']} on {result['device']}: pretraining {pretraining}; evaluation "
                  f"{result['eval_s']:.0f} s; total {result['total_s']:.0f} s")
     return "\n".join(lines)

@@ -11,20 +11,23 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastbyol.config import ModelConfig
-from fastbyol.model.byol import ByolPair
+from fastbyol.config import Config
+from fastbyol.model.network import build_network
 from fastbyol.step.train_step import forward_loss
 
 
-def gflop_per_image(model: ModelConfig, image_size: int, probe_classes: int = 0) -> float:
-    """Forward + backward GFLOP per image (two views) of the BYOL step, target forward included."""
+def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> float:
+    """Forward + backward GFLOP per image (two views) of the run's step: BYOL's with the target forward
+    included, or SimCLR's (one network, no target; the NT-Xent matmuls grow with the batch and are
+    counted at this batch of 2, so they are left out, as MFU conventions leave out attention's)."""
     batch = 2  # BatchNorm needs more than one value per channel; FLOPs are linear in the batch
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        pair = ByolPair(model, seed=0, probe_classes=probe_classes)
+        pair = build_network(cfg, seed=0, probe_classes=probe_classes)
         views = torch.empty(batch, 3, image_size, image_size)
         labels = torch.zeros(batch, dtype=torch.long) if probe_classes else None
     counter = FlopCounterMode(display=False)
     with counter:
-        total, _ = forward_loss(pair, views, views, labels, bf16=False, fused_loss=False)
+        total, _ = forward_loss(pair, views, views, labels, bf16=False, fused_loss=False,
+                                temperature=cfg.nt_xent_temperature())
         total.backward()
     return counter.get_total_flops() / batch / 1e9

@@ -56,12 +56,13 @@ from fastbyol.engine.preempt import StopRequest
 from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.byol import ByolPair
+from fastbyol.model.network import build_network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
-from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source
+from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.phases import PhaseTimer
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink, require_tensorboard
 from fastbyol.telemetry.throughput import peak_bf16_tflops, throughput_fields
@@ -201,7 +202,9 @@ class Trainer:
         self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
 
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
-        self.pair = ByolPair(cfg.model, seed=cfg.run.seed, probe_classes=probe_classes).to(self.device)
+        self.simclr = cfg.method == "simclr"  # one network, NT-Xent, no target and no EMA
+        self.temperature = cfg.nt_xent_temperature()
+        self.pair = build_network(cfg, seed=cfg.run.seed, probe_classes=probe_classes).to(self.device)
         if self.channels_last:
             self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.pair.train()
@@ -214,10 +217,13 @@ class Trainer:
         self.kernels = use_kernels(cfg.run.kernels, self.device)
         self.optimizer: LARS
         self.ds_engine: Any = None
+        self.target_flat: torch.Tensor | None = None  # with the kernels: the target's flat buffer (BYOL only)
         if self.ctx.engine == "deepspeed":  # DeepSpeed owns the online half and the (sharded) LARS state
             from fastbyol.engine import zero
             from fastbyol.step.zero_lars import ZeroLARS
 
+            if not isinstance(self.pair, ByolPair):  # Config.validate refuses it first
+                raise FastByolError("method=simclr does not run under run.engine=deepspeed: use DDP")
             if resume is not None:  # the full weights first: DeepSpeed partitions what the modules hold
                 self._load_model(resume["model"])
             self.optimizer = ZeroLARS(groups, use_kernels=self.kernels, **hyper)
@@ -240,13 +246,14 @@ class Trainer:
         if self.ds_engine is not None:
             from fastbyol.engine.zero import DeepSpeedPair
 
-            self.model = DeepSpeedPair(self.pair, self.ds_engine)
+            self.model = DeepSpeedPair(self.pair, self.ds_engine)  # type: ignore[arg-type]
         elif self.ctx.engine == "ddp":
             self.model = DistributedDataParallel(
                 self.pair, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=False, **_no_buffer_sync())
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
-        self.forward = compiled_forward(self.compile_mode)
+        # SimCLR's all-gather across ranks cannot be in a full graph: then only the network is compiled.
+        self.forward = compiled_forward(self.compile_mode, network_only=self.simclr and self.ctx.world > 1)
         self.guard = self._build_guard()
         self.nonfinite_skipped = 0  # steps skipped so far in the run (run.nonfinite=skip)
         self._interval_nonfinite = 0  # ... since the last metrics row
@@ -254,8 +261,9 @@ class Trainer:
         # Telemetry: phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0).
         self.telemetry = cfg.run.telemetry == "on"
         self.phases = PhaseTimer(self.device, enabled=self.telemetry)
-        self.gflop_per_image = (gflop_per_image(cfg.model, cfg.data.image_size, probe_classes)
-                                if self.telemetry else None)
+        # Counted once, on rank 0 (the only one writing rows): ~1.7 s for ResNet-50 on a 2-core CPU.
+        self.gflop_per_image = (gflop_per_image(cfg, cfg.data.image_size, probe_classes)
+                                if self.telemetry and self.ctx.main else None)
         self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                             else f"cpu ({os.cpu_count()} cores)")
         self.peak_tflops = cfg.run.peak_tflops or (
@@ -282,7 +290,9 @@ class Trainer:
         if self.cfg.run.nonfinite == "skip":  # everything a step writes: weights, momentum, BN statistics
             buffers = [b for b in self.pair.buffers()]
             if isinstance(self.optimizer, FlatLARS):
-                protect = [self.online_flat, self.target_flat, self.optimizer.momentum_flat, *buffers]
+                protect = [self.online_flat, self.optimizer.momentum_flat, *buffers]
+                if self.target_flat is not None:
+                    protect.append(self.target_flat)
             else:
                 for _, p in named:  # created here, not at the first step, so the snapshot covers them
                     self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -508,7 +518,7 @@ class Trainer:
         telemetry is off when it is."""
         reason = "run.telemetry=off"
         if self.telemetry:
-            if self.device.type != "cuda" and not os.environ.get("FASTBYOL_GPU_REPLAY"):
+            if self.device.type != "cuda" and not replaying():
                 reason = "the run is on the CPU"
             else:
                 source, reason = open_gpu_source(uuids=cuda_uuids())
@@ -566,12 +576,13 @@ class Trainer:
         self.phases.start("forward")
         if self.ds_engine is not None:  # DeepSpeed scales by 1/accum itself and counts micro-steps in step()
             out = forward_backward(self.model, views, labels, 1.0, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward, backward=self.ds_engine.backward, phase=self.phases.start)
+                                   forward=self.forward, backward=self.ds_engine.backward, phase=self.phases.start,
+                                   temperature=self.temperature)
             if not last_micro_step:
                 self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
         else:
             out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward, phase=self.phases.start)
+                                   forward=self.forward, phase=self.phases.start, temperature=self.temperature)
         self.phases.stop()
         self._last_out = out
         self.meter.add(out._asdict())
@@ -590,12 +601,13 @@ class Trainer:
             self.phases.start("ema")
             with gathered(self.ds_engine, self.online_params):  # the EMA reads full fp32 online weights
                 target_step(self.online_params, self.target_params, tau)
-        elif isinstance(self.optimizer, FlatLARS):  # kernels: optimizer + EMA in one pass over memory
+        elif isinstance(self.optimizer, FlatLARS) and self.target_flat is not None:  # kernels: LARS + EMA, one pass
             optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
         else:
             optimizer_step(self.optimizer, lr)
-            self.phases.start("ema")
-            target_step(self.online_params, self.target_params, tau)
+            if not self.simclr:  # SimCLR has no target
+                self.phases.start("ema")
+                target_step(self.online_params, self.target_params, tau)
         self.phases.stop()
 
     def _log_row(self) -> dict[str, Any]:
@@ -612,9 +624,9 @@ class Trainer:
             "epoch": round(self.position / self.images_per_epoch, 6),
             "loss": means["loss"],
             "proj_std": means["proj_std"],
-            "proj_std_uniform": 1.0 / math.sqrt(self.cfg.model.proj_dim),
+            "proj_std_uniform": 1.0 / math.sqrt(self.cfg.proj_dim()),
             "lr": float(self.lr[k]),
-            "tau": float(self.tau[k]),
+            **({} if self.simclr else {"tau": float(self.tau[k])}),  # SimCLR has no target, no tau
             "img_per_s": img_per_s,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": skipped,

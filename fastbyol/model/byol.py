@@ -8,6 +8,7 @@ target) parameter pairs is built once here; the EMA, checkpoints and tests itera
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -33,13 +34,14 @@ class ByolOutputs(NamedTuple):
 
 
 class Tower(nn.Module):
-    """Encoder + projector: the shape both networks share."""
+    """Encoder + projector: the shape both networks share (BYOL's MLP projector, or SimCLR's head when
+    ``projector`` builds one from the encoder's width)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, projector: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.encoder = Encoder(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps)
-        self.projector = MLP(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum,
-                             cfg.bn_eps)
+        self.projector = (projector(self.encoder.feature_dim) if projector is not None else
+                          MLP(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.projector(self.encoder(x))

@@ -70,11 +70,15 @@ class GlobalBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _distributed()):
             return super().forward(x)
-        if not (self.affine and self.track_running_stats and self.momentum is not None):
-            raise ValueError("GlobalBatchNorm needs affine=True, track_running_stats=True and a momentum")
+        if not (self.track_running_stats and self.momentum is not None):
+            raise ValueError("GlobalBatchNorm needs track_running_stats=True and a momentum")
         assert self.running_mean is not None and self.running_var is not None and self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
-        out: torch.Tensor = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+        weight, bias = self.weight, self.bias
+        if weight is None or bias is None:  # affine=False (SimCLR's last head layer): scale 1, shift 0
+            weight = torch.ones(self.num_features, device=x.device, dtype=self.running_mean.dtype)
+            bias = torch.zeros_like(weight)
+        out: torch.Tensor = _GlobalBatchNorm.apply(x, weight, bias, self.running_mean, self.running_var,
                                                    self.eps, self.momentum)
         return out
 

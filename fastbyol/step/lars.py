@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastbyol.model.heads import BatchNormScale
+
 
 def lars_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, lr: float,
              weight_decay: float, momentum: float, eta: float, excluded: bool
@@ -47,7 +49,8 @@ def lars_param_groups(named_modules: Iterable[tuple[str, nn.Module]]) -> list[di
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (excluded if isinstance(module, _BatchNorm) or pname == "bias" else adapted).append(p)
+            norm = isinstance(module, (_BatchNorm, BatchNormScale))
+            (excluded if norm or pname == "bias" else adapted).append(p)
     return [{"params": adapted, "excluded": False}, {"params": excluded, "excluded": True}]
 
 

@@ -2,7 +2,8 @@
 
     forward_backward (per micro-batch) -> optimizer_step (LARS at lr[k]) -> EMA of the target (tau[k])
 
-or, with the Triton kernels, the last two as one pass over memory (``optimizer_ema_step_fused``).
+or, with the Triton kernels, the last two as one pass over memory (``optimizer_ema_step_fused``). With
+method=simclr the network is a ``SimclrNet``, the loss NT-Xent over the global batch, and there is no EMA.
 
 Everything returned is a device tensor: no ``.item()``, no host sync, no branch on a tensor value.
 The loop reads metrics at its log cadence only.
@@ -20,14 +21,16 @@ from torch import nn
 
 from fastbyol.data.views import Views
 from fastbyol.model.byol import ByolOutputs, ByolPair
+from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.ema import ema_update_
 from fastbyol.step.lars import FlatLARS
 from fastbyol.step.loss import byol_loss, projection_std
+from fastbyol.step.simclr import simclr_loss
 
 
 class MicroStepOut(NamedTuple):
     loss: torch.Tensor
-    """Symmetric BYOL loss of this micro-batch (detached, fp32, on the device)."""
+    """Symmetric BYOL loss (or SimCLR's NT-Xent) of this micro-batch (detached, fp32, on the device)."""
     proj_std: torch.Tensor
     """Collapse monitor: mean per-dimension std of the normalised online projections."""
     probe_loss: torch.Tensor | None
@@ -43,19 +46,24 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def forward_loss(pair: ByolPair | nn.Module, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
-                 bf16: bool, fused_loss: bool) -> tuple[torch.Tensor, MicroStepOut]:
-    """Forward both views through online and target; returns (the loss to backward, the metrics).
-    ``pair`` is the ByolPair or a DistributedDataParallel around it.
+Outputs = ByolOutputs | SimclrOutputs
 
-    This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
-    tensor value, and the fused loss is a custom op with a fake and an autograd rule. With the online
-    probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``); the probe reads
-    detached features, so its gradient never reaches the encoder. ``fused_loss`` takes the Triton kernel
-    (``fastbyol.kernels.byol_loss``) instead of the PyTorch reference."""
+
+def network_outputs(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
+                    bf16: bool) -> Outputs:
+    """Both views through the network (``pair`` is the ByolPair or SimclrNet, or DDP around it)."""
     with autocast_for(view1.device, bf16):
-        out: ByolOutputs = pair(view1, view2)
-    if fused_loss:
+        out: Outputs = pair(view1, view2)
+    return out
+
+
+def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, fused_loss: bool, temperature: float = 0.0
+                      ) -> tuple[torch.Tensor, MicroStepOut]:
+    """The method's loss on the network's outputs, plus the online probe's; returns (the loss to backward,
+    the metrics). ``temperature`` is NT-Xent's (SimCLR only)."""
+    if isinstance(out, SimclrOutputs):
+        loss = simclr_loss(out.h1, out.h2, temperature, fused=fused_loss)
+    elif fused_loss:
         from fastbyol.kernels.byol_loss import byol_loss as fused
 
         loss = fused(out.p1, out.p2, out.z1.detach(), out.z2.detach())
@@ -74,19 +82,33 @@ def forward_loss(pair: ByolPair | nn.Module, view1: torch.Tensor, view2: torch.T
                                None if probe_loss is None else probe_loss.detach(), probe_top1)
 
 
-ForwardLoss = Callable[["ByolPair | nn.Module", torch.Tensor, torch.Tensor, "torch.Tensor | None", bool, bool],
-                       tuple[torch.Tensor, MicroStepOut]]
+def forward_loss(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
+                 labels: torch.Tensor | None, bf16: bool, fused_loss: bool, temperature: float = 0.0
+                 ) -> tuple[torch.Tensor, MicroStepOut]:
+    """Forward both views (``network_outputs``), then the loss (``loss_from_outputs``): returns (the loss to
+    backward, the metrics).
+
+    This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
+    tensor value, and the fused losses are custom ops with fakes and autograd rules. With the online
+    probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``); the probe reads
+    detached features, so its gradient never reaches the encoder. ``fused_loss`` takes the Triton kernel
+    (``fastbyol.kernels.byol_loss`` or ``ntxent``) instead of the PyTorch reference."""
+    return loss_from_outputs(network_outputs(pair, view1, view2, bf16), labels, fused_loss, temperature)
+
+
+ForwardLoss = Callable[..., tuple[torch.Tensor, MicroStepOut]]
+"""``forward_loss``'s signature: (pair, view1, view2, labels, bf16, fused_loss, temperature)."""
 
 
 def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
                      bf16: bool, fused_loss: bool = False, forward: ForwardLoss = forward_loss,
                      backward: Callable[[torch.Tensor], object] | None = None,
-                     phase: Callable[[str], None] | None = None) -> MicroStepOut:
+                     phase: Callable[[str], None] | None = None, temperature: float = 0.0) -> MicroStepOut:
     """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean.
     ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``); ``phase("backward")`` is
     called between the two (the trainer's phase timer)."""
-    total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss)
+    total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss, temperature)
     if phase is not None:
         phase("backward")
     scaled = total * loss_scale if loss_scale != 1.0 else total

@@ -55,6 +55,12 @@ CLOCK_EVENT_REASONS: dict[int, str] = {
 }
 
 REPLAY_ENV = "FASTBYOL_GPU_REPLAY"
+
+
+def replaying() -> bool:
+    """Whether a recorded timeline replaces NVML (``FASTBYOL_GPU_REPLAY`` set): GPU telemetry runs even on
+    the CPU then, for tests and demos of the whole path."""
+    return bool(os.environ.get(REPLAY_ENV))
 _INSTALL_HINT = "nvidia-ml-py not installed: pip install 'fastbyol[gpu]' for GPU telemetry"
 
 
