@@ -3,11 +3,15 @@ with the same global batch, and a killed multi-rank run must resume where it sto
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from multirank import TINY, assert_same_training, kill_after_checkpoint, run, torchrun
+from multirank import TINY, assert_same_training, env, kill_after_checkpoint, run, torchrun
 
 from fastbyol.config import build_config
 from fastbyol.engine import checkpoint
@@ -84,3 +88,44 @@ def test_killed_two_rank_run_resumes_to_the_same_parameters(runs: dict[str, Path
     kill_after_checkpoint(torchrun(args), root, root / "killed", 4, STEPS)
     run(torchrun(["--resume", str(root / "killed")]), root)
     print_worst(_final(runs["ddp"]), _final(root / "killed"), atol=0.0, rtol=0.0)
+
+
+def _worker_pid(launcher: int, rank: int) -> int:
+    """The pid of the training process of ``rank`` started by the launcher (torchrun puts each worker in a
+    session of its own: found by parent pid and its RANK variable)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no rank-{rank} worker under launcher {launcher}")
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes(runs: dict[str, Path]) -> None:
+    """A preemption notice reaching only rank 1: the ranks agree at the next log row (every 2 steps) and stop
+    after the same step, one checkpoint written, each exiting 75; resumed with the launcher, the run ends
+    bitwise equal to the uninterrupted 2-rank run."""
+    root = runs["root"]
+    args = [f"run.out_dir={root}", "run.name=termed", *TINY, f"run.max_steps={STEPS}", f"run.ckpt_every={STEPS}",
+            "--preset", "smoke"]
+    job = subprocess.Popen(torchrun(args), cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    metrics = root / "termed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no metrics row came"
+        time.sleep(0.1)
+    os.kill(_worker_pid(job.pid, 1), signal.SIGTERM)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0, "the launcher reported success for a stopped job"
+    assert err.count("stopped by SIGTERM") == 1 and "exitcode  : 75" in err, err[-3000:]  # rank 1 says why
+    kept = [s for s, _ in checkpoint.list_checkpoints(root / "termed" / "checkpoints")]
+    assert len(kept) == 1 and kept[0] % 2 == 0 and 2 <= kept[0] < STEPS, kept
+    run(torchrun(["--resume", str(root / "termed")]), root)
+    print_worst(_final(runs["ddp"]), _final(root / "termed"), atol=0.0, rtol=0.0)
