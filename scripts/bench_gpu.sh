@@ -15,7 +15,7 @@ export PYTHONPATH="/tmp/site-fastbyol:$repo${PYTHONPATH:+:$PYTHONPATH}"
 cd /tmp
 "$py" -c "import torch, fastbyol.kernels.lars; assert torch.cuda.is_available(), 'no CUDA GPU visible'"
 export PYTHONUNBUFFERED=1
-for bench in ema loss lars step telemetry_cost; do
+for bench in ema loss ntxent lars step telemetry_cost; do
     echo "== bench_$bench"
     "$py" -m "benchmarks.bench_$bench" --device cuda --out "$out" "$@"
 done
@@ -24,6 +24,10 @@ done
 echo "== fastbyol bench"
 # Four cases (~1 min of compilation each for the compiled ones) keep this under the device's 10-minute call.
 "$py" -m fastbyol bench --batch 256 --compile off,default --kernels off,on --steps 60 --rounds 4 --out "$out"
+# Issue 9: BYOL and SimCLR side by side on this GPU (compiled, kernels on): img/s, MFU, peak memory.
+echo "== fastbyol bench --method byol,simclr"
+"$py" -m fastbyol bench --method byol,simclr --batch 256 --compile default --kernels on --steps 40 --rounds 1 \
+    --telemetry off --out "$out/methods"
 echo "== fastbyol train (telemetry, profile)"
 runs="${BENCH_RUNS:-/tmp/fastbyol-runs}"
 "$py" -m fastbyol train --preset synthetic-r50 --profile 40:45 run.max_steps=100 run.log_every=10 \
