@@ -119,3 +119,40 @@ def test_zero_memory_benchmark_shows_the_shards(tmp_path: Path) -> None:
     optim = {s: float(r["optim_mib"]) for s, r in rows.items()}
     assert params[3] == pytest.approx(params[0] / 2, rel=0.01) and params[1] == params[0]
     assert optim[1] == pytest.approx(optim[0], rel=0.01)  # momentum / 2 + master copy / 2
+
+
+def test_nan_under_deepspeed_stops_with_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """run.engine=deepspeed (ZeRO-1, one gloo rank, in a subprocess so its process group stays there) with a
+    NaN injected into step 3's loss: the run stops with one line naming step 3 and loss=nan, saying the
+    gradient norms are not read (DeepSpeed holds the gradients), and only the step-2 checkpoint exists,
+    loadable and finite."""
+    import subprocess
+    import textwrap
+
+    from multirank import env
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from multirank import TINY
+        from test_nonfinite import _poison
+        from fastbyol.config import build_config
+        from fastbyol.engine.trainer import NonFiniteStop, start_run
+        trainer = start_run(build_config("smoke", overrides=["run.out_dir={tmp_path}", "run.name=ds", *TINY,
+            "run.max_steps=6", "run.ckpt_every=2", "run.engine=deepspeed", "run.zero_stage=1"]))
+        _poison(trainer, 3)
+        try:
+            trainer.train()
+        except NonFiniteStop as e:
+            print("STOP:", e)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(env(), MASTER_ADDR="127.0.0.1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("STOP:")]
+    assert line.startswith("STOP: non-finite loss or gradients at step 3: loss=nan; largest gradient norms: not "
+                           "read (the gradients are not whole on this rank"), line
+    kept = checkpoint.list_checkpoints(tmp_path / "ds" / "checkpoints")
+    assert [s for s, _ in kept] == [2] and "is from before it" in line
+    good = checkpoint.load(kept[0][1])
+    assert all(bool(torch.isfinite(v).all()) for v in good["model"].values() if v.is_floating_point())

@@ -34,7 +34,8 @@ class BadStep:
     def describe(self, top: int = 3) -> str:
         parts = ", ".join(f"{k}={v:.6g}" for k, v in self.loss_parts.items())
         grads = ", ".join(f"{name} {norm:.3g}" for name, norm in self.largest_grads[:top])
-        return f"step {self.step}: {parts}; largest gradient norms: {grads or 'none (no gradients)'}"
+        why = "not read (the gradients are not whole on this rank: DeepSpeed keeps them in its own buffers)"
+        return f"step {self.step}: {parts}; largest gradient norms: {grads or why}"
 
 
 class NonFiniteGuard:
@@ -50,6 +51,7 @@ class NonFiniteGuard:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad_loss: dict[str, torch.Tensor] = {}
         self.bad_norms = torch.zeros(len(grads_of), dtype=torch.float32, device=device)
+        self.norms_read = False  # whether the parameters' .grad held every gradient (not under DeepSpeed)
 
     def set_step(self, step: int) -> None:
         """Once, when the loop starts (then ``advance`` keeps the device copy in step)."""
@@ -76,7 +78,8 @@ class NonFiniteGuard:
             if value is not None:
                 held = self.bad_loss.setdefault(name, torch.zeros((), dtype=torch.float32, device=self.device))
                 held.copy_(torch.where(first, value.detach().float(), held))
-        if len(grads) == len(self.params):
+        if grads and len(grads) == len(self.params):
+            self.norms_read = True
             self.bad_norms.copy_(torch.where(first, norms, self.bad_norms))
         return ok
 
@@ -101,7 +104,7 @@ class NonFiniteGuard:
         order = sorted(range(len(norms)), key=lambda i: (math.isfinite(norms[i]), -norms[i] if math.isfinite(norms[i])
                                                          else 0.0))
         record = BadStep(int(self.bad_step), count, {k: float(v) for k, v in self.bad_loss.items()},
-                         [(self.names[i], norms[i]) for i in order])
+                         [(self.names[i], norms[i]) for i in order] if self.norms_read else [])
         self.bad_count.zero_()
         self.bad_step.fill_(-1)
         return record
