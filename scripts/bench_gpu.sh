@@ -24,6 +24,8 @@ done
 echo "== fastbyol bench"
 # Four cases (~1 min of compilation each for the compiled ones) keep this under the device's 10-minute call.
 "$py" -m fastbyol bench --batch 256 --compile off,default --kernels off,on --steps 60 --rounds 4 --out "$out"
+echo "== nonfinite_cost"
+"$py" -m benchmarks.nonfinite_cost --device cuda --out "$out"
 # Issue 9: BYOL and SimCLR side by side on this GPU (compiled, kernels on): img/s, MFU, peak memory.
 echo "== fastbyol bench --method byol,simclr"
 "$py" -m fastbyol bench --method byol,simclr --batch 256 --compile default --kernels on --steps 40 --rounds 1 \

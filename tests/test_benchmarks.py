@@ -107,3 +107,19 @@ def test_telemetry_cost_quick(tmp_path: Path) -> None:
     (row,) = list(csv.DictReader(path.open()))
     assert 0 < float(row["phase_timer_us_per_step"]) < 1000 and row["sampler_source"] == "ReplaySource"
     assert int(row["sampler_samples"]) >= 1 and float(row["bound_pct_of_step"]) >= 0
+
+
+def test_nonfinite_cost_quick(tmp_path: Path) -> None:
+    """benchmarks/nonfinite_cost.py: the guard's check for both policies, and skip's snapshot and restore
+    with the bytes they protect and the bandwidth they reach."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.nonfinite_cost", "--quick", "--device", "cpu",
+                           "--step-ms", "100", "--out", str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (path,) = tmp_path.glob("*-nonfinite-cost.csv")
+    rows = {row["policy"]: row for row in csv.DictReader(path.open())}
+    assert set(rows) == {"stop", "skip"} and rows["stop"]["snapshot_ms"] == ""
+    assert float(rows["stop"]["check_ms"]) > 0 and float(rows["skip"]["protected_mib"]) > 10
+    skip = rows["skip"]
+    assert float(skip["per_step_ms"]) >= float(skip["snapshot_ms"]) + float(skip["restore_ms"]) > 0
+    assert float(skip["pct_of_step"]) == pytest.approx(float(skip["per_step_ms"]), rel=1e-6)  # of 100 ms
