@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from fastbyol.telemetry.results import (  # noqa: F401  (re-exported for the scr
     device_name,
     environment,
     markdown_table,
+    quantile,
+    time_calls,
     write_results,
 )
 
@@ -44,44 +45,17 @@ class Timing:
     iters: int
 
 
-def _quantile(sorted_ms: list[float], q: float) -> float:
-    """Linear-interpolated quantile of an already sorted list."""
-    pos = q * (len(sorted_ms) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 50) -> Timing:
-    """Warm up, then time ``iters`` calls of ``fn`` one by one.
-
-    CUDA launches are asynchronous: host clocks would time the launch, not the kernel. A pair of CUDA events
-    recorded on the stream around each call brackets the device work itself, and one synchronise at the end
-    (not one per call) keeps the host from stalling the queue between calls. On the CPU the work is
-    synchronous, so ``time.perf_counter`` around each call is the device time.
-    """
+    """Warm up, then time ``iters`` calls of ``fn`` one by one (``fastbyol.telemetry.results.time_calls``:
+    CUDA events around each call, one sync at the end; ``perf_counter`` on the CPU)."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     for _ in range(warmup):  # compilation, autotuning, allocator caching, clocks ramping up
         fn()
-    times_ms: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in pairs:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)  # the one host sync: every event has completed after it
-        times_ms = [start.elapsed_time(end) for start, end in pairs]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times_ms.append((time.perf_counter() - t0) * 1e3)
+    times_ms, _ = time_calls(fn, device, iters)
     times_ms.sort()
-    return Timing(median_ms=statistics.median(times_ms), p10_ms=_quantile(times_ms, 0.1),
-                  p90_ms=_quantile(times_ms, 0.9), min_ms=times_ms[0], iters=iters)
+    return Timing(median_ms=statistics.median(times_ms), p10_ms=quantile(times_ms, 0.1),
+                  p90_ms=quantile(times_ms, 0.9), min_ms=times_ms[0], iters=iters)
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, warmup: int = 10, iters: int = 50) -> float:

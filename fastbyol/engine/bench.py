@@ -18,9 +18,9 @@ from __future__ import annotations
 import itertools
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from fastbyol.data.views import Batch
 from fastbyol.engine.trainer import Trainer, cuda_uuids, start_run
 from fastbyol.errors import FastByolError
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
-from fastbyol.telemetry.results import environment, write_results
+from fastbyol.telemetry.results import environment, quantile, time_calls, write_results
 from fastbyol.telemetry.throughput import throughput_fields
 
 AXES = ("method", "batch", "compile", "kernels", "channels_last", "data", "telemetry")
@@ -79,46 +79,6 @@ class Sweep:
             raise FastByolError("--steps and --rounds must be >= 1 and --warmup >= 0")
         if self.steps < self.rounds:
             raise FastByolError(f"--steps {self.steps} is fewer than --rounds {self.rounds}: raise --steps")
-
-
-def _quantile(sorted_ms: list[float], q: float) -> float:
-    pos = q * (len(sorted_ms) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_ms) - 1)
-    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
-
-
-class _StepClock:
-    """Per-step times: CUDA events around each step, read after one sync at the end of a block."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def time_steps(self, trainer: Trainer, batches: Iterator[Batch], n: int) -> tuple[list[float], float]:
-        """(per-step ms, block wall seconds). The step counter is held at one mid-run step, so every timed
-        step applies the same lr and tau and a short data set never runs past the schedules' end."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        stamps: list[Any] = []
-        for _ in range(n):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                _held_step(trainer, batches)
-                end.record()
-                stamps.append((start, end))
-            else:
-                s = time.perf_counter()
-                _held_step(trainer, batches)
-                stamps.append((s, time.perf_counter()))
-        if self.cuda:
-            torch.cuda.synchronize(self.device)  # the block's one host sync: every event is complete
-        wall = time.perf_counter() - t0
-        if self.cuda:
-            return [a.elapsed_time(b) for a, b in stamps], wall
-        return [(b - a) * 1e3 for a, b in stamps], wall
 
 
 def _held_step(trainer: Trainer, batches: Iterator[Batch]) -> None:
@@ -173,7 +133,6 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
     name = "-".join(f"{k}{v}" for k, v in case.items() if k != "telemetry").replace("/", "_")
     cfg = build_config(sweep.preset, overrides=_case_overrides(sweep, case, out_dir, name, folder))
     trainer = start_run(cfg)
-    clock = _StepClock(trainer.device)
     batches = _batches(trainer, case["data"])
     trainer.step = trainer.total_steps // 2  # past warm-up: the cost does not depend on lr or tau
     for _ in range(sweep.warmup):
@@ -193,7 +152,9 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
             sampler = _set_telemetry(trainer, mode == "on")
             trainer.meter.data_wait_s = 0.0
             try:
-                block, wall = clock.time_steps(trainer, batches, per_block)
+                # The step counter is held at one mid-run step: every timed step applies the same lr and
+                # tau, and a short data set never runs past the schedules' end.
+                block, wall = time_calls(partial(_held_step, trainer, batches), trainer.device, per_block)
             finally:
                 if sampler is not None:
                     sampler.set_step(trainer.step)
@@ -217,8 +178,8 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
             "telemetry": mode, "status": "ok", "arch": cfg.model.arch, "image_size": cfg.data.image_size,
             "batch": trainer.batch_size, "world": trainer.ctx.world, "bf16": trainer.bf16,
             "channels_last_used": trainer.channels_last, "compile_used": trainer.compile_mode,
-            "kernels_used": trainer.kernels, "steps": n, "median_ms": median, "p10_ms": _quantile(ms, 0.1),
-            "p90_ms": _quantile(ms, 0.9), "img_per_s": img_per_s,
+            "kernels_used": trainer.kernels, "steps": n, "median_ms": median, "p10_ms": quantile(ms, 0.1),
+            "p90_ms": quantile(ms, 0.9), "img_per_s": img_per_s,
             "img_per_s_wall": n * trainer.batch_size / walls[mode] if walls[mode] > 0 else None,
             "data_wait_ms": 1e3 * waits[mode] / n,
         }

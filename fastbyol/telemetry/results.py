@@ -14,12 +14,50 @@ import platform
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastbyol.files import atomic_write_text
+
+
+def quantile(sorted_ms: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    pos = q * (len(sorted_ms) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, n: int) -> tuple[list[float], float]:
+    """(per-call ms, wall seconds of the block) of ``n`` calls of ``fn``, one by one.
+
+    CUDA launches are asynchronous: host clocks would time the launch, not the work. A pair of CUDA events
+    recorded on the stream around each call brackets the device work itself, and one synchronise at the end
+    (not one per call) keeps the host from stalling the queue between calls. On the CPU the work is
+    synchronous, so ``time.perf_counter`` around each call is the device time."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    if cuda:
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in pairs:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)  # the one host sync: every event has completed after it
+        return [start.elapsed_time(end) for start, end in pairs], time.perf_counter() - t0
+    times_ms = []
+    for _ in range(n):
+        s = time.perf_counter()
+        fn()
+        times_ms.append((time.perf_counter() - s) * 1e3)
+    return times_ms, time.perf_counter() - t0
+
 
 # The checkout fastbyol runs from (an editable install); the commit is "unknown" for a wheel install.
 REPO_ROOT = Path(__file__).resolve().parents[2]
