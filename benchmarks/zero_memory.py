@@ -37,7 +37,7 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
 def _measure(trainer: Any) -> dict[str, float]:
     engine, optimizer = trainer.ds_engine, trainer.optimizer
     stage = engine.zero_optimization_stage()
-    online = trainer.online_params_all()
+    online = trainer.pair.online_parameters()
     params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in online]
     state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     zero = engine.optimizer

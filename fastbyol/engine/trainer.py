@@ -284,7 +284,7 @@ class Trainer:
             self._load(resume)
 
     def _build_guard(self) -> NonFiniteGuard:
-        online_ids = {id(p) for module in self.pair.online_modules() for p in module.parameters()}
+        online_ids = {id(p) for p in self.pair.online_parameters()}
         named = [(name, p) for name, p in self.pair.named_parameters() if id(p) in online_ids]
         protect: list[torch.Tensor] | None = None
         if self.cfg.run.nonfinite == "skip":  # everything a step writes: weights, momentum, BN statistics
@@ -346,11 +346,8 @@ class Trainer:
             return self.pair.state_dict()
         from fastbyol.engine.zero import gathered
 
-        with gathered(self.ds_engine, self.online_params_all()):
+        with gathered(self.ds_engine, self.pair.online_parameters()):
             return {k: v.detach().clone() for k, v in self.pair.state_dict().items()}
-
-    def online_params_all(self) -> list[torch.Tensor]:
-        return [p for module in self.pair.online_modules() for p in module.parameters()]
 
     def _load_model(self, model_state: dict[str, torch.Tensor]) -> None:
         try:
@@ -574,15 +571,13 @@ class Trainer:
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
         self.phases.start("forward")
-        if self.ds_engine is not None:  # DeepSpeed scales by 1/accum itself and counts micro-steps in step()
-            out = forward_backward(self.model, views, labels, 1.0, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward, backward=self.ds_engine.backward, phase=self.phases.start,
-                                   temperature=self.temperature)
-            if not last_micro_step:
-                self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
-        else:
-            out = forward_backward(self.model, views, labels, loss_scale, self.bf16, fused_loss=self.kernels,
-                                   forward=self.forward, phase=self.phases.start, temperature=self.temperature)
+        deepspeed = self.ds_engine is not None  # DeepSpeed scales by 1/accum itself and backwards its own way
+        out = forward_backward(self.model, views, labels, 1.0 if deepspeed else loss_scale, self.bf16,
+                               fused_loss=self.kernels, forward=self.forward,
+                               backward=self.ds_engine.backward if deepspeed else None, phase=self.phases.start,
+                               temperature=self.temperature)
+        if deepspeed and not last_micro_step:
+            self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
         self.phases.stop()
         self._last_out = out
         self.meter.add(out._asdict())

@@ -103,6 +103,10 @@ class ByolPair(nn.Module):
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""
         return [self.online, self.predictor] + ([self.probe] if self.probe is not None else [])
 
+    def online_parameters(self) -> list[torch.Tensor]:
+        """Every parameter of ``online_modules``, in module order (what the optimizer and the guard see)."""
+        return [p for module in self.online_modules() for p in module.parameters()]
+
     def train(self, mode: bool = True) -> ByolPair:
         super().train(mode)
         # BYOL's target always normalises with batch statistics, as the official code's is_training.

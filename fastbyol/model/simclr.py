@@ -48,8 +48,12 @@ class SimclrNet(nn.Module):
         """No target network: no (online, target) pairs."""
         return [], []
 
-    def online_flat_order(self) -> list[torch.Tensor]:
+    def online_parameters(self) -> list[torch.Tensor]:
+        """Every parameter of ``online_modules``, in module order (what the optimizer and the guard see)."""
         return [p for module in self.online_modules() for p in module.parameters()]
+
+    def online_flat_order(self) -> list[torch.Tensor]:
+        return self.online_parameters()
 
     def flatten_pairs_(self) -> tuple[torch.Tensor, None]:
         """Every parameter into one flat buffer (for the fused LARS); there is no target buffer."""
