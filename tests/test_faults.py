@@ -214,5 +214,7 @@ def test_resume_auto_starts_then_continues_and_refuses_other_math(tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"fastbyol: error: --resume auto: {tmp_path / 'job'} holds a run with optim.base_lr=")
     assert "use the run's settings, or another run.name" in err
+    assert main([*base, "method=simclr"]) == 2  # a top-level key, compared like the sections' keys
+    assert "holds a run with method='byol', but this command says 'simclr'" in capsys.readouterr().err
     assert main(["train", "--resume", "auto", "--preset", "smoke", f"run.out_dir={tmp_path}"]) == 2
     assert "--resume auto needs run.name=NAME" in capsys.readouterr().err

@@ -709,8 +709,9 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
 
 
 def _value(cfg: Config, key: str) -> Any:
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)
+    """The value of ``section.field`` (or of a top-level key such as ``method``)."""
+    section, dot, name = key.partition(".")
+    return getattr(getattr(cfg, section), name) if dot else getattr(cfg, key)
 
 
 def auto_resume(cfg: Config) -> tuple[Trainer, bool]:
