@@ -23,7 +23,21 @@ def haiku_linear_init_(linear: nn.Linear) -> None:
         nn.init.zeros_(linear.bias)
 
 
-class MLP(nn.Sequential):
+class HaikuSequential(nn.Sequential):
+    """A stack of layers whose Linears take Haiku's init (in order, after construction): both heads."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                haiku_linear_init_(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = super().forward(x)
+        return out
+
+
+class MLP(HaikuSequential):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5) -> None:
         super().__init__(
@@ -32,13 +46,6 @@ class MLP(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim, bias=False),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                haiku_linear_init_(m)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = super().forward(x)
-        return out
 
 
 class BatchNormScale(nn.Module):
@@ -54,7 +61,7 @@ class BatchNormScale(nn.Module):
         return x * self.weight
 
 
-class SimclrProjector(nn.Sequential):
+class SimclrProjector(HaikuSequential):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5) -> None:
         super().__init__(
@@ -65,10 +72,3 @@ class SimclrProjector(nn.Sequential):
             nn.BatchNorm1d(out_dim, eps=bn_eps, momentum=bn_momentum, affine=False),
             BatchNormScale(out_dim),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                haiku_linear_init_(m)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = super().forward(x)
-        return out

@@ -52,12 +52,9 @@ class SimclrNet(nn.Module):
         """Every parameter of ``online_modules``, in module order (what the optimizer and the guard see)."""
         return [p for module in self.online_modules() for p in module.parameters()]
 
-    def online_flat_order(self) -> list[torch.Tensor]:
-        return self.online_parameters()
-
     def flatten_pairs_(self) -> tuple[torch.Tensor, None]:
         """Every parameter into one flat buffer (for the fused LARS); there is no target buffer."""
-        return flatten_params_(self.online_flat_order()), None
+        return flatten_params_(self.online_parameters()), None
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> SimclrOutputs:
         b = view1.shape[0]
