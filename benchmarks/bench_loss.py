@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from fastbyol.kernels.byol_loss import byol_loss, byol_loss_ref
 
-from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, triton_runs_here, write_results
+from benchmarks.harness import (
+    assert_close_at,
+    copy_bandwidth_gbs,
+    environment,
+    parse_args,
+    time_fn,
+    triton_runs_here,
+    write_results,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Loss-value tolerances per dtype (the brief's; the kernel tests hold the full grid with gradients).
@@ -44,11 +52,6 @@ def _step(f: LossFn, x: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, where: str) -> None:
-    """torch.testing.assert_close, its message prefixed with which case failed."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
-
-
 def _check(b: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
     """The kernel's loss and gradients against the reference on one fresh input; raises on a mismatch."""
     x = _inputs(b, d, dtype, device)
@@ -56,11 +59,11 @@ def _check(b: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
     want_grads = [x[0].grad.clone(), x[1].grad.clone()]  # type: ignore[union-attr]
     got = _step(byol_loss, x)().detach()
     rtol = VALUE_RTOL[dtype]
-    _assert_close(got, want, rtol, rtol, f"byol_loss B={b} D={d} {dtype}")
+    assert_close_at(got, want, rtol, rtol, f"byol_loss B={b} D={d} {dtype}")
     for name, g, w in zip(("p1", "p2"), (x[0].grad, x[1].grad), want_grads):
         assert g is not None
         atol = GRAD_RTOL[dtype] * w.abs().max().item()  # host sync: outside any timed region
-        _assert_close(g, w, GRAD_RTOL[dtype], atol, f"grad {name} B={b} D={d} {dtype}")
+        assert_close_at(g, w, GRAD_RTOL[dtype], atol, f"grad {name} B={b} D={d} {dtype}")
 
 
 def main() -> None:

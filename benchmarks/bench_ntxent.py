@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from fastbyol.kernels.ntxent import ntxent, ntxent_ref
 
-from benchmarks.harness import environment, parse_args, time_fn, triton_runs_here, write_results
+from benchmarks.harness import assert_close_at, environment, parse_args, time_fn, triton_runs_here, write_results
 from fastbyol.step.ntxent import pair_indices
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -47,11 +47,6 @@ def _step(f: LossFn, x: Inputs) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, where: str) -> None:
-    """torch.testing.assert_close, its message prefixed with which case failed."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
-
-
 def _check(b: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
     """The kernel's loss and gradient against the reference on one fresh input; raises on a mismatch."""
     x = _inputs(b, d, dtype, device)
@@ -59,10 +54,10 @@ def _check(b: int, d: int, dtype: torch.dtype, device: torch.device) -> None:
     want_grad = x[0].grad.clone()  # type: ignore[union-attr]
     got = _step(ntxent, x)().detach()
     rtol = VALUE_RTOL[dtype]
-    _assert_close(got, want, rtol, rtol, f"ntxent B={b} D={d} {dtype}")
+    assert_close_at(got, want, rtol, rtol, f"ntxent B={b} D={d} {dtype}")
     assert x[0].grad is not None
     atol = GRAD_RTOL[dtype] * want_grad.abs().max().item()  # host sync: outside any timed region
-    _assert_close(x[0].grad, want_grad, GRAD_RTOL[dtype], atol, f"grad z B={b} D={d} {dtype}")
+    assert_close_at(x[0].grad, want_grad, GRAD_RTOL[dtype], atol, f"grad z B={b} D={d} {dtype}")
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, warmup: int, iters: int) -> float:

@@ -58,6 +58,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 10, it
                   p90_ms=quantile(times_ms, 0.9), min_ms=times_ms[0], iters=iters)
 
 
+def assert_close_at(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, where: str) -> None:
+    """torch.testing.assert_close, its message prefixed with which case failed (the benchmarks' correctness
+    check before timing)."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, warmup: int = 10, iters: int = 50) -> float:
     """Measured device-memory copy bandwidth in GB/s (1e9 B/s): the ceiling for bandwidth-bound kernels.
 
