@@ -198,6 +198,19 @@ def test_decode_failure_that_names_no_file_stops_with_the_fix(folder: Path, tmp_
         list(source.batches(0, 43, 3))
 
 
+def test_simclr_views_reach_the_dali_feed(folder: Path) -> None:
+    """method=simclr (data.views=auto -> view1): the DALI source, its feed and the pipeline's specs take BYOL's
+    view 1 for both views; every second view is then blurred, as view 1 always is."""
+    from fastbyol.data.augment import VIEW1
+
+    cfg = build_config("digits", overrides=[f"data.path={folder}", "data.loader=dali", "method=simclr"]).data
+    source = build_source(cfg, 0, torch.device("cpu"))
+    assert isinstance(source, D.DaliSource) and source.views == (VIEW1, VIEW1)
+    feed = D._Feed(source.files, source.labels, SIZE, 0, iter(range(20)), source.views)
+    assert all(feed()[3][D._I["blur"]] == 1.0 for _ in range(20))  # view 2's decision vector: blur on
+    next(source.batches(0, 4, 1))  # the pipeline builds and runs with these specs
+
+
 def test_loader_switch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     cfg = build_config("digits", overrides=[f"data.path={folder}", "data.loader=dali"]).data
