@@ -16,15 +16,15 @@ its reference.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from fastbyol.kernels.launch import on_device
+from fastbyol.kernels.launch import on_device, target_of
 
 BLOCK = 4096
+NUM_WARPS = 8
 # The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
 INTERPRETER_BLOCK = 1 << 20
 
@@ -37,14 +37,16 @@ def ema_flat_ref(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) 
 
 @triton.jit
 def _ema_kernel(t_ptr, o_ptr, tau_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    # The block's start in 64 bits (a buffer may pass 2^31 elements), offsets inside it in 32: half the registers
+    # of 64-bit offsets per element (each thread holds BLOCK / (32 * num_warps) of them).
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.minimum(n - start, BLOCK).to(tl.int32)
     tau = tl.load(tau_ptr).to(tl.float32)
-    xi = tl.load(t_ptr + offs, mask=mask, other=0.0)
-    theta = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xi = tl.load(t_ptr + start + offs, mask=mask, other=0.0)
+    theta = tl.load(o_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
     new = tau * xi.to(tl.float32) + (1.0 - tau) * theta
-    tl.store(t_ptr + offs, new.to(xi.dtype), mask=mask)
-
+    tl.store(t_ptr + start + offs, new.to(xi.dtype), mask=mask)
 
 
 @torch.library.custom_op("fastbyol::ema_flat_", mutates_args=("target",))
@@ -59,8 +61,8 @@ def ema_flat_(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> 
     if n == 0:
         return
     with on_device(target):
-        block = INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
-        _ema_kernel[(triton.cdiv(n, block),)](target, online, tau, n, BLOCK=block)
+        block = INTERPRETER_BLOCK if target_of(target.device).interpreter else BLOCK
+        _ema_kernel[(triton.cdiv(n, block),)](target, online, tau, n, BLOCK=block, num_warps=NUM_WARPS)
 
 
 @ema_flat_.register_fake
@@ -84,10 +86,11 @@ def _ema_multi_kernel(t_ptrs, o_ptrs, numels, chunk_tensor, chunk_start, tau_ptr
                       T_DTYPE: tl.constexpr, O_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     i = tl.load(chunk_tensor + c)
-    t_ptr = tl.load(t_ptrs + i).to(tl.pointer_type(T_DTYPE))
-    o_ptr = tl.load(o_ptrs + i).to(tl.pointer_type(O_DTYPE))
-    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + i)
+    start = tl.load(chunk_start + c)  # 64-bit chunk start, 32-bit offsets inside the chunk (as _ema_kernel)
+    t_ptr = tl.load(t_ptrs + i).to(tl.pointer_type(T_DTYPE)) + start
+    o_ptr = tl.load(o_ptrs + i).to(tl.pointer_type(O_DTYPE)) + start
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.minimum(tl.load(numels + i) - start, BLOCK).to(tl.int32)
     tau = tl.load(tau_ptr).to(tl.float32)
     xi = tl.load(t_ptr + offs, mask=mask, other=0.0)
     theta = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -147,13 +150,14 @@ def ema_multi_(targets: list[torch.Tensor], onlines: list[torch.Tensor], tau: to
             pair = groups.setdefault((t.dtype, o.dtype), ([], []))
             pair[0].append(t)
             pair[1].append(o)
-    block = INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+    block = INTERPRETER_BLOCK if target_of(tau.device).interpreter else BLOCK
     for (t_dtype, o_dtype), (ts, os_) in groups.items():
         table = _multi_table(ts, os_, block)
         with on_device(ts[0]):
             _ema_multi_kernel[(table.chunk_tensor.numel(),)](
                 table.t_ptrs, table.o_ptrs, table.numels, table.chunk_tensor, table.chunk_start, tau,
-                T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype], BLOCK=block)
+                T_DTYPE=_TL_DTYPES[t_dtype], O_DTYPE=_TL_DTYPES[o_dtype], BLOCK=block,
+                num_warps=NUM_WARPS)
 
 
 @ema_multi_.register_fake

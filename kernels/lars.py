@@ -36,18 +36,20 @@ once from the parameter segments.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from fastbyol.kernels.launch import on_device
+from fastbyol.kernels.launch import on_device, target_of
 
 BLOCK = 4096
 # The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
 INTERPRETER_BLOCK = 1 << 16
 REDUCE_BLOCK = 256
+# Warps of the per-chunk kernels: BLOCK / (32 * NUM_WARPS) = 16 elements per thread, which keeps the fused
+# LARS+EMA update (five streams in flight) in registers (benchmarks/aot_compile.py; NOTES.md, issue 15).
+NUM_WARPS = 8
 
 
 class LarsLayout(NamedTuple):
@@ -69,16 +71,18 @@ class LarsLayout(NamedTuple):
     """int32 [T + 1]: tensor t owns chunks [tensor_chunks[t], tensor_chunks[t + 1])."""
 
 
-def chunk_size() -> int:
-    return INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else BLOCK
+def chunk_size(device: torch.device | str) -> int:
+    """Elements per chunk (and per program) for launches on ``device``."""
+    return INTERPRETER_BLOCK if target_of(device).interpreter else BLOCK
 
 
 def build_layout(segments: list[tuple[int, int, bool]], device: torch.device | str,
                  chunk: int | None = None) -> LarsLayout:
     """From (offset, numel, excluded) per tensor, in any order; segments must not overlap."""
-    chunk = chunk or chunk_size()
-    if chunk > chunk_size():  # each program covers one chunk with one block
-        raise ValueError(f"LARS chunks of {chunk} elements exceed the kernel's block of {chunk_size()}")
+    block = chunk_size(device)
+    chunk = chunk or block
+    if chunk > block:  # each program covers one chunk with one block
+        raise ValueError(f"LARS chunks of {chunk} elements exceed the kernel's block of {block}")
     ordered = sorted(segments, key=lambda seg: seg[0])  # stable: zero-length ties keep the given order
     for (o1, n1, _), (o2, _, _) in zip(ordered, ordered[1:]):
         if o1 + n1 > o2:
@@ -147,14 +151,22 @@ def lars_ema_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: tor
 # -- kernels ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _chunk(chunk_start, chunk_end, c, BLOCK: tl.constexpr):
+    """Chunk c's first element (64-bit: a buffer may pass 2^31 elements), its 32-bit offsets and their mask. The
+    offsets stay 32-bit inside the chunk: 64-bit ones per element would double their registers."""
+    start = tl.load(chunk_start + c)
+    offs = tl.arange(0, BLOCK)
+    return start, offs, offs < (tl.load(chunk_end + c) - start).to(tl.int32)
+
+
+@triton.jit
 def _norms_kernel(p_ptr, g_ptr, chunk_tensor, chunk_start, chunk_end, excluded, partial_ptr, weight_decay,
                   BLOCK: tl.constexpr):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
-    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(chunk_end + c)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    start, offs, mask = _chunk(chunk_start, chunk_end, c, BLOCK)
+    p = tl.load(p_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
     wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
     u = g + wd * p
     tl.store(partial_ptr + 2 * c, tl.sum(p * p, axis=0))
@@ -192,11 +204,12 @@ def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, ch
                    FUSE_EMA: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
-    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(chunk_end + c)
+    start, offs, mask = _chunk(chunk_start, chunk_end, c, BLOCK)
+    p_ptr += start
+    m_ptr += start
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
     p = p_raw.to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
     m_raw = tl.load(m_ptr + offs, mask=mask, other=0.0)
     wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
     u = (g + wd * p) * tl.load(trust_ptr + t)
@@ -206,11 +219,11 @@ def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, ch
     tl.store(p_ptr + offs, new_p, mask=mask)
     if FUSE_EMA:
         # The EMA reads the stored (rounded) parameter, exactly what a separate EMA pass would read.
-        t_mask = mask & (offs < n_paired)
-        xi = tl.load(t_ptr + offs, mask=t_mask, other=0.0)
+        t_mask = mask & (offs < tl.minimum(tl.maximum(n_paired - start, 0), BLOCK).to(tl.int32))
+        xi = tl.load(t_ptr + start + offs, mask=t_mask, other=0.0)
         tau = tl.load(tau_ptr).to(tl.float32)
         new_xi = tau * xi.to(tl.float32) + (1.0 - tau) * new_p.to(tl.float32)
-        tl.store(t_ptr + offs, new_xi.to(xi.dtype), mask=t_mask)
+        tl.store(t_ptr + start + offs, new_xi.to(xi.dtype), mask=t_mask)
 
 
 @triton.jit
@@ -248,19 +261,20 @@ def _launch(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor,
     n_chunks, n_tensors = layout.chunk_tensor.numel(), layout.offsets.numel()
     if n_chunks == 0:
         return
-    block = chunk_size()
+    block = chunk_size(param.device)
     with on_device(param):
         partial = torch.empty(2 * n_chunks, dtype=torch.float32, device=param.device)
         trust = torch.empty(n_tensors, dtype=torch.float32, device=param.device)
         _norms_kernel[(n_chunks,)](param, grad, layout.chunk_tensor, layout.chunk_start, layout.chunk_end,
-                                   layout.excluded, partial, weight_decay, BLOCK=block)
+                                   layout.excluded, partial, weight_decay, BLOCK=block, num_warps=NUM_WARPS)
         _trust_kernel[(n_tensors,)](partial, layout.tensor_chunks, layout.excluded, trust, eta,
                                     RBLOCK=REDUCE_BLOCK)
         fuse = target is not None
         _update_kernel[(n_chunks,)](param, grad, momentum_buf, trust, layout.chunk_tensor, layout.chunk_start,
                                     layout.chunk_end, layout.excluded, lr, weight_decay, momentum,
                                     target if fuse else param, tau if fuse else lr,
-                                    target.numel() if target is not None else 0, FUSE_EMA=fuse, BLOCK=block)
+                                    target.numel() if target is not None else 0, FUSE_EMA=fuse, BLOCK=block,
+                                    num_warps=NUM_WARPS)
 
 
 @torch.library.custom_op("fastbyol::lars_flat_", mutates_args=("param", "momentum_buf"))
@@ -334,7 +348,7 @@ def _lars_shard_sums(param: torch.Tensor, grad: torch.Tensor, offsets: torch.Ten
     with on_device(param):
         partial = torch.empty(2 * n_chunks, dtype=torch.float32, device=param.device)
         _norms_kernel[(n_chunks,)](param, grad, chunk_tensor, chunk_start, chunk_end, excluded, partial,
-                                   weight_decay, BLOCK=chunk_size())
+                                   weight_decay, BLOCK=chunk_size(param.device), num_warps=NUM_WARPS)
         _sums_kernel[(n_tensors,)](partial, tensor_chunks, sums, RBLOCK=REDUCE_BLOCK)
     return sums
 
@@ -365,7 +379,7 @@ def _lars_shard_apply_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: to
                                                                          BLOCK=REDUCE_BLOCK)
         _update_kernel[(n_chunks,)](param, grad, momentum_buf, trust, chunk_tensor, chunk_start, chunk_end,
                                     excluded, lr, weight_decay, momentum, param, lr, 0, FUSE_EMA=False,
-                                    BLOCK=chunk_size())
+                                    BLOCK=chunk_size(param.device), num_warps=NUM_WARPS)
 
 
 @_lars_shard_apply_.register_fake

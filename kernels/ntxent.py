@@ -30,31 +30,67 @@ Precision: fp32 inputs use ``input_precision="ieee"`` in every ``tl.dot`` (TF32 
 ~5e-4 relative, and the logits carry 1/T = 10 times the cosine's error). bf16/fp16 inputs go into the forward
 dots as they are (the products are exact in fp32, as the reference's); the backward's fp32 operands dS n_x use
 TF32 there (the inputs are exact in TF32, dS is rounded to 10 bits, finer than the gradient's own bf16/fp16
-rounding).
+rounding). Tiles, warps and stages are chosen per target and dtype by ``tiles_for``: on a GPU the fp32 path keeps
+its ``ieee`` dots and fits 99 KiB of shared memory by its smaller tiles, not by a lower precision.
 
 ``ntxent_ref`` is the plain-PyTorch reference with the same signature (``fastbyol.step.ntxent.nt_xent``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from fastbyol.kernels.launch import on_device
+from fastbyol.kernels.launch import Target, on_device, target_of
 
 from fastbyol.step import loss as _loss
 from fastbyol.step import ntxent as _ntxent
 
 L2_EPS = _loss.L2_EPS
-# (BLOCK_M, BLOCK_N, largest BLOCK_D). On a GPU: 64 x 64 logit tiles, D in chunks of up to 128 (SimCLR's
-# projection is 128 wide: one chunk, so the backward recomputes each logit tile once). Under the interpreter
-# (TRITON_INTERPRET=1, CPU tensors) the smallest row and column tiles tl.dot accepts, so small test shapes cross
-# tile edges; its cost is per operation, not per element, so the D chunks stay wide there.
-GPU_BLOCKS = (64, 64, 128)
-INTERPRETER_BLOCKS = (16, 16, 128)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Tiles(NamedTuple):
+    """One launch configuration of the NT-Xent kernels."""
+
+    block_m: int
+    """anchor rows per logit tile"""
+    block_n: int
+    """key columns per logit tile"""
+    block_d: int
+    """the backward's output chunk of D (each chunk recomputes the logits once)"""
+    block_k: int
+    """the logits' reduction chunk of D (tl.dot's K): its operand tiles, times the stages, fill shared memory"""
+    num_warps: int
+    num_stages: int
+
+
+def tiles_for(target: Target, dtype: torch.dtype, d: int) -> Tiles:
+    """The launch configuration for a target, an input dtype and a width D (tl.dot needs every side >= 16).
+
+    On a GPU, read off the ahead-of-time compile (``benchmarks/aot_compile.py``; registers, spills and shared
+    memory for sm_80 to sm_120 in ``benchmarks/results/*-aot-compile.md``, the sweep in NOTES.md, issue 15):
+    - fp32 (SimCLR's projection is fp32 even under autocast): ``ieee`` dots run on the FMA units and hold their
+      operand fragments in registers, so 32 x 32 logit tiles, K chunks of 32 and 8 warps: 20 KiB of shared
+      memory and no spill on sm_90 (64 x 64 tiles with 128-wide K needed 128 KiB, over the 99 KiB of sm_86/89/120,
+      and spilled kilobytes per thread);
+    - bf16/fp16: 64 x 64 tiles on the tensor cores, K chunks of 64, 8 warps, 3 stages: 48 KiB, no spill;
+    - a D that is not a multiple of 16 (rows not 16-element aligned, so no vector loads): 16 x 16 tiles, 8 warps
+      (with 4 warps the bf16 backward spilled 16-48 B on sm_90 under triton 3.6).
+    Every choice fits every architecture's shared memory, so none depends on the capability yet; ``target``
+    carries it for the per-architecture tuning a GPU timing would justify."""
+    block_d = min(max(triton.next_power_of_2(d), 16), 128)
+    if target.interpreter:
+        # The interpreter's cost is per operation, not per element: the smallest row and column tiles, so small
+        # test shapes cross tile edges, and D in one wide chunk. Warps and stages mean nothing there.
+        return Tiles(16, 16, block_d, block_d, 4, 1)
+    if d % 16:
+        return Tiles(16, 16, block_d, 32, 8, 2)
+    if dtype == torch.float32:
+        return Tiles(32, 32, block_d, 32, 8, 2)
+    return Tiles(64, 64, block_d, 64, 8, 3)
 
 
 def ntxent_ref(
@@ -87,30 +123,30 @@ def _inv_norm(ss, eps):
 @triton.jit
 def _logits(
     q_ptr, k_ptr, rows, cols, M, N, D, n_q, n_k, inv_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """s_ij = n_qi n_kj (q_i . k_j) / T for one [BLOCK_M, BLOCK_N] tile; the dots in fp32 over D in chunks.
+    """s_ij = n_qi n_kj (q_i . k_j) / T for one [BLOCK_M, BLOCK_N] tile; the dots in fp32 over D in chunks of BLOCK_K.
     Rows >= M and columns >= N load zeros (s = 0 there: callers mask them)."""
     q_base = rows.to(tl.int64) * D
     k_base = cols.to(tl.int64) * D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        offs = start + tl.arange(0, BLOCK_D)
+    for start in range(0, D, BLOCK_K):
+        offs = start + tl.arange(0, BLOCK_K)
         d_mask = offs < D
         a = tl.load(q_ptr + q_base[:, None] + offs[None, :], mask=(rows[:, None] < M) & d_mask[None, :], other=0.0)
         b = tl.load(k_ptr + k_base[None, :] + offs[:, None], mask=(cols[None, :] < N) & d_mask[:, None], other=0.0)
         if DOT_FP32:  # exact for bf16 operands; works around the interpreter's bf16 tl.dot (see _dot_settings)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # b is k's tile read transposed: [BLOCK_D, BLOCK_N]
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)  # b is k's tile read transposed: [BLOCK_K, BLOCK_N]
     return acc * (n_q[:, None] * inv_t) * n_k[None, :]
 
 
 @triton.jit
 def _ntxent_fwd_kernel(
     q_ptr, k_ptr, q_ss_ptr, k_ss_ptr, pos_ptr, self_ptr, loss_ptr, lse_ptr, M, N, D, inv_t, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,7 +161,7 @@ def _ntxent_fwd_kernel(
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         n_k = _inv_norm(tl.load(k_ss_ptr + cols, mask=cols < N, other=1.0), eps)
-        s = _logits(q_ptr, k_ptr, rows, cols, M, N, D, n_q, n_k, inv_t, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+        s = _logits(q_ptr, k_ptr, rows, cols, M, N, D, n_q, n_k, inv_t, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_FP32)
         s_pos += tl.sum(tl.where(cols[None, :] == pos[:, None], s, 0.0), axis=1)
         s = tl.where((cols[None, :] == slf[:, None]) | (cols[None, :] >= N), float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -156,7 +192,7 @@ def _normalize_backward(x, ss, n, dxh, radial, eps):
 @triton.jit
 def _ntxent_dq_kernel(
     grad_out_ptr, q_ptr, k_ptr, q_ss_ptr, k_ss_ptr, pos_ptr, self_ptr, lse_ptr, dq_ptr, M, N, D, inv_t, inv_m, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, BWD_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,7 +216,7 @@ def _ntxent_dq_kernel(
             col_mask = cols < N
             n_k = _inv_norm(tl.load(k_ss_ptr + cols, mask=col_mask, other=1.0), eps)
             s = _logits(q_ptr, k_ptr, rows, cols, M, N, D, n_q, n_k, inv_t,
-                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_FP32)
             ds = _grad_logits(s, cols, N, lse, pos, slf, valid_rows)
             radial += tl.sum(ds * s, axis=1)
             k_tile = tl.load(k_ptr + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
@@ -195,7 +231,7 @@ def _ntxent_dq_kernel(
 @triton.jit
 def _ntxent_dk_kernel(
     grad_out_ptr, q_ptr, k_ptr, q_ss_ptr, k_ss_ptr, pos_ptr, self_ptr, lse_ptr, dk_ptr, M, N, D, inv_t, inv_m, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, BWD_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,7 +253,7 @@ def _ntxent_dk_kernel(
             slf = tl.load(self_ptr + rows, mask=row_mask, other=-1)
             lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
             s = _logits(q_ptr, k_ptr, rows, cols, M, N, D, n_q, n_k, inv_t,
-                        BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_FP32)
             ds = _grad_logits(s, cols, N, lse, pos, slf, row_mask.to(tl.int32))
             radial += tl.sum(ds * s, axis=0)
             q_tile = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
@@ -237,10 +273,8 @@ def _check(
         raise ValueError(f"ntxent kernel takes float32, bfloat16 or float16 inputs, got {q.dtype}")
 
 
-def _blocks(x: torch.Tensor, d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tl.dot needs every tile side >= 16."""
-    block_m, block_n, max_block_d = GPU_BLOCKS if x.is_cuda else INTERPRETER_BLOCKS
-    return block_m, block_n, min(max(triton.next_power_of_2(d), 16), max_block_d)
+def _tiles(x: torch.Tensor, d: int) -> Tiles:
+    return tiles_for(target_of(x.device), x.dtype, d)
 
 
 def _dot_settings(x: torch.Tensor) -> dict[str, object]:
@@ -250,14 +284,14 @@ def _dot_settings(x: torch.Tensor) -> dict[str, object]:
     exact, so the interpreter computes what a GPU's bf16 MMA with fp32 accumulation does."""
     fp32 = x.dtype == torch.float32
     return {"PRECISION": "ieee", "BWD_PRECISION": "ieee" if fp32 else "tf32",
-            "DOT_FP32": x.dtype == torch.bfloat16 and not x.is_cuda}
+            "DOT_FP32": x.dtype == torch.bfloat16 and target_of(x.device).interpreter}
 
 
-def _sum_squares(x: torch.Tensor, block_rows: int, block_d: int) -> torch.Tensor:
+def _sum_squares(x: torch.Tensor, t: Tiles) -> torch.Tensor:
     """[R] fp32 sum x^2 per row of a contiguous [R, D] tensor: the norms' pre-pass, O(RD), read once."""
     r, d = x.shape
     out = torch.empty(r, dtype=torch.float32, device=x.device)
-    _sumsq_kernel[(triton.cdiv(r, block_rows),)](x, out, r, d, BLOCK_R=block_rows, BLOCK_D=block_d)
+    _sumsq_kernel[(triton.cdiv(r, t.block_m),)](x, out, r, d, BLOCK_R=t.block_m, BLOCK_D=t.block_k)
     return out
 
 
@@ -282,13 +316,14 @@ def ntxent_rows(
     (m, d), n = q.shape, k.shape[0]
     out = torch.empty(m, dtype=torch.float32, device=q.device) if out is None else out
     lse = torch.empty(m, dtype=torch.float32, device=q.device) if lse is None else lse
-    block_m, block_n, block_d = _blocks(q, d)
+    t = _tiles(q, d)
     dot = _dot_settings(q)
     with on_device(q):
-        q_ss, k_ss = _sum_squares(q, block_m, block_d), _sum_squares(k, block_n, block_d)
-        _ntxent_fwd_kernel[(triton.cdiv(m, block_m),)](
+        q_ss, k_ss = _sum_squares(q, t), _sum_squares(k, t)
+        _ntxent_fwd_kernel[(triton.cdiv(m, t.block_m),)](
             q, k, q_ss, k_ss, pos_index, self_index, out, lse, m, n, d, 1.0 / temperature, L2_EPS,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot["PRECISION"], DOT_FP32=dot["DOT_FP32"],
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, PRECISION=dot["PRECISION"],
+            DOT_FP32=dot["DOT_FP32"], num_warps=t.num_warps, num_stages=t.num_stages,
         )
     return out, lse
 
@@ -313,14 +348,15 @@ def ntxent_grads(
     grad_q = torch.empty_like(q) if grad_q is None else grad_q
     grad_k = torch.empty_like(k) if grad_k is None else grad_k
     grad_out = grad_out.reshape(()).to(device=q.device, dtype=torch.float32)
-    block_m, block_n, block_d = _blocks(q, d)
+    t = _tiles(q, d)
     with on_device(q):
-        q_ss, k_ss = _sum_squares(q, block_m, block_d), _sum_squares(k, block_n, block_d)
+        q_ss, k_ss = _sum_squares(q, t), _sum_squares(k, t)
         args = (grad_out, q, k, q_ss, k_ss, pos_index, self_index, lse.contiguous())
         scalars = (m, n, d, 1.0 / temperature, 1.0 / m, L2_EPS)
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, **_dot_settings(q)}
-        _ntxent_dq_kernel[(triton.cdiv(m, block_m),)](*args, grad_q, *scalars, **blocks)
-        _ntxent_dk_kernel[(triton.cdiv(n, block_n),)](*args, grad_k, *scalars, **blocks)
+        blocks = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_D": t.block_d, "BLOCK_K": t.block_k,
+                  **_dot_settings(q), "num_warps": t.num_warps, "num_stages": t.num_stages}
+        _ntxent_dq_kernel[(triton.cdiv(m, t.block_m),)](*args, grad_q, *scalars, **blocks)
+        _ntxent_dk_kernel[(triton.cdiv(n, t.block_n),)](*args, grad_k, *scalars, **blocks)
     return grad_q, grad_k
 
 

@@ -160,7 +160,7 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="overlap"):
         build_layout([(0, 4, False), (2, 4, False)], "cpu")
     with pytest.raises(ValueError, match="exceed"):
-        build_layout([(0, 4, False)], "cpu", chunk=lars.chunk_size() * 2)
+        build_layout([(0, 4, False)], "cpu", chunk=lars.chunk_size("cpu") * 2)
 
 
 def test_compiles_without_graph_break() -> None:
