@@ -122,13 +122,15 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
     """2 DDP ranks x 8 images, each scoring its anchors against all 32 projections (all-gathered with
     gradient), equal one process's 16 images over 4 steps: parameters, BatchNorm statistics, momentum and
     logged losses. Without the all-reduce in the gather's backward (each rank's gradient for its rows from
-    its own loss only) the parameters are 2e-2 apart and the momentum 0.27 (measured); here ~6e-6."""
+    its own loss only) the parameters are 2e-2 apart and the momentum 0.27 (measured); here 6e-6 on the machine
+    it was written on and 3.3e-5 on an AMD EPYC one (the CPU's kernels round differently; at 2e-5 it failed there),
+    so atol 1e-4: 200x below the broken gather."""
     steps = 4
     extra = [f"run.max_steps={steps}", f"run.ckpt_every={steps}"]
     start_run(_cfg(tmp_path, "single", *extra)).train()
     run(torchrun([f"run.out_dir={tmp_path}", "run.name=ddp", *TINY, *extra, "--preset", "smoke"]), tmp_path)
     single, ddp = _final(tmp_path / "single", steps), _final(tmp_path / "ddp", steps)
-    worst = assert_same_training(single, ddp, atol=2e-5, rtol=1e-4, momentum_atol=5e-4)
+    worst = assert_same_training(single, ddp, atol=1e-4, rtol=1e-4, momentum_atol=5e-4)
     print(f"worst parameter/statistic difference: {worst:.3g}")
     losses = [[r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("single", "ddp")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
