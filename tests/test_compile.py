@@ -104,3 +104,42 @@ def test_compile_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_compile("default", cpu)
     with pytest.raises(FastByolError, match="run.compile"):
         build_config("smoke", overrides=["run.compile=fast"])
+
+
+@pytest.mark.parametrize("network_only", [False, True])
+def test_reduce_overhead_forward_keeps_metrics_past_the_next_graph_replay(monkeypatch: pytest.MonkeyPatch,
+                                                                         network_only: bool) -> None:
+    """A CUDA graph replays into the same output memory: stand in for one with a 'compiled' function that writes
+    every result into one static buffer. The metrics of a micro-step must survive the next call (the meter sums
+    them across steps, the guard reads them after the optimizer), and each call must start a graph step."""
+    from fastbyol.engine import compile as compile_mod
+    from fastbyol.step.train_step import MicroStepOut
+
+    static = torch.zeros(4)
+    calls = {"mark": 0}
+
+    def fake_compile(fn: object, **kwargs: object) -> object:
+        def replay(*args: object) -> object:
+            static.add_(1.0)  # the replay overwrites its outputs in place
+            if network_only:
+                return static  # network outputs, handed to the eager loss below
+            return static[0], MicroStepOut(static[0], static[1], None, None)
+        return replay
+
+    def fake_loss(outputs: torch.Tensor, labels: object, fused: bool, temperature: float) -> object:
+        return outputs[0], MicroStepOut(outputs[0], outputs[1], None, None)
+
+    monkeypatch.setattr(compile_mod.torch, "compile", fake_compile)
+    monkeypatch.setattr(compile_mod, "loss_from_outputs", fake_loss)
+    monkeypatch.setattr(compile_mod.torch.compiler, "cudagraph_mark_step_begin",
+                        lambda: calls.__setitem__("mark", calls["mark"] + 1))
+    forward = compile_mod.compiled_forward("reduce-overhead", network_only=network_only)
+    view = torch.zeros(1)
+    _, first = forward(None, view, view, None, False, False)
+    _, second = forward(None, view, view, None, False, False)
+    assert calls["mark"] == 2
+    assert (first.loss.item(), first.proj_std.item(), second.loss.item()) == (1.0, 1.0, 2.0)
+    assert first.probe_loss is None
+    # The default mode keeps torch.compile's outputs as they are (no copies, no graph steps).
+    _, out = compile_mod.compiled_forward("default", network_only=network_only)(None, view, view, None, False, False)
+    assert calls["mark"] == 2 and out.loss.data_ptr() == static.data_ptr()

@@ -41,15 +41,31 @@ def resolve_compile(setting: str, device: torch.device) -> str:
 
 def compiled_forward(mode: str, network_only: bool = False) -> ForwardLoss:
     """``forward_loss`` itself for 'off', else its torch.compile'd form (fullgraph, static shapes); with
-    ``network_only``, the compiled network followed by the eager loss."""
+    ``network_only``, the compiled network followed by the eager loss. 'reduce-overhead' adds what CUDA graphs
+    need (``_graph_safe``)."""
     if mode == "off":
         return forward_loss
     if not network_only:
         compiled: ForwardLoss = torch.compile(forward_loss, mode=mode, fullgraph=True, dynamic=False)
-        return compiled
+        return _graph_safe(compiled) if mode == "reduce-overhead" else compiled
     network = torch.compile(network_outputs, mode=mode, fullgraph=True, dynamic=False)
 
     def forward(pair: Any, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None, bf16: bool,
                 fused_loss: bool, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
         return loss_from_outputs(network(pair, view1, view2, bf16), labels, fused_loss, temperature)
-    return forward
+    return _graph_safe(forward) if mode == "reduce-overhead" else forward
+
+
+def _graph_safe(forward: ForwardLoss) -> ForwardLoss:
+    """A CUDA graph writes its outputs into the same memory at every replay, so an output kept past the next
+    micro-step reads the next step's values (torch 2.11 raises "accessing tensor output of CUDAGraphs that has
+    been overwritten by a subsequent run"). The loss is consumed by this micro-step's backward, but the metrics
+    are kept: the interval meter sums them across steps and the non-finite guard reads the last one after the
+    optimizer. So each call starts a new graph step and copies the metrics out (a few scalars)."""
+
+    def forward_copied(pair: Any, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
+                       bf16: bool, fused_loss: bool, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
+        torch.compiler.cudagraph_mark_step_begin()
+        total, out = forward(pair, view1, view2, labels, bf16, fused_loss, temperature)
+        return total, MicroStepOut(*(None if t is None else t.clone() for t in out))
+    return forward_copied
