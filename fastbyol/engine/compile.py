@@ -67,5 +67,7 @@ def _graph_safe(forward: ForwardLoss) -> ForwardLoss:
                        bf16: bool, fused_loss: bool, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
         torch.compiler.cudagraph_mark_step_begin()
         total, out = forward(pair, view1, view2, labels, bf16, fused_loss, temperature)
-        return total, MicroStepOut(*(None if t is None else t.clone() for t in out))
+        return total, MicroStepOut(out.loss.clone(), out.proj_std.clone(),
+                                   None if out.probe_loss is None else out.probe_loss.clone(),
+                                   None if out.probe_top1 is None else out.probe_top1.clone())
     return forward_copied
