@@ -63,10 +63,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_ddp_two_ranks_equal_one_process_with_the_global_batch(runs: dict[str, Path]) -> None:
     """Cross-replica BatchNorm + all-reduced gradients + identical LARS and EMA on every rank: 10 steps of
-    2 ranks x 8 images are one process's 10 steps of 16 images, up to fp32 rounding."""
+    2 ranks x 8 images are one process's 10 steps of 16 images, up to fp32 rounding: 6.4e-5 at worst (a
+    BatchNorm running mean) on an AMD EPYC machine, whose CPU kernels round differently from the one this was
+    first written on (under 2e-5 there); a missing gradient or statistics all-reduce is off by ~1e-2."""
     single, ddp = _final(runs["single"]), _final(runs["ddp"])
     assert single["position"] == ddp["position"] == STEPS * 16
-    print_worst(single, ddp, atol=2e-5, rtol=1e-4)
+    print_worst(single, ddp, atol=2e-4, rtol=1e-4)
     # Rank 0 alone wrote the run directory: one metrics row per log interval, no duplicates.
     rows = [line for line in (runs["ddp"] / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == STEPS // 2
