@@ -44,10 +44,12 @@ def test_demo_command_end_to_end_in_miniature(tmp_path: Path) -> None:
 
     result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1,
                       methods=("byol", "simclr"))
-    assert list(result["rows"]) == ["BYOL (online encoder)", "SimCLR (encoder)", "random init (BN calibrated)"]
+    assert list(result["rows"]) == ["BYOL (online encoder)", "SimCLR (encoder)", "raw pixels",
+                                    "random init, torchvision (BN cal.)", "random init, fastbyol (BN cal.)"]
+    assert result["rows"]["raw pixels"]["feature_dim"] == 3 * 32 * 32
     assert result["steps"] == 2 and result["runs"]["simclr"]["steps"] == 2
     assert (Path(result["runs"]["simclr"]["run_dir"]) / "config.yaml").read_text().startswith("preset: digits-simclr")
     table = format_table(result)
-    assert "kNN-20 top-1" in table and "random init (BN calibrated)" in table and "simclr 2 steps" in table
+    assert "kNN-20 top-1" in table and "random init, torchvision (BN cal.)" in table and "simclr 2 steps" in table
     assert json.loads((Path(result["run_dir"]) / "demo.json").read_text())["steps"] == 2
     assert (tmp_path / "digits" / "fastbyol-dataset.json").is_file()

@@ -79,3 +79,20 @@ def test_same_seed_same_model() -> None:
     a, b = ByolPair(SMALL, seed=5), ByolPair(SMALL, seed=5)
     for (_, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_torchvision_init_is_torchvisions_random_network(small_stem: bool) -> None:
+    """The demo's standard random baseline: Kaiming-normal fan-out convolutions (stem included) and every
+    BatchNorm at scale 1, where fastbyol's own init zeroes each block's last BatchNorm."""
+    import math
+
+    ours, standard = Encoder("resnet18", small_stem), Encoder("resnet18", small_stem, init="torchvision")
+    assert float(ours.net.layer1[0].bn2.weight.abs().max()) == 0.0
+    assert all(float(m.weight.min()) == 1.0 for m in standard.modules() if isinstance(m, nn.BatchNorm2d))
+    for name in ("conv1", "layer3.0.conv2"):
+        conv = standard.net.get_submodule(name)
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.std()) == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.1), name
+    with pytest.raises(ValueError, match="unknown init"):
+        Encoder("resnet18", init="xavier")

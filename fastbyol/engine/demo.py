@@ -1,7 +1,9 @@
 """``fastbyol demo``: build the digits folder, pretrain on it with BYOL (and, with ``--method byol,simclr``,
-SimCLR on the same data, augmentation family, schedule and encoder), and show the representation was
-learned: kNN and linear-probe accuracy of each pretrained encoder next to the same architecture at random
-initialisation."""
+SimCLR on the same data, augmentation family, schedule and encoder), and show what was learned: kNN and
+linear-probe accuracy of each pretrained encoder next to the baselines with nothing learned, evaluated the
+same way: the raw pixels, and the same architecture at random initialisation, torchvision's (the standard
+random network) and fastbyol's own (Haiku's, where training starts), BatchNorm calibrated on the training
+images."""
 
 from __future__ import annotations
 
@@ -16,10 +18,15 @@ from fastbyol.data.builders import make_digits
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError
+from fastbyol.eval.baselines import RawPixels
 from fastbyol.files import atomic_write_bytes
 
 # Each method's preset and its row in the table.
 METHODS = {"byol": ("digits", "BYOL (online encoder)"), "simclr": ("digits-simclr", "SimCLR (encoder)")}
+# The baselines' rows, below the methods'.
+RAW_PIXELS = "raw pixels"
+RANDOM_TORCHVISION = "random init, torchvision (BN cal.)"
+RANDOM_FASTBYOL = "random init, fastbyol (BN cal.)"
 
 
 def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
@@ -53,10 +60,13 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
         runs[method] = {"steps": summary["step"], "pretrain_img_per_s": summary["img_per_s"],
                         "pretrain_s": summary["wall_s"], "run_dir": str(trainer.run_dir)}
     t_eval = time.perf_counter()
-    random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), cfg.data.image_size,
-                                            trainer.device)
-    rows["random init (BN calibrated)"] = evaluate_encoder(random_init, str(data), cfg.data.image_size,
-                                                           trainer.device, linear_epochs=linear_epochs)
+    rows[RAW_PIXELS] = evaluate_encoder(RawPixels(), str(data), cfg.data.image_size, trainer.device,
+                                        linear_epochs=linear_epochs)
+    for label, init in ((RANDOM_TORCHVISION, "torchvision"), (RANDOM_FASTBYOL, "haiku")):
+        random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), cfg.data.image_size,
+                                                trainer.device, init=init)
+        rows[label] = evaluate_encoder(random_init, str(data), cfg.data.image_size, trainer.device,
+                                       linear_epochs=linear_epochs)
     first = runs[methods[0]]
     result = {
         "arch": cfg.model.arch, "device": trainer.device.type, "steps": first["steps"],
@@ -70,10 +80,10 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{'encoder':30s} {'kNN-20 top-1':>13s} {'linear top-1':>13s}",
-             f"{'-' * 30} {'-' * 13} {'-' * 13}"]
+    lines = [f"{'encoder':34s} {'kNN-20 top-1':>13s} {'linear top-1':>13s}",
+             f"{'-' * 34} {'-' * 13} {'-' * 13}"]
     for name, r in result["rows"].items():
-        lines.append(f"{name:30s} {r['knn20']['top1']:12.1f}% {r['linear']['top1']:12.1f}%")
+        lines.append(f"{name:34s} {r['knn20']['top1']:12.1f}% {r['linear']['top1']:12.1f}%")
     runs = result.get("runs") or {"byol": result}
     pretraining = "; ".join(f"{method} {run['steps']} steps at {run['pretrain_img_per_s']:.1f} img/s in "
                             f"{run['pretrain_s']:.0f} s" for method, run in runs.items())

@@ -55,12 +55,13 @@ def calibrate_batchnorm(encoder: Encoder, files: ImageFiles, size: int, device: 
 
 
 def calibrated_random_encoder(cfg: ModelConfig, seed: int, data_root: str, size: int,
-                              device: torch.device) -> Encoder:
-    """The baseline: the same architecture at random initialisation (seeded), BatchNorm calibrated on the
-    training split of ``data_root``."""
+                              device: torch.device, init: str = "haiku") -> Encoder:
+    """A baseline: the same architecture at random initialisation (seeded; ``init`` 'haiku' as training
+    starts, or 'torchvision', the standard random network), BatchNorm calibrated on the training split of
+    ``data_root``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = Encoder(cfg.arch, cfg.small_stem).to(device)
+        encoder = Encoder(cfg.arch, cfg.small_stem, init=init).to(device)
     calibrate_batchnorm(encoder, split_files(data_root)[0], size, device)
     return encoder
 
@@ -75,7 +76,7 @@ def split_files(data_root: str) -> tuple[ImageFiles, ImageFiles]:
     return train, val
 
 
-def evaluate_encoder(encoder: Encoder, data_root: str, size: int, device: torch.device, *,
+def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device: torch.device, *,
                      knn_k: tuple[int, ...] = (20,),
                      linear_epochs: int | None = 80, batch_size: int = 256, augment: bool = False) -> dict[str, Any]:
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or

@@ -43,24 +43,35 @@ def haiku_conv_init_(conv: nn.Conv2d) -> None:
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 
+INITS = ("haiku", "torchvision")
+
+
 class Encoder(nn.Module):
-    """ResNet trunk -> global average pool -> flat features [B, feature_dim]."""
+    """ResNet trunk -> global average pool -> flat features [B, feature_dim].
+
+    ``init``: 'haiku' (the official BYOL code's, above: what training starts from) or 'torchvision' (its
+    default: Kaiming-normal fan-out convolutions, every BatchNorm at scale 1), the standard random network
+    that evaluation baselines compare against."""
 
     def __init__(self, arch: str, small_stem: bool = False, bn_momentum: float = 0.1,
-                 bn_eps: float = 1e-5) -> None:
+                 bn_eps: float = 1e-5, init: str = "haiku") -> None:
         super().__init__()
         if arch not in _BUILDERS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_BUILDERS)}")
-        net = _BUILDERS[arch](weights=None, zero_init_residual=True)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        net = _BUILDERS[arch](weights=None, zero_init_residual=init == "haiku")
         if small_stem:
             # CIFAR-style stem for 32-64 px inputs: a 7x7/2 conv and a max-pool would leave 1-2 px maps.
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()  # type: ignore[assignment]
+            if init == "torchvision":  # as torchvision's ResNet initialises the stem it replaces
+                nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.feature_dim: int = net.fc.in_features
         net.fc = nn.Identity()  # type: ignore[assignment]
         self.net = net
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "haiku":
                 haiku_conv_init_(m)
             elif isinstance(m, nn.BatchNorm2d):
                 m.momentum, m.eps = bn_momentum, bn_eps
