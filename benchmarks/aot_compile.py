@@ -77,9 +77,8 @@ class Launch:
 
     @property
     def name(self) -> str:
-        flags = {k: v for k, v in self.kwargs.items() if k.isupper() and not k.startswith("BLOCK") and
-                 k not in ("RBLOCK",) and not isinstance(v, str) and not hasattr(v, "primitive_bitwidth")}
-        extra = "".join(f"[{k}={int(v)}]" for k, v in flags.items() if isinstance(v, bool))
+        """The kernel, with its boolean constexprs (FUSE_EMA, DOT_FP32): one name per compiled variant."""
+        extra = "".join(f"[{k}={int(v)}]" for k, v in self.kwargs.items() if isinstance(v, bool))
         return f"{self.base_name}{extra}"
 
 
@@ -176,7 +175,8 @@ def _optimizer_cases(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], obj
 
 
 def capture(capability: int, only: str | None = None) -> list[Launch]:
-    """Every launch the launchers make for a GPU of ``capability``, in call order, deduplicated per case."""
+    """Every launch the launchers make for a GPU of ``capability``, in call order (repeats included:
+    ``_compile_arch`` compiles each distinct one once)."""
     launches: list[Launch] = []
     torch.manual_seed(0)
     for dtype_name, dtype in DTYPES.items():
@@ -246,7 +246,7 @@ def _bind(launch: Launch, target: GPUTarget) -> tuple[ASTSource, dict[str, Any]]
 
 
 def _resources(cubin: bytes, ptx: str, arch: int) -> dict[str, int]:
-    """Registers, stack and local bytes of the cubin Triton built; spill bytes from ptxas -v on its PTX."""
+    """Registers and local bytes of the cubin Triton built; spill bytes from ptxas -v on its PTX."""
     found: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cubin_path, ptx_path = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
@@ -254,7 +254,7 @@ def _resources(cubin: bytes, ptx: str, arch: int) -> dict[str, int]:
         ptx_path.write_text(ptx)
         usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(cubin_path)], capture_output=True,
                                text=True, check=True).stdout
-        for key, field in (("REG", "registers"), ("STACK", "stack"), ("LOCAL", "local_bytes")):
+        for key, field in (("REG", "registers"), ("LOCAL", "local_bytes")):
             match = re.search(rf"\b{key}:(\d+)", usage)
             if match:
                 found[field] = int(match.group(1))
@@ -271,12 +271,14 @@ def _resources(cubin: bytes, ptx: str, arch: int) -> dict[str, int]:
     return found
 
 
-def compile_launch(launch: Launch, arch: int) -> Compiled:
+def compile_launch(launch: Launch, arch: int, bound: tuple[ASTSource, dict[str, Any]] | None = None) -> Compiled:
+    """``triton.compile`` one launch for ``arch`` (``bound``: its ``_bind`` result, if already made) and read what
+    the GPU would get; a failure is a row with status 'error'."""
     row = Compiled(launch.name, launch.case, launch.dtype, arch, "ok", shared_limit=SHARED_LIMIT.get(arch))
     start = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)
-        src, options = _bind(launch, target)
+        src, options = bound or _bind(launch, target)
         compiled = triton.compile(src, target=target, options=options)
         meta = compiled.metadata
         row.shared_bytes, row.num_warps, row.num_stages = int(meta.shared), int(meta.num_warps), int(meta.num_stages)
@@ -290,21 +292,22 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     return row
 
 
-def _key(launch: Launch, arch: int) -> str:
-    src, options = _bind(launch, GPUTarget("cuda", arch, 32))
-    return f"{launch.kernel.fn.__qualname__}|{src.hash()}|{sorted(options.items())}"
-
-
 def _compile_arch(arch: int, only: str | None) -> list[Compiled]:
-    """Capture for ``arch`` and compile each distinct launch once (a worker process's whole job)."""
+    """Capture for ``arch`` and compile each distinct launch once (a worker process's whole job): the same
+    binary (e.g. the norms kernel of lars_flat and lars_ema_flat) is bound again but not compiled again."""
     rows: list[Compiled] = []
-    seen: dict[str, Compiled] = {}
+    seen: set[str] = set()
     for launch in capture(arch, only):
-        key = _key(launch, arch)
-        if key in seen:  # the same binary (e.g. the norms kernel of lars_flat and lars_ema_flat): compiled once
+        try:
+            bound = _bind(launch, GPUTarget("cuda", arch, 32))
+        except Exception:  # compile_launch binds again and reports the error as its row
+            rows.append(compile_launch(launch, arch))
             continue
-        seen[key] = row = compile_launch(launch, arch)
-        rows.append(row)
+        src, options = bound
+        key = f"{launch.kernel.fn.__qualname__}|{src.hash()}|{sorted(options.items())}"
+        if key not in seen:
+            seen.add(key)
+            rows.append(compile_launch(launch, arch, bound))
     return rows
 
 

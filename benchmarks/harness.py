@@ -8,13 +8,13 @@ triton, commit, date) into every row, so a CSV row read alone still says where i
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastbyol.kernels.launch import interpreted
 
 from fastbyol.telemetry.results import (  # noqa: F401  (re-exported for the scripts)
     device_name,
@@ -31,7 +31,7 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 
 def triton_runs_here(device: torch.device) -> bool:
     """Triton needs a GPU, or its interpreter on the CPU (TRITON_INTERPRET=1, set before import)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or interpreted()
 
 
 @dataclass

@@ -55,6 +55,7 @@ from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.preempt import StopRequest
 from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
+from fastbyol.kernels.launch import interpreted
 from fastbyol.model.byol import ByolPair
 from fastbyol.model.network import build_network
 from fastbyol.model.syncbn import convert_global_batchnorm
@@ -115,7 +116,7 @@ def use_channels_last(setting: str, device: torch.device) -> bool:
 
 def use_kernels(setting: str, device: torch.device) -> bool:
     on = setting == "on" or (setting == "auto" and device.type == "cuda")
-    if on and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if on and device.type != "cuda" and not interpreted():
         raise FastByolError("run.kernels=on needs a CUDA GPU (or TRITON_INTERPRET=1 to run the Triton kernels "
                             "in the interpreter, for tests): use run.kernels=auto or off on the CPU")
     return on
