@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-per-class", type=int, default=100)
     synth.add_argument("--val-per-class", type=int, default=20)
     synth.add_argument("--size", type=int, default=64)
+    shapes = make.add_parser("shapes", help="the demo's ten silhouettes in random colours, sizes and places")
+    shapes.add_argument("out", help="folder to create (must be new or empty)")
+    shapes.add_argument("--train-per-class", type=int, default=150)
+    shapes.add_argument("--val-per-class", type=int, default=50)
+    shapes.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
     check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list")
     check.add_argument("dir", help="image folder (one sub-folder per class)")
     check.add_argument("--out", metavar="FILE",
@@ -129,11 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="checkpoint file or run directory")
     export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
 
-    demo = sub.add_parser("demo", help="digits demo: pretrain BYOL (and/or SimCLR), then kNN/linear vs random init")
-    demo.add_argument("--out", default="runs/demo", help="folder for the dataset and the run (runs/demo)")
+    demo = sub.add_parser("demo", help="shapes and digits demo: pretrain BYOL (and/or SimCLR), then kNN/linear "
+                                       "against the raw pixels and random networks")
+    demo.add_argument("--out", default="runs/demo", help="folder for the datasets and the runs (runs/demo)")
     demo.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
+    demo.add_argument("--dataset", default="shapes,digits", help="shapes, digits, or shapes,digits (default)")
     demo.add_argument("--linear-epochs", type=int, default=80)
-    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the digits preset")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo presets")
     return parser
 
 
@@ -244,16 +251,18 @@ def _presets() -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from fastbyol.data.builders import make_digits, make_synthetic
+    from fastbyol.data.builders import make_digits, make_shapes, make_synthetic
 
     if args.data_command == "check":
         return _data_check(args)
     if args.data_command != "make" or not args.dataset:
-        raise FastByolError("usage: fastbyol data make {digits,synthetic} OUT | fastbyol data check DIR")
+        raise FastByolError("usage: fastbyol data make {digits,shapes,synthetic} OUT | fastbyol data check DIR")
     if args.dataset == "digits":
         if not 0 < args.val_fraction < 1:
             raise FastByolError(f"--val-fraction {args.val_fraction} is out of range: use a value in (0, 1)")
         counts = make_digits(args.out, size=args.size, val_fraction=args.val_fraction)
+    elif args.dataset == "shapes":
+        counts = make_shapes(args.out, args.train_per_class, args.val_per_class, args.size)
     else:
         counts = make_synthetic(args.out, args.classes, args.train_per_class, args.val_per_class, args.size)
     print(f"fastbyol: wrote {counts['train']} train and {counts['val']} val images to {args.out}")
@@ -310,7 +319,8 @@ def _demo(args: argparse.Namespace) -> int:
     from fastbyol.engine.demo import format_table, run_demo
 
     methods = tuple(_csv_list("--method", args.method))
-    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods)
+    datasets = tuple(_csv_list("--dataset", args.dataset))
+    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods, datasets=datasets)
     print(format_table(result))
     return 0
 

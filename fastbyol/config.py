@@ -27,6 +27,8 @@ ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
     "wide_resnet50_2", "wide_resnet101_2",
 )
+INITS = ("haiku", "torchvision")
+"""Encoder initialisations (``fastbyol.model.backbone.Encoder``)."""
 
 
 class ConfigError(FastByolError):
@@ -39,6 +41,10 @@ class ModelConfig:
     """Encoder: one of ARCHS (torchvision ResNets without fc; resnet200 as in the paper's table)."""
     small_stem: bool = False
     """3x3 stride-1 first conv and no max-pool, for 32-64 px images (CIFAR-style stem)."""
+    init: str = "haiku"
+    """Encoder initialisation: 'haiku' (the official code's: fan-in truncated normal convolutions, the last
+    BatchNorm of each residual block zero-initialised) or 'torchvision' (torchvision's ResNet default: Kaiming
+    fan-out, no zero-init residual; the demo presets' choice, benchmarks/NOTES.md issue 16)."""
     proj_hidden: int = 4096
     """Hidden width of projector and predictor MLPs (spec: 4096)."""
     proj_dim: int = 256
@@ -88,6 +94,11 @@ class DataConfig:
     """Augmentations of the two views: 'byol' (BYOL's asymmetric pair: view 1 always blurred, view 2 rarely
     blurred and sometimes solarised), 'view1' (BYOL's view 1 for both, SimCLR's default here), or 'auto'
     ('byol' for method=byol, 'view1' for method=simclr)."""
+    colour_jitter: str = "byol"
+    """Colour jitter strength: 'byol' (the spec's: brightness and contrast 0.4, saturation 0.2, hue 0.1,
+    grayscale p 0.2) or 'strong' (0.8, 0.8, 0.8, any hue, grayscale p 0.5; the shapes demo's)."""
+    crop_area_min: float = 0.08
+    """Smallest random crop, as a fraction of the image area (spec: 0.08)."""
     loader: str = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
     JPEG, PNG, ...), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto' (DALI for a folder on
@@ -243,9 +254,12 @@ class Config:
                               "negatives are the whole batch, and accumulating would shrink them to one "
                               "micro-batch; lower optim.batch_size or add ranks")
         _choice("data.views", d.views, ("auto", "byol", "view1"))
+        _choice("data.colour_jitter", d.colour_jitter, ("byol", "strong"))
+        _in_range("data.crop_area_min", d.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
         if d.views == "auto":  # resolved here, so the run directory's config.yaml says what ran
             d.views = "view1" if self.method == "simclr" else "byol"
         _choice("model.arch", m.arch, ARCHS)
+        _choice("model.init", m.init, INITS)
         _positive_int("model.proj_hidden", m.proj_hidden)
         _positive_int("model.proj_dim", m.proj_dim)
         _in_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
@@ -407,7 +421,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The README demo: scikit-learn's handwritten digits (1,797 real images, `fastbyol data make digits`)
     # at 32 px; ResNet-18 with the ImageNet stem keeps a 2-core CPU at ~50 img/s. ~6 minutes on a CPU.
     "digits": {
-        "model": {"arch": "resnet18", "small_stem": False, "proj_hidden": 512, "proj_dim": 128},
+        "model": {"arch": "resnet18", "small_stem": False, "init": "torchvision", "target_init": "copy",
+                  "proj_hidden": 512, "proj_dim": 128},
         "data": {"source": "folder", "image_size": 32, "workers": 1},
         "optim": {"batch_size": 64, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 1.0},
         "byol": {"tau_base": 0.99},
@@ -431,8 +446,18 @@ def _simclr_paper(epochs: int) -> dict[str, Any]:
 
 PRESETS["simclr-r50-1000ep"] = _simclr_paper(1000)
 PRESETS["simclr-r50-100ep"] = _simclr_paper(100)
-# The digits demo's SimCLR twin: everything as "digits" but the method (temperature auto: 0.5 at batch 64).
+# The demo's main dataset (`fastbyol data make shapes`: 1,500 train / 500 val silhouettes at 32 px), at the
+# digits' budget. Settings from the ablations in benchmarks/NOTES.md, issue 16.
+PRESETS["shapes"] = {
+    "model": {"arch": "resnet18", "small_stem": False, "init": "torchvision", "proj_hidden": 512, "proj_dim": 128},
+    "data": {"source": "folder", "image_size": 32, "workers": 1},
+    "optim": {"batch_size": 64, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 1.0},
+    "byol": {"tau_base": 0.99},
+    "run": {"epochs": 10.0, "log_every": 20, "ckpt_every": 100, "keep_last": 1},
+}
+# The demo's SimCLR twins: everything as the BYOL preset but the method (temperature auto: 0.5 at batch 64).
 PRESETS["digits-simclr"] = {**PRESETS["digits"], "method": "simclr"}
+PRESETS["shapes-simclr"] = {**PRESETS["shapes"], "method": "simclr"}
 
 
 def preset_names() -> list[str]:

@@ -32,6 +32,7 @@ rounded to float32; a crop side that would round to 0 pixels (only for images un
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -85,6 +86,20 @@ VIEW2 = ViewSpec(flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_p=0.1, solarize_p=0.
 # data.views: BYOL's asymmetric pair, or its view 1 twice (SimCLR's symmetric views; SimCLR itself blurs
 # with p 0.5, the issue asks for BYOL's view 1 so both methods see the same augmentation family).
 VIEW_PAIRS: dict[str, tuple[ViewSpec, ViewSpec]] = {"byol": (VIEW1, VIEW2), "view1": (VIEW1, VIEW1)}
+# data.colour_jitter: the spec's strengths, or stronger ones for small synthetic sets (the demo's shapes), where
+# a per-image colour is the easiest cue two views share: brightness, contrast and saturation 0.8, any hue
+# (0.5 turns), grayscale with p 0.5.
+COLOUR_JITTER: dict[str, dict[str, float]] = {
+    "byol": {},
+    "strong": {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.5, "gray_p": 0.5},
+}
+
+
+def view_pair(views: str, colour_jitter: str = "byol", crop_area_min: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
+    """The two views' specs for ``data.views``, ``data.colour_jitter`` and ``data.crop_area_min``."""
+    first, second = (dataclasses.replace(spec, area_min=crop_area_min, **COLOUR_JITTER[colour_jitter])
+                     for spec in VIEW_PAIRS[views])
+    return first, second
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 """Indices of the jitter ops in ``ViewParams.jitter_order`` (the official ``_make_cond`` idx)."""

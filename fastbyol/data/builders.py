@@ -3,6 +3,7 @@
 - digits: scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes; no download),
   upscaled bicubic to ``size`` px, written as RGB JPEG, split per class into train/val.
 - synthetic: procedurally drawn classes (``fastbyol.data.procedural``) of any size and count.
+- shapes: the demo's ten upright silhouettes in random colours, positions and sizes (``fastbyol.data.shapes``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from fastbyol.data.procedural import procedural_image
+from fastbyol.data.shapes import CLASSES as SHAPE_CLASSES
+from fastbyol.data.shapes import shape_image
 from fastbyol.errors import FastByolError
 
 
@@ -43,13 +46,13 @@ def _split_per_class(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
 
 
 def _write(root: Path, images: list[Image.Image], labels: np.ndarray, is_val: np.ndarray, classes: list[str],
-           meta: dict[str, object]) -> dict[str, int]:
+           meta: dict[str, object], ext: str = "jpg") -> dict[str, int]:
     counts = {"train": 0, "val": 0}
     for i, (img, label) in enumerate(zip(images, labels)):
         split = "val" if is_val[i] else "train"
         d = root / split / classes[int(label)]
         d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:06d}.jpg", quality=95)
+        img.save(d / f"{i:06d}.{ext}", **({"quality": 95} if ext == "jpg" else {}))
         counts[split] += 1
     tmp = root / "fastbyol-dataset.json.tmp"
     tmp.write_text(json.dumps({**meta, "classes": classes, **counts}, indent=2))
@@ -85,3 +88,20 @@ def make_synthetic(out: str, num_classes: int = 10, train_per_class: int = 100, 
     is_val = np.arange(n) >= num_classes * train_per_class
     return _write(root, [img for img, _ in drawn], labels, is_val, [f"class{c:03d}" for c in range(num_classes)],
                   {"source": "fastbyol.data.procedural", "size": size, "seed": seed})
+
+
+def make_shapes(out: str, train_per_class: int = 150, val_per_class: int = 50, size: int = 32,
+                seed: int = 0) -> dict[str, int]:
+    if train_per_class < 1 or val_per_class < 1 or not 8 <= size <= 1024:
+        raise FastByolError("shapes dataset needs train per class >= 1, val per class >= 1 and size 8..1024 "
+                            f"(got {train_per_class}, {val_per_class}, {size})")
+    root = _prepare(out)
+    classes = len(SHAPE_CLASSES)
+    n = classes * (train_per_class + val_per_class)
+    drawn = [shape_image(i, seed, size) for i in range(n)]
+    labels = np.array([label for _, label in drawn], dtype=np.int64)
+    # Index i has class i % 10; the last val_per_class of each class go to val. PNG: JPEG would blur the
+    # silhouettes' edges at 32 px.
+    is_val = np.arange(n) >= classes * train_per_class
+    return _write(root, [img for img, _ in drawn], labels, is_val, list(SHAPE_CLASSES),
+                  {"source": "fastbyol.data.shapes", "size": size, "seed": seed}, ext="png")

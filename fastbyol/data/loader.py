@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
-from fastbyol.data.augment import VIEW_PAIRS, TwoViewTransform
+from fastbyol.data.augment import TwoViewTransform, ViewSpec, view_pair
 from fastbyol.data.folder import ImageFiles, scan_image_folder
 from fastbyol.data.procedural import ProceduralImages
 from fastbyol.data.views import Batch, Views
@@ -137,13 +137,17 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _views(cfg: DataConfig) -> tuple[ViewSpec, ViewSpec]:
+    return view_pair(cfg.views, cfg.colour_jitter, cfg.crop_area_min)
+
+
 class TorchVisionSource:
     """Image folder or procedural images -> PIL/torch two-view augmentation in DataLoader workers."""
 
     kind = "torch"
 
     def __init__(self, images: ImageSource, num_classes: int, cfg: DataConfig, seed: int, pin_memory: bool) -> None:
-        self.dataset = TwoViewDataset(images, TwoViewTransform(cfg.image_size, *VIEW_PAIRS[cfg.views]), seed)
+        self.dataset = TwoViewDataset(images, TwoViewTransform(cfg.image_size, *_views(cfg)), seed)
         self.images_per_epoch = len(images)
         self.num_classes = num_classes
         self.cfg, self.pin_memory = cfg, pin_memory
@@ -219,7 +223,7 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource
         return DaliSource(files, labels, num_classes, cfg.image_size, seed, device,
                           num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
                           hw_decoder_load=cfg.hw_decoder_load, decode=cfg.dali_decode,
-                          views=VIEW_PAIRS[cfg.views])
+                          views=_views(cfg))
     images: ImageSource
     if cfg.source == "procedural":
         images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),

@@ -15,6 +15,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from fastbyol.config import INITS
+
 # Haiku's VarianceScaling(truncated_normal) divides by the std of a unit normal truncated at +-2.
 _TRUNC_STD_CORRECTION = 0.87962566103423978
 
@@ -42,8 +44,6 @@ def haiku_conv_init_(conv: nn.Conv2d) -> None:
     std = math.sqrt(1.0 / fan_in) / _TRUNC_STD_CORRECTION
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
-
-INITS = ("haiku", "torchvision")
 
 
 class Encoder(nn.Module):
