@@ -12,7 +12,7 @@ import pytest
 from fastbyol.cli import main
 from fastbyol.config import PRESETS, build_config
 from fastbyol.data.builders import make_shapes
-from fastbyol.data.shapes import CLASSES, MIN_GREY_GAP, silhouette, shape_image
+from fastbyol.data.shapes import CLASSES, MIN_GREY_GAP, shape_image, silhouette
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
 

@@ -52,7 +52,10 @@ def _write(root: Path, images: list[Image.Image], labels: np.ndarray, is_val: np
         split = "val" if is_val[i] else "train"
         d = root / split / classes[int(label)]
         d.mkdir(parents=True, exist_ok=True)
-        img.save(d / f"{i:06d}.{ext}", **({"quality": 95} if ext == "jpg" else {}))
+        if ext == "jpg":
+            img.save(d / f"{i:06d}.jpg", quality=95)
+        else:
+            img.save(d / f"{i:06d}.{ext}")
         counts[split] += 1
     tmp = root / "fastbyol-dataset.json.tmp"
     tmp.write_text(json.dumps({**meta, "classes": classes, **counts}, indent=2))

@@ -7,11 +7,12 @@ down, plus, diagonal cross, ring, two horizontal bars, two vertical bars. All te
 so the horizontal flip of the views keeps the class.
 
 Everything else is random per image, seeded by (seed, index) alone: the radius (22-40% of the side), the
-position (the centre a radius from each edge, so a shape at most touches the border), a uniform background colour and a foreground colour whose grey level
-differs from it by at least 0.25 (so the silhouette is always visible), and gaussian pixel noise (std 0.03,
-~8 of 255). The nuisances are exactly the ones BYOL's views vary, colour, position and scale, so the raw
-pixels and a random network sit far below what a learned encoder can reach (benchmarks/NOTES.md, issue
-16). Shapes are rendered at 4x4 supersampling, so edges are anti-aliased at 32 px.
+position (the centre a radius from each edge, so a shape at most touches the border), a uniform background
+colour and a foreground colour whose grey level differs from it by at least 0.25 (so the silhouette is always
+visible), and gaussian pixel noise (std 0.03, ~8 of 255). The nuisances are the ones BYOL's views vary,
+colour, position and scale, so the raw pixels and a random network sit far below what a learned encoder can
+reach (benchmarks/NOTES.md, issue 16: a supervised ResNet-18 reaches 96.8% in 300 steps, SimCLR's linear
+probe 48.6%, the pixels' 17.0%). Shapes are rendered at 4x4 supersampling, so edges are anti-aliased at 32 px.
 """
 
 from __future__ import annotations

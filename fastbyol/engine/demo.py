@@ -1,57 +1,74 @@
-"""``fastbyol demo``: build the digits folder, pretrain on it with BYOL (and, with ``--method byol,simclr``,
-SimCLR on the same data, augmentation family, schedule and encoder), and show what was learned: kNN and
-linear-probe accuracy of each pretrained encoder next to the baselines with nothing learned, evaluated the
-same way: the raw pixels, and the same architecture at random initialisation, torchvision's (the standard
-random network) and fastbyol's own (Haiku's, where training starts), BatchNorm calibrated on the training
-images."""
+"""``fastbyol demo``: build the demo's datasets (the shapes, then the digits as a quick sanity row), pretrain on
+each with BYOL (and, with ``--method byol,simclr``, SimCLR on the same data, augmentation family, schedule and
+encoder), and show what was learned: kNN and linear-probe accuracy of each pretrained encoder next to the
+baselines with nothing learned, evaluated the same way: the raw pixels, and the same architecture at random
+initialisation, torchvision's (the standard random network) and fastbyol's own (Haiku's, the paper presets'
+starting point), BatchNorm calibrated on the training images."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastbyol.config import build_config
-from fastbyol.data.builders import make_digits
+from fastbyol.data.builders import make_digits, make_shapes
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError
 from fastbyol.eval.baselines import RawPixels
 from fastbyol.files import atomic_write_bytes
 
-# Each method's preset and its row in the table.
-METHODS = {"byol": ("digits", "BYOL (online encoder)"), "simclr": ("digits-simclr", "SimCLR (encoder)")}
+# Each dataset's builder; its presets are "<dataset>" (BYOL) and "<dataset>-simclr".
+DATASETS: dict[str, Callable[[str], dict[str, int]]] = {"shapes": make_shapes, "digits": make_digits}
+# Each method's preset suffix and its row in the table.
+METHODS = {"byol": ("", "BYOL (online encoder)"), "simclr": ("-simclr", "SimCLR (encoder)")}
 # The baselines' rows, below the methods'.
 RAW_PIXELS = "raw pixels"
 RANDOM_TORCHVISION = "random init, torchvision (BN cal.)"
 RANDOM_FASTBYOL = "random init, fastbyol (BN cal.)"
 
 
-def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
-             methods: tuple[str, ...] = ("byol",)) -> dict[str, Any]:
+def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80, methods: tuple[str, ...] = ("byol",),
+             datasets: tuple[str, ...] = ("shapes", "digits")) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise FastByolError(f"--method {','.join(unknown) or '(none)'}: use byol, simclr or byol,simclr")
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown or not datasets:
+        raise FastByolError(f"--dataset {','.join(unknown) or '(none)'}: use shapes, digits or shapes,digits")
     t0 = time.perf_counter()
-    root = Path(out_dir)
-    data = root / "digits"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tables = {name: _demo_dataset(Path(out_dir), name, overrides, linear_epochs, methods, stamp) for name in datasets}
+    result = {"datasets": tables, "total_s": time.perf_counter() - t0}
+    for table in tables.values():
+        for run in table["runs"].values():
+            atomic_write_bytes(Path(run["run_dir"]) / "demo.json", json.dumps(result, indent=2).encode())
+    return result
+
+
+def _demo_dataset(root: Path, name: str, overrides: list[str], linear_epochs: int, methods: tuple[str, ...],
+                  stamp: str) -> dict[str, Any]:
+    """Pretrain each method on dataset ``name`` and evaluate it beside the baselines: one table."""
+    t0 = time.perf_counter()
+    data = root / name
     if not (data / "fastbyol-dataset.json").is_file():
-        counts = make_digits(str(data))
-        print(f"fastbyol demo: wrote {counts['train']} train / {counts['val']} val digit images to {data}",
+        counts = DATASETS[name](str(data))
+        print(f"fastbyol demo: wrote {counts['train']} train / {counts['val']} val {name} images to {data}",
               file=sys.stderr)
     rows: dict[str, Any] = {}
     runs: dict[str, Any] = {}
     eval_s = 0.0
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     for method in methods:
-        preset, label = METHODS[method]
-        cfg = build_config(preset, overrides=[f"data.path={data / 'train'}", f"run.out_dir={root}",
-                                              f"run.name={method}-{stamp}", *overrides])
+        suffix, label = METHODS[method]
+        cfg = build_config(name + suffix, overrides=[f"data.path={data / 'train'}", f"run.out_dir={root}",
+                                                     f"run.name={name}-{method}-{stamp}", *overrides])
         trainer = start_run(cfg)
-        print(f"fastbyol demo: pretraining {cfg.model.arch} with {method} on {trainer.device.type} for "
-              f"{trainer.total_steps} steps -> {trainer.run_dir}", file=sys.stderr)
+        print(f"fastbyol demo: pretraining {cfg.model.arch} with {method} on {name} ({trainer.device.type}, "
+              f"{trainer.total_steps} steps) -> {trainer.run_dir}", file=sys.stderr)
         summary = trainer.train()
         t_eval = time.perf_counter()
         rows[label] = evaluate_encoder(trainer.pair.online.encoder, str(data), cfg.data.image_size, trainer.device,
@@ -68,18 +85,19 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80,
         rows[label] = evaluate_encoder(random_init, str(data), cfg.data.image_size, trainer.device,
                                        linear_epochs=linear_epochs)
     first = runs[methods[0]]
-    result = {
-        "arch": cfg.model.arch, "device": trainer.device.type, "steps": first["steps"],
-        "pretrain_img_per_s": first["pretrain_img_per_s"], "pretrain_s": first["pretrain_s"],
-        "eval_s": eval_s + time.perf_counter() - t_eval, "total_s": time.perf_counter() - t0,
-        "rows": rows, "runs": runs, "run_dir": first["run_dir"],
-    }
-    for run in runs.values():
-        atomic_write_bytes(Path(run["run_dir"]) / "demo.json", json.dumps(result, indent=2).encode())
-    return result
+    return {"arch": cfg.model.arch, "device": trainer.device.type, "steps": first["steps"],
+            "pretrain_img_per_s": first["pretrain_img_per_s"], "pretrain_s": first["pretrain_s"],
+            "eval_s": eval_s + time.perf_counter() - t_eval, "total_s": time.perf_counter() - t0,
+            "rows": rows, "runs": runs, "run_dir": first["run_dir"]}
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """One table per dataset, then the total time."""
+    parts = [f"{name}\n{_format_one(table)}" for name, table in result["datasets"].items()]
+    return "\n\n".join(parts) + f"\ntotal {result['total_s']:.0f} s"
+
+
+def _format_one(result: dict[str, Any]) -> str:
     lines = [f"{'encoder':34s} {'kNN-20 top-1':>13s} {'linear top-1':>13s}",
              f"{'-' * 34} {'-' * 13} {'-' * 13}"]
     for name, r in result["rows"].items():
