@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from fastbyol.kernels.launch import on_device, target_of
 
+from fastbyol.step.ema import ema_ref
+
 BLOCK = 4096
 NUM_WARPS = 8
 # The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
@@ -30,9 +32,8 @@ INTERPRETER_BLOCK = 1 << 20
 
 
 def ema_flat_ref(target: torch.Tensor, online: torch.Tensor, tau: torch.Tensor) -> None:
-    """In place: target = tau * target + (1 - tau) * online, computed in fp32."""
-    t = tau.float()
-    target.copy_(t * target.float() + (1.0 - t) * online.float())
+    """In place: the step's ``ema_ref`` computed in fp32, stored back in the target's dtype."""
+    target.copy_(ema_ref(target.float(), online.float(), tau.float()))
 
 
 @triton.jit

@@ -275,7 +275,7 @@ def test_roi_decode_matches_full_decode(folder: Path) -> None:
 def test_shards_partition_the_stream(folder: Path) -> None:
     """Two ranks: each global micro-batch is split between them, every position once, and each rank's
     views are exactly the matching rows of the unsharded stream (decisions are per position)."""
-    from fastbyol.data.loader import shard_positions
+    from fastbyol.data.stream import shard_positions
 
     assert list(shard_positions(100, 4, 2, rank=1, world=2)) == [[104, 105, 106, 107], [112, 113, 114, 115]]
     whole = [b for b in _dali(folder).batches(40, 16, 2)]

@@ -49,7 +49,7 @@ from fastbyol.data.augment import (
     blur_taps,
     gaussian_kernel,
 )
-from fastbyol.data.loader import StreamOrder, mix_seed, shard_positions
+from fastbyol.data.stream import StreamOrder, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
 

@@ -9,8 +9,8 @@ at position ``step * batch_size`` continues the stream bitwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -19,21 +19,9 @@ from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
 from fastbyol.data.augment import TwoViewTransform, ViewSpec, view_pair
 from fastbyol.data.folder import ImageFiles, scan_image_folder
 from fastbyol.data.procedural import ProceduralImages
+from fastbyol.data.stream import StreamOrder, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
-
-_MASK64 = (1 << 64) - 1
-MAX_CONSECUTIVE_BAD = 32
-
-
-def mix_seed(*values: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 finaliser), the same in every process."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
 
 
 class ImageSource(Protocol):
@@ -42,41 +30,6 @@ class ImageSource(Protocol):
 
 
 Sample = tuple[torch.Tensor, torch.Tensor, int, list[str]]
-
-
-T = TypeVar("T")
-
-
-class StreamOrder:
-    """Stream position -> image index: epoch ``position // n`` is a fresh permutation of the n images,
-    seeded by (seed, epoch). Shared by the torchvision and DALI pipelines, so both read the same image
-    at every position."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
-        self._perm_epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def index_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
-        return int(self._perm[offset])
-
-    def read(self, position: int, read: Callable[[int], T]) -> tuple[T, int, list[str]]:
-        """``read(index)`` of the image at ``position``; an unreadable one (``FastByolError``) is
-        replaced by the next image of the stream, and reported. Returns (value, index, skip messages)."""
-        skipped: list[str] = []
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            index = self.index_at(position + attempt)
-            try:
-                return read(index), index, skipped
-            except FastByolError as e:
-                skipped.append(str(e))
-        raise FastByolError(
-            f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
-            f"(last: {skipped[-1]}): check the data folder")
 
 
 class TwoViewDataset(Dataset[Sample]):
@@ -93,22 +46,6 @@ class TwoViewDataset(Dataset[Sample]):
         (img, label), _, skipped = self.order.read(position, self.images.__getitem__)
         v1, v2 = self.transform(img, seed=mix_seed(self.seed, 0x5EED, position))  # type: ignore[arg-type]
         return v1, v2, label, skipped
-
-
-def shard_positions(start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
-                    ) -> Iterator[list[int]]:
-    """This rank's micro-batches of stream positions.
-
-    The stream is cut into global micro-batches of ``micro_batch * world`` consecutive positions, from
-    ``start`` (a global position: what the checkpoint stores); rank r takes the r-th ``micro_batch`` of
-    each. So across ranks every position is read exactly once (every image once per epoch), a sample's
-    augmentation seed is its position (different on every rank, the same after a resume), and there is
-    never a partial batch: the stream runs on across epoch boundaries."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in [0, {world})")
-    for b in range(num_batches):
-        first = start + (b * world + rank) * micro_batch
-        yield list(range(first, first + micro_batch))
 
 
 class PositionBatches(Sampler[list[int]]):
@@ -185,7 +122,19 @@ class SyntheticSource:
             yield Batch(views, None, [])
 
 
-DataSource = Any  # TorchVisionSource | SyntheticSource | fastbyol.data.dali.DaliSource
+class DataSource(Protocol):
+    """What the Trainer and the benchmarks read: TorchVisionSource, SyntheticSource, DaliSource."""
+
+    kind: str
+    """"torch", "synthetic" or "dali"."""
+    images_per_epoch: int
+    num_classes: int
+    """Number of label classes (0: the source has no labels)."""
+
+    def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
+                ) -> Iterator[Batch]:
+        """This rank's ``num_batches`` micro-batches of the stream from global position ``start``."""
+        ...
 
 
 def folder_files(cfg: DataConfig) -> tuple[list[str], list[int], int]:

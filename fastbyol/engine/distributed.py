@@ -7,7 +7,7 @@ CPU, so the same code path runs in CI (gloo, CPU ranks) and on GPUs.
 
 What every rank does identically: the model (same seeds), the optimizer step on the all-reduced
 gradients, and the target EMA (from identical online weights, so targets never drift apart). What differs
-per rank: its shard of each global batch (``fastbyol.data.loader.shard_positions``). Rank 0 alone writes
+per rank: its shard of each global batch (``fastbyol.data.stream.shard_positions``). Rank 0 alone writes
 the run directory (config, metrics, checkpoints); the others wait for it at the points that need it.
 """
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastbyol.data.augment import ViewSpec, apply_view, crop_resize, normalize, sample_view_params
 from fastbyol.data.folder import ImageFiles
-from fastbyol.data.loader import mix_seed
+from fastbyol.data.stream import mix_seed
 
 # Linear-evaluation training views: random-resized crop (as pretraining) + flip, nothing else.
 LINEAR_TRAIN_VIEW = ViewSpec(flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def ema_ref(target: torch.Tensor, online: torch.Tensor, tau: float) -> torch.Tensor:
-    """Pure: the new target tensor."""
+def ema_ref(target: torch.Tensor, online: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Pure: the new target tensor (``tau`` a float, or a tensor as the kernels' 1-element device tau)."""
     return tau * target + (1.0 - tau) * online
 
 
