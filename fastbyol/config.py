@@ -1,7 +1,9 @@
 """The run's Config: one dataclass per component, named presets, YAML and ``key=value`` overrides.
 
-Every field is validated in ``validate()`` with a message that names the key and what it accepts, so a
-bad value fails before any work is done. The resolved config is written to the run directory.
+Each section validates itself (``validate``) with messages that name the key and what it accepts, so a bad
+value fails before any work is done; ``Config.validate`` adds the checks that span sections. A choice field
+is typed ``Literal[...]``: the type is the one list of its values. Whether a key may change when a run
+resumes is metadata on its field (``RESUMABLE``). The resolved config is written to the run directory.
 
 Hyperparameters of the paper presets come from ../shared/BYOL.md (the official code's
 ``configs/byol.py``): ImageNet, batch 4096, LARS, cosine schedules.
@@ -15,7 +17,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -27,8 +29,18 @@ ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
     "wide_resnet50_2", "wide_resnet101_2",
 )
-INITS = ("haiku", "torchvision")
+Init = Literal["haiku", "torchvision"]
+INITS: tuple[str, ...] = get_args(Init)
 """Encoder initialisations (``fastbyol.model.backbone.Encoder``)."""
+OnOffAuto = Literal["auto", "on", "off"]
+
+RESUMABLE = {"resumable": True}
+"""Field metadata: a resumed run may change this key (its math does not depend on it)."""
+
+
+def resumable(default: Any) -> Any:
+    """A field a resumed run may change (``--resume DIR key=value``)."""
+    return field(default=default, metadata=RESUMABLE)
 
 
 class ConfigError(FastByolError):
@@ -41,7 +53,7 @@ class ModelConfig:
     """Encoder: one of ARCHS (torchvision ResNets without fc; resnet200 as in the paper's table)."""
     small_stem: bool = False
     """3x3 stride-1 first conv and no max-pool, for 32-64 px images (CIFAR-style stem)."""
-    init: str = "haiku"
+    init: Init = "haiku"
     """Encoder initialisation: 'haiku' (the official code's: fan-in truncated normal convolutions, the last
     BatchNorm of each residual block zero-initialised) or 'torchvision' (torchvision's ResNet default: Kaiming
     fan-out, no zero-init residual; the demo presets' choice, benchmarks/NOTES.md issue 16)."""
@@ -53,21 +65,30 @@ class ModelConfig:
     """BatchNorm momentum in PyTorch's convention (spec: decay 0.9 = momentum 0.1)."""
     bn_eps: float = 1e-5
     """BatchNorm epsilon (spec: 1e-5)."""
-    target_init: str = "independent"
+    target_init: Literal["independent", "copy"] = "independent"
     """'independent': target initialised from its own random draw, as the official code does; 'copy'."""
-    channels_last: str = "auto"
+    channels_last: OnOffAuto = "auto"
     """'auto' (channels-last on CUDA), 'on' or 'off'."""
     online_probe: bool = False
     """Train a linear classifier on the stop-gradient online features of view 1 during pretraining, as
     the official code does (labels never reach the encoder); its accuracy is logged in metrics.jsonl."""
 
 
+    def validate(self, prefix: str) -> None:
+        _check_choices(self, prefix)
+        _choice(f"{prefix}.arch", self.arch, ARCHS)
+        _positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
+        _positive_int(f"{prefix}.proj_dim", self.proj_dim)
+        _in_range(f"{prefix}.bn_momentum", self.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
+        _in_range(f"{prefix}.bn_eps", self.bn_eps, 0.0, 1.0, "a small positive float, e.g. 1e-5")
+
+
 @dataclass
 class DataConfig:
-    source: str = "folder"
+    source: Literal["folder", "procedural", "synthetic"] = "folder"
     """'folder' (image folder at data.path), 'procedural' (embedded drawn images, no download) or
     'synthetic' (random tensors made on the device, for throughput runs)."""
-    path: str = ""
+    path: str = resumable("")
     """Image folder (sub-folders are classes) for source=folder, e.g. /data/imagenet/train."""
     image_size: int = 224
     """Side of the square crops fed to the network; crop and blur taps scale with it."""
@@ -75,12 +96,12 @@ class DataConfig:
     """Images per epoch for procedural/synthetic sources (0: ImageNet's 1,281,167)."""
     num_classes: int = 10
     """Classes drawn by the procedural source."""
-    workers: int = 8
+    workers: int = resumable(8)
     """DataLoader worker processes for the torchvision pipeline (0: load in the main process), or DALI's
     CPU threads with data.loader=dali."""
-    prefetch: int = 4
+    prefetch: int = resumable(4)
     """Batches each worker prepares ahead."""
-    dali_decode: str = "full"
+    dali_decode: Literal["full", "roi"] = "full"
     """data.loader=dali: 'full' decodes each image once and cuts both views from it; 'roi' decodes only
     each view's crop (two partial decodes). 'full' measured faster on the CPU (benchmarks/NOTES.md)."""
     hw_decoder_load: float = 0.65
@@ -90,19 +111,37 @@ class DataConfig:
     """A clean list of the folder's images (``fastbyol data check DIR`` writes DIR/fastbyol-filelist.txt):
     the loaders read only those files, so an image found corrupt up front never reaches a run. Empty:
     scan data.path."""
-    views: str = "auto"
+    views: Literal["auto", "byol", "view1"] = "auto"
     """Augmentations of the two views: 'byol' (BYOL's asymmetric pair: view 1 always blurred, view 2 rarely
     blurred and sometimes solarised), 'view1' (BYOL's view 1 for both, SimCLR's default here), or 'auto'
     ('byol' for method=byol, 'view1' for method=simclr)."""
-    colour_jitter: str = "byol"
+    colour_jitter: Literal["byol", "strong"] = "byol"
     """Colour jitter strength: 'byol' (the spec's: brightness and contrast 0.4, saturation 0.2, hue 0.1,
     grayscale p 0.2) or 'strong' (0.8, 0.8, 0.8, any hue, grayscale p 0.5; the shapes demo's)."""
     crop_area_min: float = 0.08
     """Smallest random crop, as a fraction of the image area (spec: 0.08)."""
-    loader: str = "auto"
+    loader: Literal["auto", "dali", "torch"] = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
     JPEG, PNG, ...), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto' (DALI for a folder on
     a GPU when DALI is installed, else torch)."""
+
+
+    def validate(self, prefix: str) -> None:
+        _check_choices(self, prefix)
+        _in_range(f"{prefix}.crop_area_min", self.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
+        if self.source == "folder" and not self.path:
+            raise ConfigError(
+                f"{prefix}.path is empty but {prefix}.source=folder: set {prefix}.path=/path/to/train_images "
+                f"(sub-folders are classes), or {prefix}.source=procedural for the embedded images"
+            )
+        if not (16 <= self.image_size <= 1024):
+            raise ConfigError(f"{prefix}.image_size={self.image_size} is out of range: use 16..1024 (e.g. 224)")
+        _non_negative_int(f"{prefix}.num_images", self.num_images)
+        _positive_int(f"{prefix}.num_classes", self.num_classes)
+        _non_negative_int(f"{prefix}.workers", self.workers)
+        _positive_int(f"{prefix}.prefetch", self.prefetch)
+        _in_range(f"{prefix}.hw_decoder_load", self.hw_decoder_load, 0.0, 1.0, "a share in [0, 1], e.g. 0.65",
+                  low_ok=True)
 
 
 @dataclass
@@ -123,10 +162,31 @@ class OptimConfig:
     """Linear lr warm-up from 0, in epochs."""
 
 
+    def validate(self, prefix: str) -> None:
+        _positive_int(f"{prefix}.batch_size", self.batch_size)
+        _positive_int(f"{prefix}.accum_steps", self.accum_steps)
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"{prefix}.batch_size={self.batch_size} is not divisible by {prefix}.accum_steps="
+                f"{self.accum_steps}: choose accum_steps that divides the batch"
+            )
+        _in_range(f"{prefix}.base_lr", self.base_lr, 0.0, 100.0, "a positive float, e.g. 0.2")
+        _in_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, 1.0, "a float in [0, 1), e.g. 1.5e-6",
+                  low_ok=True)
+        _in_range(f"{prefix}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True,
+                  high_ok=False)
+        _in_range(f"{prefix}.eta", self.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
+        _in_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0, 1e6, "a float >= 0, e.g. 10", low_ok=True)
+
+
 @dataclass
 class ByolConfig:
     tau_base: float = 0.996
     """Target decay at step 0; it rises to 1 with a cosine over the run."""
+
+
+    def validate(self, prefix: str) -> None:
+        _in_range(f"{prefix}.tau_base", self.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
 
 
 @dataclass
@@ -142,72 +202,108 @@ class SimclrConfig:
     """Output width of the projection head, where NT-Xent compares the views (official: 128)."""
 
 
+    def validate(self, prefix: str) -> None:
+        _in_range(f"{prefix}.temperature", self.temperature, 0.0, 100.0,
+                  "a positive float, e.g. 0.1 (or 0 for auto)", low_ok=True)
+        _positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
+        _positive_int(f"{prefix}.proj_dim", self.proj_dim)
+
+
 @dataclass
 class RunConfig:
     epochs: float = 1000.0
     """Length of the run: total steps = epochs * images_per_epoch // batch_size."""
-    max_steps: int = 0
+    max_steps: int = resumable(0)
     """Stop after this many optimizer steps (0: run to the end); the schedules still span the full run."""
     seed: int = 0
     """Seeds model init, data order and augmentations."""
-    device: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = resumable("auto")
     """'auto' (CUDA when present), 'cuda' or 'cpu'."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
-    log_every: int = 50
+    log_every: int = resumable(50)
     """Write a metrics.jsonl row every this many optimizer steps."""
-    ckpt_every: int = 1000
+    ckpt_every: int = resumable(1000)
     """Write a checkpoint every this many optimizer steps (and always at the end)."""
-    ckpt_minutes: float = 0.0
+    ckpt_minutes: float = resumable(0.0)
     """Also write a checkpoint when this many minutes have passed since the last one (0: off). Checked
     after every step in one process, at the log cadence across ranks (rank 0's clock decides)."""
-    keep_last: int = 3
+    keep_last: int = resumable(3)
     """Checkpoints kept in the run directory (older ones are deleted)."""
     out_dir: str = "runs"
     """Parent of run directories."""
     name: str = ""
     """Run directory name under out_dir (default: <preset>-<timestamp>)."""
-    progress: str = "auto"
+    progress: OnOffAuto = resumable("auto")
     """Console progress bar: 'auto' or 'on' (redrawn in place on a terminal, one line per metrics row
     otherwise, as in CI logs), or 'off'."""
-    kernels: str = "auto"
+    kernels: OnOffAuto = resumable("auto")
     """Fused Triton kernels for the loss and for LARS with the target EMA in the same pass: 'auto' (on
     with a CUDA GPU), 'on' or 'off' (the plain-PyTorch reference path, for A/B runs)."""
-    compile: str = "auto"
+    compile: Literal["auto", "off", "default", "max-autotune", "reduce-overhead"] = resumable("auto")
     """torch.compile of the forward and loss (fullgraph): 'auto' (default mode with a CUDA GPU, off on
     the CPU), 'default', 'max-autotune', 'reduce-overhead' (CUDA graphs; GPU only) or 'off' (eager)."""
-    engine: str = "auto"
+    engine: Literal["auto", "ddp", "deepspeed"] = "auto"
     """Distribution: 'auto' (DDP when a launcher such as torchrun started several processes, one process
     otherwise), 'ddp', or 'deepspeed' (ZeRO sharding across nodes, started by the deepspeed launcher;
     see run.zero_stage). optim.batch_size is the global batch, split evenly over the ranks."""
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage with run.engine=deepspeed: 0 (plain data parallel), 1 (optimizer state
     sharded), 2 (and gradients), 3 (and parameters)."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = resumable("stop")
     """A step whose loss or gradients are not finite (checked on the device, read at the log cadence and
     before every checkpoint): 'stop' the run with a diagnostic (step, loss parts, largest gradient norms;
     no checkpoint is written after the bad step), or 'skip' it (the optimizer, the EMA and the BatchNorm
     statistics left as they were; costs a snapshot and an in-place select of the weights, momentum and
     statistics per step: 5 passes over ~390 MiB for ResNet-50, 99 ms on a 2-core CPU, benchmarks/NOTES.md)
     up to run.nonfinite_max_skips."""
-    nonfinite_max_skips: int = 20
+    nonfinite_max_skips: int = resumable(20)
     """With run.nonfinite=skip: stop anyway once more steps than this have been skipped in the run."""
-    telemetry: str = "on"
+    telemetry: Literal["on", "off"] = resumable("on")
     """'on': per-phase step times (CUDA events, read at the log cadence), MFU, peak memory, and an NVML
     sampler thread per GPU (utilisation, power, energy, clocks, temperature, clock-event reasons, PCIe)
     written to metrics.jsonl and gpu_samples.jsonl; 'off': none of it (img/s and data wait stay)."""
-    telemetry_hz: float = 4.0
+    telemetry_hz: float = resumable(4.0)
     """NVML samples per second per GPU with run.telemetry=on (one PCIe read blocks NVML ~20 ms)."""
-    peak_tflops: float = 0.0
+    peak_tflops: float = resumable(0.0)
     """The device's dense peak TFLOP/s for MFU at the run's precision; 0: the bf16 peak from fastbyol's
     table of GPUs (MFU is left out on a GPU or precision the table lacks, and on the CPU)."""
-    tensorboard: bool = False
+    tensorboard: bool = resumable(False)
     """Also write every metrics row to TensorBoard event files under <run dir>/tensorboard (needs the
     tensorboard package)."""
-    profile: str = ""
+    profile: str = resumable("")
     """'A:B': a torch.profiler trace of optimizer steps A..B-1 under <run dir>/profile (Chrome trace JSON and
     a summary table), with the step's phases as named ranges; '' off. NVTX ranges for the phases are
     pushed whenever run.telemetry=on and a CUDA GPU is used (for nsys)."""
+
+
+    def validate(self, prefix: str) -> None:
+        _check_choices(self, prefix)
+        _in_range(f"{prefix}.epochs", self.epochs, 0.0, 1e6, "a positive number of epochs, e.g. 100")
+        _non_negative_int(f"{prefix}.max_steps", self.max_steps)
+        _non_negative_int(f"{prefix}.seed", self.seed)
+        _positive_int(f"{prefix}.log_every", self.log_every)
+        _positive_int(f"{prefix}.ckpt_every", self.ckpt_every)
+        _in_range(f"{prefix}.ckpt_minutes", self.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)",
+                  low_ok=True)
+        _positive_int(f"{prefix}.keep_last", self.keep_last)
+        if not self.out_dir:
+            raise ConfigError(f"{prefix}.out_dir is empty: set {prefix}.out_dir=runs (or any writable folder)")
+        if "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"{prefix}.name={self.name!r} must be a plain folder name (no '/'), "
+                              f"e.g. {prefix}.name=r50-test")
+        _non_negative_int(f"{prefix}.nonfinite_max_skips", self.nonfinite_max_skips)
+        if self.nonfinite == "skip" and self.engine == "deepspeed":
+            raise ConfigError(f"{prefix}.nonfinite=skip is not supported with {prefix}.engine=deepspeed (its sharded "
+                              f"optimizer state is not snapshotted): use {prefix}.nonfinite=stop")
+        _in_range(f"{prefix}.telemetry_hz", self.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
+        _in_range(f"{prefix}.peak_tflops", self.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
+                  low_ok=True)
+        if self.profile:
+            parse_profile_window(self.profile)
+        if self.zero_stage and self.engine != "deepspeed":
+            raise ConfigError(f"{prefix}.zero_stage={self.zero_stage} needs {prefix}.engine=deepspeed (ZeRO is "
+                              f"DeepSpeed's): add {prefix}.engine=deepspeed, or set {prefix}.zero_stage=0")
 
 
 @dataclass
@@ -215,7 +311,7 @@ class Config:
     """A whole run. Sections are the component configs; ``preset`` records where it started."""
 
     preset: str = "byol-r50-1000ep"
-    method: str = "byol"
+    method: Literal["byol", "simclr"] = "byol"
     """'byol', or 'simclr' (the contrastive baseline on the same engine: one network, NT-Xent with negatives
     from the global batch, no target, no EMA; settings in the simclr section)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -240,99 +336,27 @@ class Config:
         return self.simclr.proj_dim if self.method == "simclr" else self.model.proj_dim
 
     def validate(self) -> Config:
-        m, d, o, b, r = self.model, self.data, self.optim, self.byol, self.run
-        _choice("method", self.method, ("byol", "simclr"))
-        _in_range("simclr.temperature", self.simclr.temperature, 0.0, 100.0,
-                  "a positive float, e.g. 0.1 (or 0 for auto)", low_ok=True)
-        _positive_int("simclr.proj_hidden", self.simclr.proj_hidden)
-        _positive_int("simclr.proj_dim", self.simclr.proj_dim)
-        if self.method == "simclr" and self.run.engine == "deepspeed":
+        """Every section's own checks, then those that span sections; returns self."""
+        _check_choices(self, "")
+        for name in _sections():
+            getattr(self, name).validate(name)
+        d, o, r = self.data, self.optim, self.run
+        if self.method == "simclr" and r.engine == "deepspeed":
             raise ConfigError("method=simclr does not run under run.engine=deepspeed yet: use run.engine=auto "
                               "(DDP under torchrun) or method=byol")
-        if self.method == "simclr" and self.optim.accum_steps > 1:
-            raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {self.optim.accum_steps}): NT-Xent's "
+        if self.method == "simclr" and o.accum_steps > 1:
+            raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {o.accum_steps}): NT-Xent's "
                               "negatives are the whole batch, and accumulating would shrink them to one "
                               "micro-batch; lower optim.batch_size or add ranks")
-        _choice("data.views", d.views, ("auto", "byol", "view1"))
-        _choice("data.colour_jitter", d.colour_jitter, ("byol", "strong"))
-        _in_range("data.crop_area_min", d.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
         if d.views == "auto":  # resolved here, so the run directory's config.yaml says what ran
             d.views = "view1" if self.method == "simclr" else "byol"
-        _choice("model.arch", m.arch, ARCHS)
-        _choice("model.init", m.init, INITS)
-        _positive_int("model.proj_hidden", m.proj_hidden)
-        _positive_int("model.proj_dim", m.proj_dim)
-        _in_range("model.bn_momentum", m.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
-        _in_range("model.bn_eps", m.bn_eps, 0.0, 1.0, "a small positive float, e.g. 1e-5")
-        _choice("model.target_init", m.target_init, ("independent", "copy"))
-        _choice("model.channels_last", m.channels_last, ("auto", "on", "off"))
-        _choice("data.source", d.source, ("folder", "procedural", "synthetic"))
-        if m.online_probe and d.source == "synthetic":
+        if self.model.online_probe and d.source == "synthetic":
             raise ConfigError("model.online_probe=true needs labelled data: use data.source=folder or procedural")
-        if d.source == "folder" and not d.path:
-            raise ConfigError(
-                "data.path is empty but data.source=folder: set data.path=/path/to/train_images "
-                "(sub-folders are classes), or data.source=procedural for the embedded images"
-            )
-        if not (16 <= d.image_size <= 1024):
-            raise ConfigError(f"data.image_size={d.image_size} is out of range: use 16..1024 (e.g. 224)")
-        _non_negative_int("data.num_images", d.num_images)
-        _positive_int("data.num_classes", d.num_classes)
-        _non_negative_int("data.workers", d.workers)
-        _positive_int("data.prefetch", d.prefetch)
-        _choice("data.loader", d.loader, ("auto", "dali", "torch"))
-        _choice("data.dali_decode", d.dali_decode, ("full", "roi"))
-        _in_range("data.hw_decoder_load", d.hw_decoder_load, 0.0, 1.0, "a share in [0, 1], e.g. 0.65", low_ok=True)
-        _positive_int("optim.batch_size", o.batch_size)
-        _positive_int("optim.accum_steps", o.accum_steps)
-        if o.batch_size % o.accum_steps:
-            raise ConfigError(
-                f"optim.batch_size={o.batch_size} is not divisible by optim.accum_steps={o.accum_steps}: "
-                "choose accum_steps that divides the batch"
-            )
-        _in_range("optim.base_lr", o.base_lr, 0.0, 100.0, "a positive float, e.g. 0.2")
-        _in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0, "a float in [0, 1), e.g. 1.5e-6", low_ok=True)
-        _in_range("optim.momentum", o.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True, high_ok=False)
-        _in_range("optim.eta", o.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
-        _in_range("optim.warmup_epochs", o.warmup_epochs, 0.0, 1e6, "a float >= 0, e.g. 10", low_ok=True)
-        _in_range("byol.tau_base", b.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
-        _in_range("run.epochs", r.epochs, 0.0, 1e6, "a positive number of epochs, e.g. 100")
         if r.epochs < o.warmup_epochs:
             raise ConfigError(
                 f"run.epochs={r.epochs} is shorter than optim.warmup_epochs={o.warmup_epochs}: "
                 "lower optim.warmup_epochs or raise run.epochs"
             )
-        _non_negative_int("run.max_steps", r.max_steps)
-        _non_negative_int("run.seed", r.seed)
-        _choice("run.device", r.device, ("auto", "cuda", "cpu"))
-        _choice("run.precision", r.precision, ("auto", "bf16", "fp32"))
-        _positive_int("run.log_every", r.log_every)
-        _positive_int("run.ckpt_every", r.ckpt_every)
-        _in_range("run.ckpt_minutes", r.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)", low_ok=True)
-        _positive_int("run.keep_last", r.keep_last)
-        if not r.out_dir:
-            raise ConfigError("run.out_dir is empty: set run.out_dir=runs (or any writable folder)")
-        if "/" in r.name or r.name in (".", ".."):
-            raise ConfigError(f"run.name={r.name!r} must be a plain folder name (no '/'), e.g. run.name=r50-test")
-        _choice("run.progress", r.progress, ("auto", "on", "off"))
-        _choice("run.kernels", r.kernels, ("auto", "on", "off"))
-        _choice("run.compile", r.compile, ("auto", "off", "default", "max-autotune", "reduce-overhead"))
-        _choice("run.engine", r.engine, ("auto", "ddp", "deepspeed"))
-        _choice("run.zero_stage", r.zero_stage, (0, 1, 2, 3))
-        _choice("run.telemetry", r.telemetry, ("on", "off"))
-        _choice("run.nonfinite", r.nonfinite, ("stop", "skip"))
-        _non_negative_int("run.nonfinite_max_skips", r.nonfinite_max_skips)
-        if r.nonfinite == "skip" and r.engine == "deepspeed":
-            raise ConfigError("run.nonfinite=skip is not supported with run.engine=deepspeed (its sharded "
-                              "optimizer state is not snapshotted): use run.nonfinite=stop")
-        _in_range("run.telemetry_hz", r.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
-        _in_range("run.peak_tflops", r.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
-                  low_ok=True)
-        if r.profile:
-            parse_profile_window(r.profile)
-        if r.zero_stage and r.engine != "deepspeed":
-            raise ConfigError(f"run.zero_stage={r.zero_stage} needs run.engine=deepspeed (ZeRO is DeepSpeed's): "
-                              "add run.engine=deepspeed, or set run.zero_stage=0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -362,6 +386,20 @@ def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
         near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(map(str, allowed))}")
+
+
+def _check_choices(section: object, prefix: str) -> None:
+    """Every ``Literal[...]`` field of ``section`` holds one of its values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        allowed = literal_values(hints[f.name])
+        if allowed:
+            _choice(f"{prefix}.{f.name}" if prefix else f.name, getattr(section, f.name), allowed)
+
+
+def literal_values(typ: Any) -> tuple[Any, ...]:
+    """The values of a ``Literal[...]`` type (empty for any other type)."""
+    return get_args(typ) if get_origin(typ) is Literal else ()
 
 
 def _positive_int(key: str, value: int) -> None:
@@ -491,8 +529,19 @@ def valid_keys() -> list[str]:
     return keys
 
 
+def resumable_keys() -> frozenset[str]:
+    """The keys whose field carries ``RESUMABLE``: what ``--resume`` may change."""
+    return frozenset(f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)
+                     if f.metadata.get("resumable"))
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Turn a YAML/CLI value into the field's type, or raise naming the key."""
+    allowed = literal_values(typ)
+    if allowed:
+        value = _coerce(key, value, type(allowed[0]))
+        _choice(key, value, allowed)
+        return value
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -534,7 +583,7 @@ def _unknown_key(key: str) -> ConfigError:
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.field`` to ``value`` coerced to the field's type; unknown keys suggest the nearest."""
     if key == "method":
-        cfg.method = _coerce(key, value, str)
+        cfg.method = _coerce(key, value, typing.get_type_hints(Config)["method"])
         return
     section_name, _, name = key.partition(".")
     sections = _sections()

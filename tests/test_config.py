@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from fastbyol.config import (
     PRESETS,
+    RESUMABLE,
+    Config,
     ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
     build_config,
     config_from_dict,
     describe_keys,
+    literal_values,
+    resumable_keys,
+    set_key,
     valid_keys,
 )
 
@@ -92,3 +103,53 @@ def test_every_key_is_documented() -> None:
         line = next(line for line in text.splitlines() if line.strip().startswith(key + " "))
         following = text.splitlines()[text.splitlines().index(line) + 1].strip()
         assert following, f"{key} has no docstring"
+
+
+def _literal_keys() -> list[tuple[str, tuple[object, ...]]]:
+    cfg = Config()
+    out: list[tuple[str, tuple[object, ...]]] = [("method", literal_values(typing.get_type_hints(Config)["method"]))]
+    for key in valid_keys()[1:]:
+        section, name = key.split(".")
+        allowed = literal_values(typing.get_type_hints(type(getattr(cfg, section)))[name])
+        if allowed:
+            out.append((key, allowed))
+    return out
+
+
+def test_choice_fields_are_literals_and_each_value_is_checked_from_the_type() -> None:
+    """The type lists a choice's values once: every value of it is accepted, anything else is refused
+    naming the key and the values (at set time, and by validate() for a value set in code)."""
+    keys = _literal_keys()
+    assert {"method", "model.init", "data.loader", "run.engine", "run.zero_stage", "run.kernels"} <= dict(keys).keys()
+    for key, allowed in keys:
+        for value in allowed:
+            cfg = Config()
+            set_key(cfg, key, str(value))
+            section, _, name = key.rpartition(".")
+            assert getattr(getattr(cfg, section) if section else cfg, name) == value
+        with pytest.raises(ConfigError, match=f"{key}=.*use one of {', '.join(map(str, allowed))}"):
+            set_key(Config(), key, "7" if isinstance(allowed[0], int) else "bogus")
+    cfg = build_config("smoke")
+    cfg.run.kernels = "sometimes"  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="run.kernels='sometimes' is not allowed"):
+        cfg.validate()
+
+
+def test_each_section_validates_itself_under_its_own_name() -> None:
+    with pytest.raises(ConfigError, match="optim.batch_size=0"):
+        OptimConfig(batch_size=0).validate("optim")
+    with pytest.raises(ConfigError, match="data.path is empty"):
+        DataConfig().validate("data")
+    with pytest.raises(ConfigError, match="run.zero_stage=2 needs run.engine=deepspeed"):
+        RunConfig(zero_stage=2).validate("run")
+    ModelConfig().validate("model")
+
+
+def test_resumable_keys_come_from_field_metadata() -> None:
+    keys = resumable_keys()
+    assert {"run.max_steps", "run.kernels", "data.path", "run.profile"} <= keys
+    assert not keys & {"optim.base_lr", "optim.batch_size", "byol.tau_base", "run.seed", "model.arch", "method"}
+    for key in keys:
+        section, name = key.split(".")
+        cls = type(getattr(Config(), section))
+        assert next(f for f in dataclasses.fields(cls) if f.name == name).metadata == RESUMABLE

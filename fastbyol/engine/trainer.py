@@ -36,6 +36,7 @@ from fastbyol.config import (
     config_from_dict,
     parse_override,
     parse_profile_window,
+    resumable_keys,
     set_key,
     valid_keys,
 )
@@ -69,12 +70,8 @@ from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink,
 from fastbyol.telemetry.throughput import peak_bf16_tflops, throughput_fields
 
 CHECKPOINT_VERSION = 1
-# Keys a resumed run may change; everything else must match the checkpoint's run.
-RESUMABLE_OVERRIDES = {"run.max_steps", "run.log_every", "run.ckpt_every", "run.ckpt_minutes", "run.keep_last",
-                       "run.progress",
-                       "data.workers", "data.prefetch", "data.path", "run.device", "run.kernels",
-                       "run.compile", "run.telemetry", "run.telemetry_hz", "run.peak_tflops", "run.tensorboard",
-                       "run.profile", "run.nonfinite", "run.nonfinite_max_skips"}
+# Keys a resumed run may change (fields marked RESUMABLE); everything else must match the checkpoint's run.
+RESUMABLE_OVERRIDES = resumable_keys()
 
 
 class NonFiniteStop(FastByolError):
@@ -692,7 +689,7 @@ def start_run(cfg: Config) -> Trainer:
 
 def resume_run(target: str, overrides: list[str]) -> Trainer:
     """Continue the run of a checkpoint (file or run directory) with its own config; only the keys in
-    RESUMABLE_OVERRIDES may change."""
+    RESUMABLE_OVERRIDES (the fields marked ``config.RESUMABLE``) may change."""
     run_dir, state = checkpoint.resolve_resume(target)
     cfg = config_from_dict(state["config"])
     for text in overrides:
