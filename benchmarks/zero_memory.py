@@ -35,7 +35,7 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _measure(trainer: Any) -> dict[str, float]:
-    engine, optimizer = trainer.ds_engine, trainer.optimizer
+    engine, optimizer = trainer.updater.engine, trainer.optimizer
     stage = engine.zero_optimization_stage()
     online = trainer.pair.online_parameters()
     params = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in online]

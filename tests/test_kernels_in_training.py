@@ -69,11 +69,11 @@ def test_kernels_on_equals_kernels_off_step_by_step(tmp_path: Path) -> None:
     assert worst["loss"] <= 1e-5 and worst["params"] <= 1e-5 and worst["momentum"] <= 1e-5, worst
     # On the kernels path the parameters, grads, momentum and target live in the flat buffers.
     online, target = on.pair.param_pairs()
-    assert target[0].untyped_storage().data_ptr() == on.target_flat.untyped_storage().data_ptr()
+    assert target[0].untyped_storage().data_ptr() == on.updater.target_flat.untyped_storage().data_ptr()
     assert online[0].grad is not None
     assert online[0].grad.untyped_storage().data_ptr() == on.optimizer.grad_flat.untyped_storage().data_ptr()
     predictor = next(on.pair.predictor.parameters())
-    assert predictor.untyped_storage().data_ptr() == on.online_flat.untyped_storage().data_ptr()
+    assert predictor.untyped_storage().data_ptr() == on.updater.online_flat.untyped_storage().data_ptr()
 
 
 def test_kernels_on_follows_kernels_off_over_10_free_steps(tmp_path: Path) -> None:
@@ -115,4 +115,4 @@ def test_resume_with_kernels_is_bitwise(tmp_path: Path) -> None:
     a, b = straight.pair.state_dict(), resumed.pair.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     _, target = resumed.pair.param_pairs()
-    assert target[0].untyped_storage().data_ptr() == resumed.target_flat.untyped_storage().data_ptr()
+    assert target[0].untyped_storage().data_ptr() == resumed.updater.target_flat.untyped_storage().data_ptr()

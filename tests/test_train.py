@@ -93,16 +93,16 @@ def test_resume_mid_interval_drops_stale_rows_and_keeps_metrics_identical(tmp_pa
 
 
 def test_ema_once_per_optimizer_step_under_accumulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastbyol.engine import trainer as trainer_mod
+    from fastbyol.engine import update as update_mod
 
     calls: list[float] = []
-    real = trainer_mod.target_step
+    real = update_mod.target_step
 
     def counting(online: list[torch.Tensor], target: list[torch.Tensor], tau: float) -> None:
         calls.append(tau)
         real(online, target, tau)
 
-    monkeypatch.setattr(trainer_mod, "target_step", counting)
+    monkeypatch.setattr(update_mod, "target_step", counting)
     t = start_run(_cfg(tmp_path, "accum", ["optim.accum_steps=4", "run.max_steps=3"]))
     t.train()
     assert len(calls) == 3 and calls == [float(x) for x in t.tau[:3]]

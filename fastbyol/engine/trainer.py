@@ -12,8 +12,6 @@ each global batch, and steps LARS and the EMA identically; rank 0 writes the run
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import math
 import os
@@ -28,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from fastbyol.config import (
     Config,
@@ -54,16 +50,16 @@ from fastbyol.engine.distributed import (
 )
 from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.preempt import StopRequest
+from fastbyol.engine.update import build_update
 from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.kernels.launch import interpreted
-from fastbyol.model.byol import ByolPair
 from fastbyol.model.network import build_network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
-from fastbyol.step.lars import LARS, FlatLARS, lars_param_groups
+from fastbyol.step.lars import lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
-from fastbyol.step.train_step import forward_backward, optimizer_ema_step_fused, optimizer_step, target_step
+from fastbyol.step.train_step import forward_backward
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.phases import PhaseTimer
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink, require_tensorboard
@@ -84,13 +80,6 @@ def check_batch_split(cfg: Config, world: int) -> None:
     if cfg.optim.batch_size % parts:
         raise FastByolError(f"optim.batch_size={cfg.optim.batch_size} does not split over {world} ranks x "
                             f"optim.accum_steps={cfg.optim.accum_steps}: use a multiple of {parts}")
-
-
-def _no_buffer_sync() -> dict[str, Any]:
-    """DDP's switch for not broadcasting buffers every forward (renamed after torch 2.11)."""
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,45 +199,10 @@ class Trainer:
             convert_global_batchnorm(self.pair)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
-        hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
-        self.online_params, self.target_params = self.pair.param_pairs()
         self.kernels = use_kernels(cfg.run.kernels, self.device)
-        self.optimizer: LARS
-        self.ds_engine: Any = None
-        self.target_flat: torch.Tensor | None = None  # with the kernels: the target's flat buffer (BYOL only)
-        if self.ctx.engine == "deepspeed":  # DeepSpeed owns the online half and the (sharded) LARS state
-            from fastbyol.engine import zero
-            from fastbyol.step.zero_lars import ZeroLARS
-
-            if not isinstance(self.pair, ByolPair):  # Config.validate refuses it first
-                raise FastByolError("method=simclr does not run under run.engine=deepspeed: use DDP")
-            if resume is not None:  # the full weights first: DeepSpeed partitions what the modules hold
-                self._load_model(resume["model"])
-            self.optimizer = ZeroLARS(groups, use_kernels=self.kernels, **hyper)
-            self.ds_engine = zero.build_engine(self.pair, self.optimizer, cfg, self.ctx)
-            self.optimizer.attach(self.ds_engine)
-            if resume is not None:
-                if "deepspeed_tag" not in resume:
-                    raise FastByolError("this checkpoint was not written by a run.engine=deepspeed run: resume it "
-                                        "with its own engine (torchrun or a single process)")
-                zero.load(self.ds_engine, run_dir / "checkpoints", resume["deepspeed_tag"])
-        elif self.kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
-            self.online_flat, self.target_flat = self.pair.flatten_pairs_()
-            self.tau_buf = torch.zeros(1, dtype=torch.float32, device=self.device)
-            self.optimizer = FlatLARS(groups, self.online_flat, **hyper)
-        else:
-            self.optimizer = LARS(groups, **hyper)
-        # What the forward calls: the pair itself, or DDP around it (the target's parameters need no
-        # gradient, so DDP leaves them alone; the BatchNorm buffers are global already: no broadcast).
-        self.model: nn.Module = self.pair
-        if self.ds_engine is not None:
-            from fastbyol.engine.zero import DeepSpeedPair
-
-            self.model = DeepSpeedPair(self.pair, self.ds_engine)  # type: ignore[arg-type]
-        elif self.ctx.engine == "ddp":
-            self.model = DistributedDataParallel(
-                self.pair, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=False, **_no_buffer_sync())
+        self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
+        self.optimizer = self.updater.optimizer
+        self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
         # SimCLR's all-gather across ranks cannot be in a full graph: then only the network is compiled.
         self.forward = compiled_forward(self.compile_mode, network_only=self.simclr and self.ctx.world > 1)
@@ -284,18 +238,9 @@ class Trainer:
     def _build_guard(self) -> NonFiniteGuard:
         online_ids = {id(p) for p in self.pair.online_parameters()}
         named = [(name, p) for name, p in self.pair.named_parameters() if id(p) in online_ids]
-        protect: list[torch.Tensor] | None = None
-        if self.cfg.run.nonfinite == "skip":  # everything a step writes: weights, momentum, BN statistics
-            buffers = [b for b in self.pair.buffers()]
-            if isinstance(self.optimizer, FlatLARS):
-                protect = [self.online_flat, self.optimizer.momentum_flat, *buffers]
-                if self.target_flat is not None:
-                    protect.append(self.target_flat)
-            else:
-                for _, p in named:  # created here, not at the first step, so the snapshot covers them
-                    self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                protect = [*(p for _, p in named), *self.target_params,  # online: tower, predictor, probe
-                           *[self.optimizer.state[p]["momentum_buffer"] for _, p in named], *buffers]
+        protect = None  # with run.nonfinite=skip: everything a step writes (the strategy knows what)
+        if self.cfg.run.nonfinite == "skip":
+            protect = self.updater.protected([p for _, p in named], list(self.pair.buffers()))
         return NonFiniteGuard([n for n, _ in named], [p for _, p in named], self.device, protect)
 
     def _check_nonfinite(self) -> None:
@@ -331,36 +276,17 @@ class Trainer:
             "position": self.position,
             "skipped": all_reduce_sum_int(self.ctx, self.skipped, self.device),
             "nonfinite_skipped": self.nonfinite_skipped,
-            "model": self._full_model_state(),
-            # DeepSpeed keeps its sharded LARS state in its own checkpoint (see fastbyol.engine.zero).
-            "optimizer": self.optimizer.state_dict() if self.ds_engine is None else {},
+            "model": self.updater.model_state(),
+            "optimizer": self.updater.optimizer_state(),
             "meter": self.meter.state(),
             "rng": rng,
         }
-
-    def _full_model_state(self) -> dict[str, torch.Tensor]:
-        """The whole pair's state dict, every tensor complete (ZeRO-3: gathered, then copied out)."""
-        if self.ds_engine is None:
-            return self.pair.state_dict()
-        from fastbyol.engine.zero import gathered
-
-        with gathered(self.ds_engine, self.pair.online_parameters()):
-            return {k: v.detach().clone() for k, v in self.pair.state_dict().items()}
-
-    def _load_model(self, model_state: dict[str, torch.Tensor]) -> None:
-        try:
-            self.pair.load_state_dict(model_state)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise FastByolError(f"checkpoint does not fit model.arch={self.cfg.model.arch}: {first}") from None
 
     def _load(self, state: dict[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise FastByolError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}: "
                                 "it was written by another fastbyol release")
-        if self.ds_engine is None:  # (DeepSpeed runs loaded theirs before the engine was built)
-            self._load_model(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.updater.load(state)
         self.step, self.position = state["step"], state["position"]
         self.skipped = state["skipped"] if self.ctx.main else 0  # a global count: rank 0 carries it
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
@@ -373,11 +299,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Rank 0 writes (atomically); every rank returns once the file is complete, or raises its error."""
         ckpt_dir, keep = self.run_dir / "checkpoints", self.cfg.run.keep_last
-        tag = None
-        if self.ds_engine is not None:  # DeepSpeed's shards first; the fastbyol file below commits them
-            from fastbyol.engine import zero
-
-            tag = zero.save(self.ds_engine, ckpt_dir, self.step)
+        tag = self.updater.save_shards(ckpt_dir, self.step)  # DeepSpeed's first; the fastbyol file commits them
         state = self.state_dict()
         if tag is not None:
             state["deepspeed_tag"] = tag
@@ -393,10 +315,8 @@ class Trainer:
         if error is not None:
             raise checkpoint.CheckpointError(error)
         if tag is not None and self.ctx.main:
-            from fastbyol.engine import zero
-
             kept = {checkpoint.load(p).get("deepspeed_tag", "") for _, p in checkpoint.list_checkpoints(ckpt_dir)}
-            zero.prune(ckpt_dir, kept)
+            self.updater.prune_shards(ckpt_dir, kept)
         return Path(path)
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -496,7 +416,7 @@ class Trainer:
             with self.phases.host_range("data_wait"):
                 batch = next(batches)  # fetch
             self.meter.data_wait_s += time.perf_counter() - t_wait
-            with self._grad_sync(micro == accum - 1):
+            with self.updater.grad_sync(micro == accum - 1):
                 self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
         ok = self.guard.check({"loss": self._last_out.loss, "probe_loss": self._last_out.probe_loss})
         self.update()  # optimizer, EMA
@@ -555,12 +475,6 @@ class Trainer:
             print(f"fastbyol: profile of steps {self._profile_first}-{self.step - 1} written to {out}",
                   file=sys.stderr)
 
-    def _grad_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager[object]:
-        """DDP all-reduces the gradients in the backward of the last micro-batch only."""
-        if isinstance(self.model, DistributedDataParallel) and not last_micro_step:
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
     def forward_backward_step(self, batch: Batch, loss_scale: float, last_micro_step: bool = True) -> None:
         """One micro-batch: to the device, forward (compiled or eager), backward into the online grads;
         its metrics stay on the device in the meter."""
@@ -569,13 +483,10 @@ class Trainer:
         views = batch.views.to(self.device, self.channels_last)
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
         self.phases.start("forward")
-        deepspeed = self.ds_engine is not None  # DeepSpeed scales by 1/accum itself and backwards its own way
-        out = forward_backward(self.model, views, labels, 1.0 if deepspeed else loss_scale, self.bf16,
-                               fused_loss=self.kernels, forward=self.forward,
-                               backward=self.ds_engine.backward if deepspeed else None, phase=self.phases.start,
-                               temperature=self.temperature)
-        if deepspeed and not last_micro_step:
-            self.ds_engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
+        out = forward_backward(self.model, views, labels, self.updater.loss_scale(loss_scale), self.bf16,
+                               fused_loss=self.kernels, forward=self.forward, backward=self.updater.backward,
+                               phase=self.phases.start, temperature=self.temperature)
+        self.updater.micro_step_done(last_micro_step)
         self.phases.stop()
         self._last_out = out
         self.meter.add(out._asdict())
@@ -585,22 +496,7 @@ class Trainer:
         kernels the EMA runs inside the optimizer's pass, so the phase timer sees one 'optimizer' phase."""
         lr, tau = float(self.lr[self.step]), float(self.tau[self.step])
         self.phases.start("optimizer")
-        if self.ds_engine is not None:
-            from fastbyol.engine.zero import gathered
-
-            for group in self.ds_engine.optimizer.param_groups:
-                group["lr"] = lr
-            self.ds_engine.step()  # the accumulation boundary: reduce, ZeroLARS on each partition, gather
-            self.phases.start("ema")
-            with gathered(self.ds_engine, self.online_params):  # the EMA reads full fp32 online weights
-                target_step(self.online_params, self.target_params, tau)
-        elif isinstance(self.optimizer, FlatLARS) and self.target_flat is not None:  # kernels: LARS + EMA, one pass
-            optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
-        else:
-            optimizer_step(self.optimizer, lr)
-            if not self.simclr:  # SimCLR has no target
-                self.phases.start("ema")
-                target_step(self.online_params, self.target_params, tau)
+        self.updater.apply(lr, tau, self.phases)
         self.phases.stop()
 
     def _log_row(self) -> dict[str, Any]:

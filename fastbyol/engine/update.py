@@ -1,0 +1,267 @@
+"""The update strategies: how a run applies its optimizer step and moves its target, chosen once when the
+run is built (``build_update``), so the Trainer calls ``update.apply(lr, tau)`` and asks the strategy for
+its checkpoint state instead of branching on the engine.
+
+- ``LarsUpdate``: LARS over the parameters, then the EMA as one ``_foreach_lerp_`` (the reference path);
+  in one process or under DDP.
+- ``FlatUpdate``: the online and target parameters live in flat buffers; the fused Triton LARS writes the
+  EMA from the same registers (``FlatLARS.step_with_ema``): one pass over memory. One process or DDP.
+- ``ZeroUpdate``: DeepSpeed ZeRO owns the online half and the sharded LARS state (``ZeroLARS``); the EMA
+  reads the gathered full fp32 online weights. Its shards live in DeepSpeed's own checkpoint files.
+
+With no target (SimCLR) the LARS and flat strategies skip the EMA: the pair has no target parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastbyol.config import Config
+from fastbyol.engine.distributed import DistContext
+from fastbyol.errors import FastByolError
+from fastbyol.model.byol import ByolPair
+from fastbyol.step.lars import LARS, FlatLARS
+from fastbyol.step.train_step import optimizer_ema_step_fused, optimizer_step, target_step
+from fastbyol.telemetry.phases import PhaseTimer
+
+
+class Update(Protocol):
+    """What the Trainer asks of its update strategy."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """LARS, FlatLARS or ZeroLARS."""
+        ...
+
+    @property
+    def network(self) -> nn.Module:
+        """What the forward calls: the pair itself, DDP around it, or DeepSpeed's wrapper."""
+        ...
+
+    @property
+    def backward(self) -> Callable[[torch.Tensor], object] | None:
+        """Replaces ``Tensor.backward`` (DeepSpeed's engine scales by 1 / accum itself); None: the tensor's own."""
+        ...
+
+    def loss_scale(self, scale: float) -> float:
+        """The factor the micro-batch loss is multiplied by before ``backward``."""
+        ...
+
+    def micro_step_done(self, last: bool) -> None:
+        """After a micro-batch's backward (DeepSpeed counts the non-boundary ones)."""
+        ...
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
+        """Around a micro-batch: DDP all-reduces the gradients in the last micro-batch's backward only."""
+        ...
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        """The optimizer step at ``lr``, then the target EMA at ``tau``, once per optimizer step."""
+        ...
+
+    def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Everything a step writes (for run.nonfinite=skip): weights, momentum, target, BatchNorm statistics."""
+        ...
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The whole pair's state dict, every tensor complete."""
+        ...
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state the fastbyol checkpoint holds ({} where the engine keeps its own)."""
+        ...
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Model and optimizer from a checkpoint (a DeepSpeed run loaded its own when it was built)."""
+        ...
+
+    def save_shards(self, ckpt_dir: Path, step: int) -> str | None:
+        """Write the engine's own checkpoint files first, returning their tag (None: nothing to write)."""
+        ...
+
+    def prune_shards(self, ckpt_dir: Path, kept_tags: set[str]) -> None:
+        """Delete the engine's files of checkpoints no longer kept (rank 0, after the fastbyol file)."""
+        ...
+
+
+def load_model(pair: nn.Module, model_state: dict[str, torch.Tensor], arch: str) -> None:
+    try:
+        pair.load_state_dict(model_state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise FastByolError(f"checkpoint does not fit model.arch={arch}: {first}") from None
+
+
+def _no_buffer_sync() -> dict[str, Any]:
+    """DDP's switch for not broadcasting buffers every forward (renamed after torch 2.11)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _local_network(pair: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """The pair, or DDP around it (the target's parameters need no gradient, so DDP leaves them alone; the
+    BatchNorm buffers are global already: no broadcast)."""
+    if ctx.engine != "ddp":
+        return pair
+    return DistributedDataParallel(pair, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=False, **_no_buffer_sync())
+
+
+class LarsUpdate:
+    """LARS, then the foreach EMA (the plain-PyTorch reference path)."""
+
+    backward = None
+
+    def __init__(self, pair: nn.Module, groups: list[dict[str, Any]], hyper: dict[str, float], arch: str,
+                 ctx: DistContext, device: torch.device) -> None:
+        self.pair, self.arch = pair, arch
+        self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
+        self.optimizer: LARS = LARS(groups, **hyper)
+        self.network = _local_network(pair, ctx, device)
+
+    def loss_scale(self, scale: float) -> float:
+        return scale
+
+    def micro_step_done(self, last: bool) -> None:
+        pass
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
+        if isinstance(self.network, DistributedDataParallel) and not last:
+            return self.network.no_sync()
+        return contextlib.nullcontext()
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        optimizer_step(self.optimizer, lr)
+        if self.target_params:  # SimCLR has no target
+            phases.start("ema")
+            target_step(self.online_params, self.target_params, tau)
+
+    def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        for p in online:  # created here, not at the first step, so the snapshot covers them
+            self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        return [*online, *self.target_params, *[self.optimizer.state[p]["momentum_buffer"] for p in online],
+                *buffers]
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = self.pair.state_dict()
+        return out
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load(self, state: dict[str, Any]) -> None:
+        load_model(self.pair, state["model"], self.arch)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def save_shards(self, ckpt_dir: Path, step: int) -> str | None:
+        return None
+
+    def prune_shards(self, ckpt_dir: Path, kept_tags: set[str]) -> None:
+        pass
+
+
+class FlatUpdate(LarsUpdate):
+    """Flat buffers and the fused Triton LARS, with the EMA written in the same pass."""
+
+    def __init__(self, pair: nn.Module, groups: list[dict[str, Any]], hyper: dict[str, float], arch: str,
+                 ctx: DistContext, device: torch.device) -> None:
+        self.pair, self.arch = pair, arch
+        self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
+        self.online_flat, self.target_flat = pair.flatten_pairs_()  # type: ignore[operator]
+        self.tau_buf = torch.zeros(1, dtype=torch.float32, device=device)
+        self.optimizer: FlatLARS = FlatLARS(groups, self.online_flat, **hyper)  # type: ignore[assignment]
+        self.network = _local_network(pair, ctx, device)
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        if self.target_flat is None:  # SimCLR: no target
+            optimizer_step(self.optimizer, lr)
+        else:
+            optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
+
+    def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        target = [] if self.target_flat is None else [self.target_flat]
+        return [self.online_flat, self.optimizer.momentum_flat, *buffers, *target]
+
+
+class ZeroUpdate:
+    """DeepSpeed ZeRO (``fastbyol.engine.zero``) with ZeroLARS; the EMA from the gathered online weights."""
+
+    def __init__(self, pair: ByolPair, groups: list[dict[str, Any]], hyper: dict[str, float], cfg: Config,
+                 ctx: DistContext, kernels: bool, run_dir: Path, resume: dict[str, Any] | None) -> None:
+        from fastbyol.engine import zero
+        from fastbyol.step.zero_lars import ZeroLARS
+
+        self.pair, self.zero = pair, zero
+        self.online_params, self.target_params = pair.param_pairs()
+        if resume is not None:  # the full weights first: DeepSpeed partitions what the modules hold
+            load_model(pair, resume["model"], cfg.model.arch)
+        self.optimizer = ZeroLARS(groups, use_kernels=kernels, **hyper)
+        self.engine = zero.build_engine(pair, self.optimizer, cfg, ctx)
+        self.optimizer.attach(self.engine)
+        if resume is not None:
+            if "deepspeed_tag" not in resume:
+                raise FastByolError("this checkpoint was not written by a run.engine=deepspeed run: resume it "
+                                    "with its own engine (torchrun or a single process)")
+            zero.load(self.engine, run_dir / "checkpoints", resume["deepspeed_tag"])
+        self.network = zero.DeepSpeedPair(pair, self.engine)
+        self.backward = self.engine.backward
+
+    def loss_scale(self, scale: float) -> float:
+        return 1.0  # DeepSpeed scales by 1 / accum itself
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()  # DeepSpeed reduces at its own accumulation boundary
+
+    def micro_step_done(self, last: bool) -> None:
+        if not last:
+            self.engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # the accumulation boundary: reduce, ZeroLARS on each partition, gather
+        phases.start("ema")
+        with self.zero.gathered(self.engine, self.online_params):  # the EMA reads full fp32 online weights
+            target_step(self.online_params, self.target_params, tau)
+
+    def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise FastByolError("run.nonfinite=skip is not supported with run.engine=deepspeed: use run.nonfinite=stop")
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        with self.zero.gathered(self.engine, self.pair.online_parameters()):
+            return {k: v.detach().clone() for k, v in self.pair.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return {}  # DeepSpeed keeps its sharded LARS state in its own checkpoint
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass  # loaded before the engine was built (the weights) and by DeepSpeed (its shards)
+
+    def save_shards(self, ckpt_dir: Path, step: int) -> str | None:
+        tag: str = self.zero.save(self.engine, ckpt_dir, step)
+        return tag
+
+    def prune_shards(self, ckpt_dir: Path, kept_tags: set[str]) -> None:
+        self.zero.prune(ckpt_dir, kept_tags)
+
+
+def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[dict[str, Any]], kernels: bool,
+                 device: torch.device, run_dir: Path, resume: dict[str, Any] | None) -> Update:
+    """The one place the engine and the kernels setting pick how the run updates."""
+    hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
+    if ctx.engine == "deepspeed":
+        if not isinstance(pair, ByolPair):  # Config.validate refuses it first
+            raise FastByolError("method=simclr does not run under run.engine=deepspeed: use DDP")
+        return ZeroUpdate(pair, groups, hyper, cfg, ctx, kernels, run_dir, resume)
+    if kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
+        return FlatUpdate(pair, groups, hyper, cfg.model.arch, ctx, device)
+    return LarsUpdate(pair, groups, hyper, cfg.model.arch, ctx, device)
