@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from fastbyol.kernels.launch import on_device, target_of
 
+from fastbyol.step.zero_lars import ShardKernels
+
 BLOCK = 4096
 # The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
 INTERPRETER_BLOCK = 1 << 16
@@ -404,3 +406,7 @@ def lars_shard_apply(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torc
     """In place on this shard: LARS with the trust ratios of the whole tensors, from the all-reduced
     ``sums`` (so a partitioned LARS step equals the unpartitioned one, not a per-shard approximation)."""
     _lars_shard_apply_(param, grad, momentum_buf, *layout, sums, lr, weight_decay, momentum, eta)
+
+
+SHARD_KERNELS = ShardKernels(build_layout, lars_shard_sums, lars_shard_apply)
+"""What ``ZeroLARS(kernels=...)`` steps with on the Triton path."""

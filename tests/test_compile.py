@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastbyol.kernels.flat_lars import FlatLARS, optimizer_ema_step_fused
 
 from fastbyol.config import build_config
 from fastbyol.engine.compile import resolve_compile
 from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
-from fastbyol.step.lars import FlatLARS, lars_param_groups
-from fastbyol.step.train_step import forward_loss, optimizer_ema_step_fused
+from fastbyol.step.lars import lars_param_groups
+from fastbyol.step.train_step import forward_loss
 from fastbyol.telemetry.sinks import read_metrics
 
 SMALL = ["model.proj_hidden=32", "model.proj_dim=16", "model.small_stem=true", "model.online_probe=true"]

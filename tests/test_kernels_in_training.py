@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastbyol.kernels.flat_lars import FlatLARS
 from torch import nn
 
 from fastbyol.config import build_config
 from fastbyol.engine.trainer import IntervalMeter, start_run, use_kernels
 from fastbyol.errors import FastByolError
 from fastbyol.model.flat import flatten_params_
-from fastbyol.step.lars import FlatLARS
 from fastbyol.telemetry.sinks import read_metrics
 
 TINY = ["data.num_images=64", "optim.batch_size=4", "model.proj_hidden=32", "model.proj_dim=16",

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from fastbyol.kernels.lars import SHARD_KERNELS
 from torch import nn
 
 from fastbyol.step.lars import LARS, lars_param_groups
@@ -53,7 +54,7 @@ def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _zero_lars(groups: list[dict[str, object]], kernels: bool) -> ZeroLARS:
     return ZeroLARS(groups, weight_decay=HYPER["weight_decay"], momentum=HYPER["momentum"], eta=HYPER["eta"],
-                    use_kernels=kernels)
+                    kernels=SHARD_KERNELS if kernels else None)
 
 
 def _reference(steps: int = len(LRS)) -> list[torch.Tensor]:

@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from fastbyol.config import Config
 from fastbyol.engine.distributed import DistContext
 from fastbyol.errors import FastByolError
+from fastbyol.kernels.flat_lars import FlatLARS, optimizer_ema_step_fused
 from fastbyol.model.byol import ByolPair
-from fastbyol.step.lars import LARS, FlatLARS
-from fastbyol.step.train_step import optimizer_ema_step_fused, optimizer_step, target_step
+from fastbyol.step.lars import LARS
+from fastbyol.step.train_step import optimizer_step, target_step
 from fastbyol.telemetry.phases import PhaseTimer
 
 
@@ -198,13 +199,14 @@ class ZeroUpdate:
     def __init__(self, pair: ByolPair, groups: list[dict[str, Any]], hyper: dict[str, float], cfg: Config,
                  ctx: DistContext, kernels: bool, run_dir: Path, resume: dict[str, Any] | None) -> None:
         from fastbyol.engine import zero
+        from fastbyol.kernels.lars import SHARD_KERNELS
         from fastbyol.step.zero_lars import ZeroLARS
 
         self.pair, self.zero = pair, zero
         self.online_params, self.target_params = pair.param_pairs()
         if resume is not None:  # the full weights first: DeepSpeed partitions what the modules hold
             load_model(pair, resume["model"], cfg.model.arch)
-        self.optimizer = ZeroLARS(groups, use_kernels=kernels, **hyper)
+        self.optimizer = ZeroLARS(groups, kernels=SHARD_KERNELS if kernels else None, **hyper)
         self.engine = zero.build_engine(pair, self.optimizer, cfg, ctx)
         self.optimizer.attach(self.engine)
         if resume is not None:

@@ -2,7 +2,7 @@
 
     forward_backward (per micro-batch) -> optimizer_step (LARS at lr[k]) -> EMA of the target (tau[k])
 
-or, with the Triton kernels, the last two as one pass over memory (``optimizer_ema_step_fused``). With
+or, with the Triton kernels, the last two as one pass over memory (``fastbyol.kernels.flat_lars``). With
 method=simclr the network is a ``SimclrNet``, the loss NT-Xent over the global batch, and there is no EMA.
 
 Everything returned is a device tensor: no ``.item()``, no host sync, no branch on a tensor value.
@@ -23,7 +23,6 @@ from fastbyol.data.views import Views
 from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.ema import ema_update_
-from fastbyol.step.lars import FlatLARS
 from fastbyol.step.loss import byol_loss, projection_std
 from fastbyol.step.simclr import simclr_loss
 
@@ -129,14 +128,3 @@ def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def target_step(online: list[torch.Tensor], target: list[torch.Tensor], tau: float) -> None:
     """The EMA, once per optimizer step (never per micro-batch)."""
     ema_update_(target, online, tau)
-
-
-
-def optimizer_ema_step_fused(optimizer: FlatLARS, lr: float, target_flat: torch.Tensor, tau_buf: torch.Tensor,
-                             tau: float) -> None:
-    """LARS and the target EMA in one pass over memory (``FlatLARS.step_with_ema``), once per optimizer
-    step; lr and tau reach the device as async writes, so there is no host sync."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    tau_buf.fill_(tau)
-    optimizer.step_with_ema(target_flat, tau_buf)

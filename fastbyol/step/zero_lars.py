@@ -25,7 +25,7 @@ The layouts read from DeepSpeed 0.19.8 (``deepspeed/runtime/zero/stage_1_and_2.p
 
 * Stage 0: no ZeRO optimizer. With fp32 training ``engine.optimizer`` is the client optimizer itself and
   its groups hold the model's tensors: ``ZeroLARS`` is ``fastbyol.step.lars.LARS`` (its foreach step,
-  whatever ``use_kernels``).
+  whatever ``kernels``).
 * Stages 1 and 2 (``DeepSpeedZeroOptimizer``, ``engine.optimizer``; the client is its ``.optimizer``).
   Per client group i: ``round_robin_bit16_groups[i]`` are the group's trainable tensors in flat order,
   at ``round_robin_bit16_offsets[i]`` (element offsets into the group's flat buffer
@@ -54,8 +54,8 @@ slices; stage 3: the same after ``_set_fp32_optimizer_param_groups``), and ``ste
 identity, which a load keeps; ``attach`` maps the client groups by position (a load replaces their
 dicts), so it may come before or after ``engine.load_checkpoint``.
 
-Two engines: ``use_kernels=False`` uses multi-tensor PyTorch ops over views of each tensor's piece
-(``torch._foreach_norm`` for the partial sums, as ``LARS``); ``use_kernels=True`` uses the Triton kernels
+Two engines: with ``kernels=None`` multi-tensor PyTorch ops over views of each tensor's piece
+(``torch._foreach_norm`` for the partial sums, as ``LARS``); with ``kernels=SHARD_KERNELS`` the Triton kernels
 ``lars_shard_sums`` / ``lars_shard_apply`` of ``fastbyol.kernels.lars`` (on the CPU only under
 ``TRITON_INTERPRET=1``). Neither synchronises with the host.
 
@@ -66,7 +66,7 @@ LARS does not clip, so the config must.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -135,6 +135,18 @@ def _attr(obj: object, name: str) -> Any:
     return getattr(obj, name)
 
 
+class ShardKernels(NamedTuple):
+    """The Triton shard kernels ZeroLARS may step with (``fastbyol.kernels.lars.SHARD_KERNELS``), handed in
+    by whoever builds the run: this module never imports the kernels."""
+
+    build_layout: Callable[..., Any]
+    """``(segments, device) -> layout``: the chunk schedule of one partition's pieces."""
+    sums: Callable[..., torch.Tensor]
+    """``(flat, grad, layout, weight_decay) -> [T, 2]`` per-tensor partial sums of p^2 and u^2."""
+    apply: Callable[..., None]
+    """``(flat, grad, momentum, layout, sums, lr, weight_decay, momentum_coef, eta)``: the update in place."""
+
+
 class ZeroLARS(LARS):
     """LARS (``fastbyol.step.lars.LARS``) that computes exact per-tensor trust ratios under DeepSpeed ZeRO.
 
@@ -145,9 +157,9 @@ class ZeroLARS(LARS):
     ``attach`` it steps only real model tensors (plain LARS) and refuses ZeRO partitions."""
 
     def __init__(self, params: Iterable[dict[str, object]], lr: float = 0.0, weight_decay: float = 0.0,
-                 momentum: float = 0.9, eta: float = 1e-3, use_kernels: bool = False) -> None:
+                 momentum: float = 0.9, eta: float = 1e-3, kernels: ShardKernels | None = None) -> None:
         super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta)
-        self.use_kernels = use_kernels
+        self.kernels = kernels  # None: the foreach PyTorch path
         # Before DeepSpeed rewrites the groups' 'params': the tensors of each group, in order. DeepSpeed
         # drops empty groups, and a checkpoint load replaces the group dicts: the groups it steps are these
         # non-empty ones, by position.
@@ -183,13 +195,12 @@ class ZeroLARS(LARS):
             partitions = self._stage_1_2(zero, check) if stage in (1, 2) else self._stage_3(zero, check)
         self._stage = stage
         self._partitions = {id(part.flat): part for part in partitions}
-        if self.use_kernels and partitions:
-            from fastbyol.kernels.lars import build_layout
-
+        if self.kernels is not None and partitions:
             device = partitions[0].flat.device
             self._lr_buf = torch.zeros(1, dtype=torch.float32, device=device)
             for part in partitions:
-                part.layout = build_layout([(pc.offset, pc.length, pc.excluded) for pc in part.pieces], device)
+                segments = [(pc.offset, pc.length, pc.excluded) for pc in part.pieces]
+                part.layout = self.kernels.build_layout(segments, device)
                 part.zero_sums = torch.zeros(len(part.pieces), 2, dtype=torch.float32, device=device)
         for part in partitions:  # eager, so that every partition's momentum is in the state (and checkpoints)
             state = self.state[part.flat]
@@ -364,8 +375,8 @@ class ZeroLARS(LARS):
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # e.g. a checkpoint saved before attach
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                if self.use_kernels:
-                    self._step_kernels(part, group, p.grad, state["momentum_buffer"])
+                if self.kernels is not None:
+                    self._step_kernels(self.kernels, part, group, p.grad, state["momentum_buffer"])
                 else:
                     self._step_torch(part, group, p.grad, state["momentum_buffer"])
 
@@ -400,17 +411,16 @@ class ZeroLARS(LARS):
             torch._foreach_add_(bufs, updates)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
-    def _step_kernels(self, part: _Partition, group: dict[str, Any], grad: torch.Tensor, buf: torch.Tensor) -> None:
-        from fastbyol.kernels.lars import lars_shard_apply, lars_shard_sums
-
+    def _step_kernels(self, kernels: ShardKernels, part: _Partition, group: dict[str, Any], grad: torch.Tensor,
+                      buf: torch.Tensor) -> None:
         assert self._lr_buf is not None and part.zero_sums is not None
         self._lr_buf.fill_(group["lr"])  # an async write of a host float: no sync
         weight_decay = group["weight_decay"]
         if part.excluded:
             sums = part.zero_sums  # trust ratio 1 whatever the sums: no norms, no communication
         else:
-            sums = lars_shard_sums(part.flat, grad, part.layout, weight_decay)
+            sums = kernels.sums(part.flat, grad, part.layout, weight_decay)
             if part.reduce:
                 self._all_reduce(sums)
-        lars_shard_apply(part.flat, grad, buf, part.layout, sums, self._lr_buf, weight_decay, group["momentum"],
+        kernels.apply(part.flat, grad, buf, part.layout, sums, self._lr_buf, weight_decay, group["momentum"],
                          group["eta"])
