@@ -411,7 +411,7 @@ def build_trainer(out_dir: Path, name: str, device: torch.device, compile_mode: 
 def _state_groups(trainer: Trainer) -> dict[str, list[str]]:
     """State-dict names by what a step writes: online parameters (tower, predictor, probe; LARS), target
     parameters (the EMA), BatchNorm running statistics (the forward passes of both networks)."""
-    target = {id(p) for p in trainer.target_params}
+    target = {id(p) for p in trainer.updater.target_params}
     groups: dict[str, list[str]] = {"online": [], "target": [], "bn_stats": []}
     for name, p in trainer.pair.named_parameters():
         groups["target" if id(p) in target else "online"].append(name)

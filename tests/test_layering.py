@@ -1,6 +1,8 @@
-"""Data flows one way (STYLE.md, Layout): data -> model -> step; eval reads data and model; telemetry
-imports nothing upstream; engine composes; only cli imports engine. Read from the source, so a wrong
-import fails here."""
+"""Data flows one way (STYLE.md, Layout): data -> model -> step -> kernels; eval reads data and model;
+telemetry imports nothing upstream; engine composes; only cli imports engine. The kernels (``kernels/``,
+installed as ``fastbyol.kernels``) call the step's pure functions as their references, so step never imports
+them: the engine hands them in. Read from the source, so a wrong import fails here, and no two modules or
+layers import each other."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.files", "fastbyol.kernels"}
+BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.files"}
 ALLOWED = {
     "data": BASE | {"fastbyol.data"},
     "model": BASE | {"fastbyol.data", "fastbyol.model"},
@@ -16,7 +18,8 @@ ALLOWED = {
     "telemetry": {"fastbyol.telemetry", "fastbyol.errors", "fastbyol.files"},
     "eval": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.eval"},
     "engine": BASE | {"fastbyol.data", "fastbyol.model", "fastbyol.step", "fastbyol.telemetry", "fastbyol.eval",
-                      "fastbyol.engine"},
+                      "fastbyol.engine", "fastbyol.kernels"},
+    "kernels": BASE | {"fastbyol.kernels", "fastbyol.step"},
 }
 
 
@@ -38,7 +41,8 @@ def _layer(module: str) -> str:
 def test_imports_follow_the_layers() -> None:
     bad = []
     for layer, allowed in ALLOWED.items():
-        for path in sorted((ROOT / "fastbyol" / layer).glob("*.py")):
+        folder = ROOT / "kernels" if layer == "kernels" else ROOT / "fastbyol" / layer
+        for path in sorted(folder.glob("*.py")):
             for module in _fastbyol_imports(path):
                 if _layer(module) not in allowed:
                     bad.append(f"{path.relative_to(ROOT)} imports {module}")
@@ -50,3 +54,70 @@ def test_only_cli_imports_engine() -> None:
                  if any(_layer(m) == "fastbyol.engine" for m in _fastbyol_imports(p))]
     assert importers == ["cli.py"]
     assert not any(_layer(m) == "fastbyol.engine" for m in _fastbyol_imports(ROOT / "fastbyol" / "config.py"))
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "kernels":  # installed as fastbyol.kernels
+        parts = ["fastbyol", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (at module level or inside a function alike)."""
+    paths = [*(ROOT / "fastbyol").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    modules = {_module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for module in _fastbyol_imports(path):
+            while module and module not in modules:  # `from fastbyol.x import y` names the package x
+                module = module.rpartition(".")[0]
+            if module and module != name and not name.startswith(module + "."):
+                deps.add(module)
+        graph[name] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the graph (depth-first search), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles_between_modules_or_layers() -> None:
+    """Not between two modules (kernels/ included, as fastbyol.kernels), and not between two layers: the
+    kernels sit above step (their references call the step's pure functions), so step never imports them."""
+    graph = _import_graph()
+    assert "fastbyol.kernels.ema" in graph and "fastbyol.step.ema" in graph["fastbyol.kernels.ema"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    layers: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        layer = ".".join(module.split(".")[:2])
+        layers.setdefault(layer, set()).update(d for dep in deps if (d := ".".join(dep.split(".")[:2])) != layer)
+    assert _cycle(layers) is None, " -> ".join(_cycle(layers) or [])
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None

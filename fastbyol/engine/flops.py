@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastbyol.config import Config
 from fastbyol.model.network import build_network
-from fastbyol.step.train_step import forward_loss
+from fastbyol.step.train_step import REFERENCE_LOSSES, forward_loss
 
 
 def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> float:
@@ -27,7 +27,7 @@ def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> flo
         labels = torch.zeros(batch, dtype=torch.long) if probe_classes else None
     counter = FlopCounterMode(display=False)
     with counter:
-        total, _ = forward_loss(pair, views, views, labels, bf16=False, fused_loss=False,
+        total, _ = forward_loss(pair, views, views, labels, bf16=False, losses=REFERENCE_LOSSES,
                                 temperature=cfg.nt_xent_temperature())
         total.backward()
     return counter.get_total_flops() / batch / 1e9

@@ -54,12 +54,13 @@ from fastbyol.engine.update import build_update
 from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.kernels.launch import interpreted
+from fastbyol.kernels.losses import FUSED_LOSSES
 from fastbyol.model.network import build_network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import lars_param_groups
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
-from fastbyol.step.train_step import forward_backward
+from fastbyol.step.train_step import REFERENCE_LOSSES, forward_backward
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.phases import PhaseTimer
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink, require_tensorboard
@@ -200,6 +201,7 @@ class Trainer:
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
         self.kernels = use_kernels(cfg.run.kernels, self.device)
+        self.losses = FUSED_LOSSES if self.kernels else REFERENCE_LOSSES
         self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
@@ -484,7 +486,7 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
         self.phases.start("forward")
         out = forward_backward(self.model, views, labels, self.updater.loss_scale(loss_scale), self.bf16,
-                               fused_loss=self.kernels, forward=self.forward, backward=self.updater.backward,
+                               losses=self.losses, forward=self.forward, backward=self.updater.backward,
                                phase=self.phases.start, temperature=self.temperature)
         self.updater.micro_step_done(last_micro_step)
         self.phases.stop()

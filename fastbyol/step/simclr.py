@@ -12,6 +12,7 @@ equals the single-process one on the whole batch (tests/test_simclr.py holds the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,15 +54,16 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def simclr_loss(h1: torch.Tensor, h2: torch.Tensor, temperature: float, fused: bool = False) -> torch.Tensor:
+NtXent = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""``(q, k, pos, own, temperature) -> scalar``: ``nt_xent``'s signature, which the fused kernel shares."""
+
+
+def simclr_loss(h1: torch.Tensor, h2: torch.Tensor, temperature: float, ntxent: NtXent = nt_xent) -> torch.Tensor:
     """Scalar fp32 NT-Xent of both views' projections [b, D] against the global batch (see the module
-    docstring). ``fused`` takes the Triton kernel (``fastbyol.kernels.ntxent``)."""
+    docstring). ``ntxent`` is the reference, or the fused Triton kernel (``fastbyol.kernels.ntxent``) with its
+    signature."""
     rank, world = distributed_world()
     q = torch.cat([h1, h2])
     k = q if world == 1 else torch.cat([gather_rows(h1), gather_rows(h2)])
     pos, own = pair_indices(h1.shape[0], rank, world, q.device)
-    if fused:
-        from fastbyol.kernels.ntxent import ntxent
-
-        return 2 * ntxent(q, k, pos, own, temperature)
-    return 2 * nt_xent(q, k, pos, own, temperature)
+    return 2 * ntxent(q, k, pos, own, temperature)

@@ -24,6 +24,7 @@ from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.ema import ema_update_
 from fastbyol.step.loss import byol_loss, projection_std
+from fastbyol.step.ntxent import nt_xent
 from fastbyol.step.simclr import simclr_loss
 
 
@@ -48,6 +49,20 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
 Outputs = ByolOutputs | SimclrOutputs
 
 
+class Losses(NamedTuple):
+    """The loss functions of a run, chosen once when it is built: the plain-PyTorch references
+    (``REFERENCE_LOSSES``) or the fused Triton kernels (``fastbyol.kernels.losses.FUSED_LOSSES``), each pair
+    with one signature."""
+
+    byol: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """``(p1, p2, z1, z2) -> scalar``: the symmetric BYOL loss (``fastbyol.step.loss.byol_loss``)."""
+    ntxent: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """``(q, k, pos, own, temperature) -> scalar``: NT-Xent (``fastbyol.step.ntxent.nt_xent``)."""
+
+
+REFERENCE_LOSSES = Losses(byol_loss, nt_xent)
+
+
 def network_outputs(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
                     bf16: bool) -> Outputs:
     """Both views through the network (``pair`` is the ByolPair or SimclrNet, or DDP around it)."""
@@ -56,18 +71,14 @@ def network_outputs(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor,
     return out
 
 
-def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, fused_loss: bool, temperature: float = 0.0
+def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, losses: Losses, temperature: float = 0.0
                       ) -> tuple[torch.Tensor, MicroStepOut]:
     """The method's loss on the network's outputs, plus the online probe's; returns (the loss to backward,
     the metrics). ``temperature`` is NT-Xent's (SimCLR only)."""
     if isinstance(out, SimclrOutputs):
-        loss = simclr_loss(out.h1, out.h2, temperature, fused=fused_loss)
-    elif fused_loss:
-        from fastbyol.kernels.byol_loss import byol_loss as fused
-
-        loss = fused(out.p1, out.p2, out.z1.detach(), out.z2.detach())
+        loss = simclr_loss(out.h1, out.h2, temperature, losses.ntxent)
     else:
-        loss = byol_loss(out.p1, out.p2, out.z1, out.z2)
+        loss = losses.byol(out.p1, out.p2, out.z1.detach(), out.z2.detach())
     probe_loss = probe_top1 = None
     total = loss
     if out.probe_logits is not None:
@@ -82,7 +93,7 @@ def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, fused_loss: boo
 
 
 def forward_loss(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
-                 labels: torch.Tensor | None, bf16: bool, fused_loss: bool, temperature: float = 0.0
+                 labels: torch.Tensor | None, bf16: bool, losses: Losses, temperature: float = 0.0
                  ) -> tuple[torch.Tensor, MicroStepOut]:
     """Forward both views (``network_outputs``), then the loss (``loss_from_outputs``): returns (the loss to
     backward, the metrics).
@@ -90,24 +101,24 @@ def forward_loss(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, vi
     This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
     tensor value, and the fused losses are custom ops with fakes and autograd rules. With the online
     probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``); the probe reads
-    detached features, so its gradient never reaches the encoder. ``fused_loss`` takes the Triton kernel
-    (``fastbyol.kernels.byol_loss`` or ``ntxent``) instead of the PyTorch reference."""
-    return loss_from_outputs(network_outputs(pair, view1, view2, bf16), labels, fused_loss, temperature)
+    detached features, so its gradient never reaches the encoder. ``losses`` holds the loss functions
+    (the PyTorch references, or the fused Triton kernels)."""
+    return loss_from_outputs(network_outputs(pair, view1, view2, bf16), labels, losses, temperature)
 
 
 ForwardLoss = Callable[..., tuple[torch.Tensor, MicroStepOut]]
-"""``forward_loss``'s signature: (pair, view1, view2, labels, bf16, fused_loss, temperature)."""
+"""``forward_loss``'s signature: (pair, view1, view2, labels, bf16, losses, temperature)."""
 
 
 def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
-                     bf16: bool, fused_loss: bool = False, forward: ForwardLoss = forward_loss,
+                     bf16: bool, losses: Losses = REFERENCE_LOSSES, forward: ForwardLoss = forward_loss,
                      backward: Callable[[torch.Tensor], object] | None = None,
                      phase: Callable[[str], None] | None = None, temperature: float = 0.0) -> MicroStepOut:
     """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean.
     ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``); ``phase("backward")`` is
     called between the two (the trainer's phase timer)."""
-    total, out = forward(pair, views.view1, views.view2, labels, bf16, fused_loss, temperature)
+    total, out = forward(pair, views.view1, views.view2, labels, bf16, losses, temperature)
     if phase is not None:
         phase("backward")
     scaled = total * loss_scale if loss_scale != 1.0 else total
