@@ -55,7 +55,7 @@ from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.kernels.launch import interpreted
 from fastbyol.kernels.losses import FUSED_LOSSES
-from fastbyol.model.network import build_network
+from fastbyol.model.network import Network, build_network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import lars_param_groups
@@ -168,6 +168,55 @@ class IntervalMeter:
         return cls(sums, state["micro_steps"], state["steps"])
 
 
+class _RowSinks:
+    """The metrics rows' sinks on rank 0 (metrics.jsonl, gpu_samples.jsonl, TensorBoard) and the progress bar.
+
+    A row is due at the log cadence and at the run's true end only: a session stopped early (max_steps)
+    keeps its partial interval in the checkpoint, so a resumed run logs the same rows as an uninterrupted one.
+    """
+
+    def __init__(self, trainer: Trainer, end_step: int) -> None:
+        self.trainer = trainer
+        self.last: dict[str, Any] = {}
+        self.sink: JsonlMetrics | None = None
+        self.samples: JsonlMetrics | None = None
+        self.tensorboard: TensorBoardSink | None = None
+        run_dir, step = trainer.run_dir, trainer.step
+        if trainer.ctx.main:
+            metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "gpu_samples.jsonl"
+            JsonlMetrics.truncate_after(metrics_path, step)
+            JsonlMetrics.truncate_after(samples_path, step)
+            self.sink = JsonlMetrics(metrics_path)
+            trainer._start_telemetry()
+            self.samples = JsonlMetrics(samples_path) if trainer.sampler is not None else None
+            self.tensorboard = TensorBoardSink(run_dir / "tensorboard") if trainer.cfg.run.tensorboard else None
+        self.progress = ProgressBar(end_step, step, enabled=trainer.cfg.run.progress != "off" and trainer.ctx.main)
+
+    def due(self, step: int) -> bool:
+        return step % self.trainer.cfg.run.log_every == 0 or step == self.trainer.total_steps
+
+    def after_step(self) -> None:
+        """Write a row if one is due (every rank computes it: the means are all-reduced), else tick the bar."""
+        t = self.trainer
+        if not self.due(t.step):
+            self.progress.update(t.step, t.batch_size, self.last.get("loss"))
+            return
+        self.last = t._log_row()
+        if self.sink is not None:
+            self.sink.write(self.last)
+        if self.samples is not None:
+            self.samples.write_rows(t._last_samples)
+        if self.tensorboard is not None:
+            self.tensorboard.write(self.last)
+        self.progress.update(t.step, t.batch_size, self.last["loss"], force=True)
+
+    def close(self) -> None:
+        self.progress.close()
+        for sink in (self.sink, self.samples, self.tensorboard):
+            if sink is not None:
+                sink.close()
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
                  ctx: DistContext | None = None) -> None:
@@ -181,23 +230,11 @@ class Trainer:
         random.seed(cfg.run.seed)
 
         self.source = build_source(cfg.data, cfg.run.seed, self.device)
-        self.images_per_epoch = self.source.images_per_epoch
-        self.batch_size = cfg.optim.batch_size
-        self.total_steps = cfg.total_steps(self.images_per_epoch)
-        warmup = warmup_steps_for(cfg.optim.warmup_epochs, self.images_per_epoch, self.batch_size)
-        peak_lr = cfg.optim.base_lr * self.batch_size / 256
-        self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
-        self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
-
+        self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.simclr = cfg.method == "simclr"  # one network, NT-Xent, no target and no EMA
         self.temperature = cfg.nt_xent_temperature()
-        self.pair = build_network(cfg, seed=cfg.run.seed, probe_classes=probe_classes).to(self.device)
-        if self.channels_last:
-            self.pair = self.pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.pair.train()
-        if self.ctx.world > 1:  # before DDP wraps it and before the flat buffers take the parameters
-            convert_global_batchnorm(self.pair)
+        self.pair = self._build_pair(probe_classes)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
         self.kernels = use_kernels(cfg.run.kernels, self.device)
@@ -211,8 +248,43 @@ class Trainer:
         self.guard = self._build_guard()
         self.nonfinite_skipped = 0  # steps skipped so far in the run (run.nonfinite=skip)
         self._interval_nonfinite = 0  # ... since the last metrics row
+        self._build_telemetry(probe_classes)
+        self.stop = StopRequest()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75
+        self.clock = time.monotonic  # for run.ckpt_minutes (a test sets its own)
+        self.profile_window = parse_profile_window(cfg.run.profile) if cfg.run.profile else None
+        self._profiler: Any = None
 
-        # Telemetry: phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0).
+        self.step = 0  # optimizer steps done
+        self.position = 0  # samples consumed from the data stream
+        self.skipped = 0
+        self.meter = IntervalMeter()
+        if resume is not None:
+            self._load(resume)
+
+    def _build_schedules(self) -> None:
+        """Steps of the run, and the lr and tau of every step (host arrays: no device work)."""
+        cfg = self.cfg
+        self.images_per_epoch = self.source.images_per_epoch
+        self.batch_size = cfg.optim.batch_size
+        self.total_steps = cfg.total_steps(self.images_per_epoch)
+        warmup = warmup_steps_for(cfg.optim.warmup_epochs, self.images_per_epoch, self.batch_size)
+        peak_lr = cfg.optim.base_lr * self.batch_size / 256
+        self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
+        self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
+
+    def _build_pair(self, probe_classes: int) -> Network:
+        """The method's network on the device, in training mode, with cross-replica BatchNorm over ranks."""
+        pair = build_network(self.cfg, seed=self.cfg.run.seed, probe_classes=probe_classes).to(self.device)
+        if self.channels_last:
+            pair = pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        pair.train()
+        if self.ctx.world > 1:  # before DDP wraps it and before the flat buffers take the parameters
+            convert_global_batchnorm(pair)
+        return pair
+
+    def _build_telemetry(self, probe_classes: int) -> None:
+        """Phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0)."""
+        cfg = self.cfg
         self.telemetry = cfg.run.telemetry == "on"
         self.phases = PhaseTimer(self.device, enabled=self.telemetry)
         # Counted once, on rank 0 (the only one writing rows): ~1.7 s for ResNet-50 on a 2-core CPU.
@@ -222,20 +294,10 @@ class Trainer:
                             else f"cpu ({os.cpu_count()} cores)")
         self.peak_tflops = cfg.run.peak_tflops or (
             peak_bf16_tflops(self.device_name) if self.device.type == "cuda" and self.bf16 else None)
-        self.stop = StopRequest()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75
-        self.clock = time.monotonic  # for run.ckpt_minutes (a test sets its own)
         self.sampler: GpuSampler | None = None
         self._last_samples: list[dict[str, Any]] = []
         if cfg.run.tensorboard and self.ctx.main:
             require_tensorboard()
-        self.profile_window = parse_profile_window(cfg.run.profile) if cfg.run.profile else None
-
-        self.step = 0  # optimizer steps done
-        self.position = 0  # samples consumed from the data stream
-        self.skipped = 0
-        self.meter = IntervalMeter()
-        if resume is not None:
-            self._load(resume)
 
     def _build_guard(self) -> NonFiniteGuard:
         online_ids = {id(p) for p in self.pair.online_parameters()}
@@ -323,75 +385,61 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Fetch, step, log, checkpoint until the run's end (or run.max_steps); each of the last three
+        decides its own timing (``_RowSinks.due``, ``_checkpoint_if_due``, the profile window's edges)."""
         cfg = self.cfg
         end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         accum = cfg.optim.accum_steps
         micro_batch = self.batch_size // (accum * self.ctx.world)  # this rank's share of a micro-step
-        metrics_path, samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "gpu_samples.jsonl"
-        sink = samples_sink = tensorboard = None
-        if self.ctx.main:
-            JsonlMetrics.truncate_after(metrics_path, self.step)
-            JsonlMetrics.truncate_after(samples_path, self.step)
-            sink = JsonlMetrics(metrics_path)
-            self._start_telemetry()
-            samples_sink = JsonlMetrics(samples_path) if self.sampler is not None else None
-            tensorboard = TensorBoardSink(self.run_dir / "tensorboard") if cfg.run.tensorboard else None
-        progress = ProgressBar(end_step, self.step, enabled=cfg.run.progress != "off" and self.ctx.main)
+        rows = _RowSinks(self, end_step)
         batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum,
                                       self.ctx.rank, self.ctx.world)
-        self.meter.t0 = time.perf_counter()
-        last_row: dict[str, Any] = {}
-        t_start = time.perf_counter()
+        self.meter.t0 = t_start = time.perf_counter()
         start_step = self.step
-        profiler: Any = None
         self.stop.install()
-        last_ckpt_time = self.clock()
+        self._last_ckpt_time = self.clock()
         self.guard.set_step(self.step)
         try:
             while self.step < end_step:
-                if self.profile_window and self.step == self.profile_window[0]:
-                    profiler = self._start_profiler()
+                self._profile_start_if_due()
                 self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
-                if profiler is not None and self.profile_window and self.step >= self.profile_window[1]:
-                    self._stop_profiler(profiler)
-                    profiler = None
-                # Rows at the log cadence and at the run's true end only: a session stopped early
-                # (max_steps) keeps its partial interval in the checkpoint, so a resumed run logs the
-                # same rows as an uninterrupted one.
-                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:  # log
-                    last_row = self._log_row()
-                    if sink is not None:
-                        sink.write(last_row)
-                    if samples_sink is not None:
-                        samples_sink.write_rows(self._last_samples)
-                    if tensorboard is not None:
-                        tensorboard.write(last_row)
-                    progress.update(self.step, self.batch_size, last_row["loss"], force=True)
-                else:
-                    progress.update(self.step, self.batch_size, last_row.get("loss"))
-                stop, time_due = self._stop_or_time_due(last_ckpt_time)
-                if self.step % cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due:  # checkpoint
-                    self._check_nonfinite()  # never write the weights of a bad step
-                    path = self.save_checkpoint()
-                    last_ckpt_time = self.clock()
-                    if stop and self.step < end_step:
-                        raise RunStopped(f"stopped by {self.stop.name or 'a signal'} at step {self.step}/"
-                                         f"{self.total_steps}; checkpoint {path} written; continue with "
-                                         f"fastbyol train --resume {self.run_dir}")
+                self._profile_stop_if_due()
+                rows.after_step()  # log
+                self._checkpoint_if_due(end_step)  # checkpoint
         finally:
             self.stop.restore()
-            if profiler is not None:
-                self._stop_profiler(profiler)
+            if self._profiler is not None:
+                self._stop_profiler(self._profiler)
             if self.sampler is not None:
                 self.sampler.stop()
-            progress.close()
-            for open_sink in (sink, samples_sink, tensorboard):
-                if open_sink is not None:
-                    open_sink.close()
+            rows.close()
         wall = time.perf_counter() - t_start
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
-                "last": last_row, "wall_s": wall,
+                "last": rows.last, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def _profile_start_if_due(self) -> None:
+        """run.profile=A:B: the profiler starts before step A ..."""
+        if self.profile_window and self.step == self.profile_window[0]:
+            self._profiler = self._start_profiler()
+
+    def _profile_stop_if_due(self) -> None:
+        """... and stops once steps A..B-1 are done."""
+        if self._profiler is not None and self.profile_window and self.step >= self.profile_window[1]:
+            self._stop_profiler(self._profiler)
+
+    def _checkpoint_if_due(self, end_step: int) -> None:
+        """At the checkpoint cadence, at the end, on a stop signal or when run.ckpt_minutes have passed; a stop
+        before the end raises ``RunStopped`` once the checkpoint is written."""
+        stop, time_due = self._stop_or_time_due(self._last_ckpt_time)
+        if not (self.step % self.cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due):
+            return
+        self._check_nonfinite()  # never write the weights of a bad step
+        path = self.save_checkpoint()
+        self._last_ckpt_time = self.clock()
+        if stop and self.step < end_step:
+            raise RunStopped(f"stopped by {self.stop.name or 'a signal'} at step {self.step}/{self.total_steps}; "
+                             f"checkpoint {path} written; continue with fastbyol train --resume {self.run_dir}")
 
     def _stop_or_time_due(self, last_ckpt_time: float) -> tuple[bool, bool]:
         """(a signal asked to stop, the wall-time checkpoint is due). One process: after every step, from host
@@ -465,6 +513,7 @@ class Trainer:
     def _stop_profiler(self, profiler: Any) -> None:
         """Close the window; every rank writes its trace (Chrome trace JSON: chrome://tracing, Perfetto)."""
         self.phases.profiling = False
+        self._profiler = None
         profiler.__exit__(None, None, None)
         out = self.run_dir / "profile"
         out.mkdir(exist_ok=True)
