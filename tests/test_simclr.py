@@ -4,6 +4,7 @@ from the global batch, all-gathered with gradient) equal to one process with the
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from multirank import assert_same_training, run, torchrun
 from torch import nn
 
-from fastbyol.config import ConfigError, ModelConfig, SimclrConfig, build_config
+from fastbyol.config import Config, ConfigError, ModelConfig, SimclrConfig, build_config
 from fastbyol.data.augment import VIEW1, VIEW2, VIEW_PAIRS
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import TIMING_FIELDS, start_run
@@ -169,3 +170,18 @@ def test_fused_nt_xent_kernel_trains_like_the_reference(tmp_path: Path, monkeypa
     print(f"worst parameter/statistic difference: {worst:.3g}")
     losses = [[r["loss"] for r in read_metrics(tmp_path / f"k{k}" / "metrics.jsonl")] for k in ("off", "on")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+
+
+def test_the_method_objects_decide_what_differs_in_the_trainer() -> None:
+    """BYOL logs tau and compiles forward + loss whole; SimCLR logs no tau and compiles only the network with
+    several ranks (its loss all-gathers); each builds its own network."""
+    from fastbyol.model.byol import ByolPair
+    from fastbyol.step.methods import METHODS
+
+    byol, simclr = METHODS["byol"], METHODS["simclr"]
+    assert byol.row_fields(0.99) == {"tau": 0.99} and simclr.row_fields(0.99) == {}
+    assert byol.compiles_with_loss(2) and simclr.compiles_with_loss(1) and not simclr.compiles_with_loss(2)
+    small = ["model.proj_hidden=16", "model.proj_dim=8", "simclr.proj_hidden=16", "simclr.proj_dim=8"]
+    assert isinstance(byol.network(build_config("smoke", overrides=small), seed=0), ByolPair)
+    assert isinstance(simclr.network(build_config("smoke", overrides=[*small, "method=simclr"]), seed=0), SimclrNet)
+    assert set(METHODS) == set(typing.get_args(typing.get_type_hints(Config)["method"]))

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastbyol.config import Config
-from fastbyol.model.network import build_network
+from fastbyol.step.methods import METHODS
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_loss
 
 
@@ -22,7 +22,7 @@ def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> flo
     counted at this batch of 2, so they are left out, as MFU conventions leave out attention's)."""
     batch = 2  # BatchNorm needs more than one value per channel; FLOPs are linear in the batch
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        pair = build_network(cfg, seed=0, probe_classes=probe_classes)
+        pair = METHODS[cfg.method].network(cfg, seed=0, probe_classes=probe_classes)
         views = torch.empty(batch, 3, image_size, image_size)
         labels = torch.zeros(batch, dtype=torch.long) if probe_classes else None
     counter = FlopCounterMode(display=False)

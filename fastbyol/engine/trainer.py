@@ -55,10 +55,11 @@ from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
 from fastbyol.kernels.launch import interpreted
 from fastbyol.kernels.losses import FUSED_LOSSES
-from fastbyol.model.network import Network, build_network
+from fastbyol.model.network import Network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import lars_param_groups
+from fastbyol.step.methods import METHODS
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_backward
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
@@ -232,7 +233,7 @@ class Trainer:
         self.source = build_source(cfg.data, cfg.run.seed, self.device)
         self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
-        self.simclr = cfg.method == "simclr"  # one network, NT-Xent, no target and no EMA
+        self.method = METHODS[cfg.method]  # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA
         self.temperature = cfg.nt_xent_temperature()
         self.pair = self._build_pair(probe_classes)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
@@ -243,8 +244,8 @@ class Trainer:
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
-        # SimCLR's all-gather across ranks cannot be in a full graph: then only the network is compiled.
-        self.forward = compiled_forward(self.compile_mode, network_only=self.simclr and self.ctx.world > 1)
+        self.forward = compiled_forward(self.compile_mode,
+                                        network_only=not self.method.compiles_with_loss(self.ctx.world))
         self.guard = self._build_guard()
         self.nonfinite_skipped = 0  # steps skipped so far in the run (run.nonfinite=skip)
         self._interval_nonfinite = 0  # ... since the last metrics row
@@ -274,7 +275,7 @@ class Trainer:
 
     def _build_pair(self, probe_classes: int) -> Network:
         """The method's network on the device, in training mode, with cross-replica BatchNorm over ranks."""
-        pair = build_network(self.cfg, seed=self.cfg.run.seed, probe_classes=probe_classes).to(self.device)
+        pair = self.method.network(self.cfg, seed=self.cfg.run.seed, probe_classes=probe_classes).to(self.device)
         if self.channels_last:
             pair = pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         pair.train()
@@ -566,7 +567,7 @@ class Trainer:
             "proj_std": means["proj_std"],
             "proj_std_uniform": 1.0 / math.sqrt(self.cfg.proj_dim()),
             "lr": float(self.lr[k]),
-            **({} if self.simclr else {"tau": float(self.tau[k])}),  # SimCLR has no target, no tau
+            **self.method.row_fields(float(self.tau[k])),  # BYOL's tau; SimCLR has no target
             "img_per_s": img_per_s,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": skipped,
