@@ -17,6 +17,7 @@ from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.lars import lars_param_groups
+from fastbyol.step.methods import Byol, Simclr
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_loss
 from fastbyol.telemetry.sinks import read_metrics
 
@@ -37,7 +38,7 @@ def test_forward_and_loss_have_no_graph_break(fused_loss: bool, bf16: bool) -> N
     views = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
     labels = torch.tensor([0, 1, 2, 3])
     losses = FUSED_LOSSES if fused_loss else REFERENCE_LOSSES
-    explanation = torch._dynamo.explain(forward_loss)(pair, *views, labels, bf16, losses)
+    explanation = torch._dynamo.explain(forward_loss)(pair, *views, labels, bf16, Byol(losses).loss)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -51,8 +52,9 @@ def test_simclr_forward_and_nt_xent_have_no_graph_break(fused_loss: bool) -> Non
     cfg = build_config("smoke", overrides=[*SMALL, "method=simclr", "simclr.proj_hidden=32", "simclr.proj_dim=16"])
     net = SimclrNet(cfg.model, cfg.simclr, seed=0, probe_classes=5).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     views = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    method = Simclr(0.5, FUSED_LOSSES if fused_loss else REFERENCE_LOSSES)
     explanation = torch._dynamo.explain(forward_loss)(net.train(), *views, torch.tensor([0, 1, 2, 3]), False,
-                                                      FUSED_LOSSES if fused_loss else REFERENCE_LOSSES, 0.5)
+                                                      method.loss)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -129,7 +131,7 @@ def test_reduce_overhead_forward_keeps_metrics_past_the_next_graph_replay(monkey
             return static[0], MicroStepOut(static[0], static[1], None, None)
         return replay
 
-    def fake_loss(outputs: torch.Tensor, labels: object, losses: object, temperature: float) -> object:
+    def fake_loss(outputs: torch.Tensor, labels: object, loss_fn: object) -> object:
         return outputs[0], MicroStepOut(outputs[0], outputs[1], None, None)
 
     monkeypatch.setattr(compile_mod.torch, "compile", fake_compile)
@@ -138,8 +140,8 @@ def test_reduce_overhead_forward_keeps_metrics_past_the_next_graph_replay(monkey
                         lambda: calls.__setitem__("mark", calls["mark"] + 1))
     forward = compile_mod.compiled_forward("reduce-overhead", network_only=network_only)
     view = torch.zeros(1)
-    _, first = forward(None, view, view, None, False, REFERENCE_LOSSES)
-    _, second = forward(None, view, view, None, False, REFERENCE_LOSSES)
+    _, first = forward(None, view, view, None, False, Byol().loss)
+    _, second = forward(None, view, view, None, False, Byol().loss)
     assert calls["mark"] == 2
     assert (first.loss.item(), first.proj_std.item(), second.loss.item()) == (1.0, 1.0, 2.0)
     assert first.probe_loss is None

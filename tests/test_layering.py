@@ -7,6 +7,7 @@ layers import each other."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +122,17 @@ def test_no_import_cycles_between_modules_or_layers() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_trainer_is_small_and_never_asks_which_engine_or_method_runs() -> None:
+    """Issue 17's shape, kept: ``Trainer.__init__`` under 50 lines, no method of the Trainer over 40, and no
+    ``if`` in trainer.py on the engine or the method (they are chosen once: ``build_update``,
+    ``build_method``)."""
+    tree = ast.parse((ROOT / "fastbyol" / "engine" / "trainer.py").read_text())
+    trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    sizes = {f.name: (f.end_lineno or f.lineno) - f.lineno + 1 for f in trainer.body if isinstance(f, ast.FunctionDef)}
+    assert sizes["__init__"] < 50, sizes["__init__"]
+    assert not {name: n for name, n in sizes.items() if n > 40 and name != "__init__"}
+    asks = [f"line {n.lineno}: {ast.unparse(n.test)}" for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp))
+            and re.search(r"engine|method|simclr|byol|deepspeed|ddp|zero", ast.unparse(n.test), re.IGNORECASE)]
+    assert not asks, asks

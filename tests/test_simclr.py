@@ -173,15 +173,31 @@ def test_fused_nt_xent_kernel_trains_like_the_reference(tmp_path: Path, monkeypa
 
 
 def test_the_method_objects_decide_what_differs_in_the_trainer() -> None:
-    """BYOL logs tau and compiles forward + loss whole; SimCLR logs no tau and compiles only the network with
-    several ranks (its loss all-gathers); each builds its own network."""
+    """Each method builds its own network and its own loss on that network's outputs; BYOL logs tau and
+    compiles forward + loss whole; SimCLR logs no tau and compiles only the network with several ranks (its
+    loss all-gathers). ``build_method`` knows every value of ``cfg.method``."""
     from fastbyol.model.byol import ByolPair
-    from fastbyol.step.methods import METHODS
+    from fastbyol.step.loss import byol_loss
+    from fastbyol.step.methods import build_method
+    from fastbyol.step.simclr import simclr_loss
+    from fastbyol.step.train_step import network_outputs
 
-    byol, simclr = METHODS["byol"], METHODS["simclr"]
+    small = ["model.proj_hidden=16", "model.proj_dim=8", "simclr.proj_hidden=16", "simclr.proj_dim=8",
+             "model.small_stem=true"]
+    byol_cfg = build_config("smoke", overrides=small)
+    simclr_cfg = build_config("smoke", overrides=[*small, "method=simclr", "simclr.temperature=0.2"])
+    byol, simclr = build_method(byol_cfg), build_method(simclr_cfg)
     assert byol.row_fields(0.99) == {"tau": 0.99} and simclr.row_fields(0.99) == {}
     assert byol.compiles_with_loss(2) and simclr.compiles_with_loss(1) and not simclr.compiles_with_loss(2)
-    small = ["model.proj_hidden=16", "model.proj_dim=8", "simclr.proj_hidden=16", "simclr.proj_dim=8"]
-    assert isinstance(byol.network(build_config("smoke", overrides=small), seed=0), ByolPair)
-    assert isinstance(simclr.network(build_config("smoke", overrides=[*small, "method=simclr"]), seed=0), SimclrNet)
-    assert set(METHODS) == set(typing.get_args(typing.get_type_hints(Config)["method"]))
+    views = torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pair = byol.network(byol_cfg, seed=0)
+    assert isinstance(pair, ByolPair)
+    out = network_outputs(pair.train(), views[0], views[1], bf16=False)
+    assert torch.equal(byol.loss(out), byol_loss(out.p1, out.p2, out.z1, out.z2))
+    net = simclr.network(simclr_cfg, seed=0)
+    assert isinstance(net, SimclrNet)
+    out = network_outputs(net.train(), views[0], views[1], bf16=False)
+    assert torch.equal(simclr.loss(out), simclr_loss(out.h1, out.h2, 0.2))
+    assert not torch.equal(simclr.loss(out), simclr_loss(out.h1, out.h2, 0.5))  # the run's temperature
+    methods = typing.get_args(typing.get_type_hints(Config)["method"])
+    assert [build_method(build_config("smoke", overrides=[f"method={m}"])).name for m in methods] == list(methods)

@@ -123,11 +123,11 @@ def test_accumulated_gradient_equals_full_batch_mean(tmp_path: Path) -> None:
     grads = []
     for v in views:
         t.pair.zero_grad(set_to_none=True)
-        forward_backward(t.pair, v, None, 1.0, bf16=False)
+        forward_backward(t.pair, v, None, 1.0, bf16=False, loss_fn=t.method.loss)
         grads.append(weight.grad.clone())
     t.pair.zero_grad(set_to_none=True)
     for v in views:
-        forward_backward(t.pair, v, None, 0.5, bf16=False)
+        forward_backward(t.pair, v, None, 0.5, bf16=False, loss_fn=t.method.loss)
     torch.testing.assert_close(weight.grad, (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
 
 
@@ -162,13 +162,13 @@ def test_online_probe_learns_without_touching_the_encoder_gradient(tmp_path: Pat
     conv = t.pair.online.encoder.net.conv1.weight
     state = {k: v.clone() for k, v in t.pair.state_dict().items()}
     t.pair.zero_grad(set_to_none=True)
-    out = forward_backward(t.pair, views, labels, 1.0, bf16=False)
+    out = forward_backward(t.pair, views, labels, 1.0, bf16=False, loss_fn=t.method.loss)
     with_probe = conv.grad.clone()
     assert out.probe_loss is not None and t.pair.probe.weight.grad is not None
     t.pair.load_state_dict(state)  # BatchNorm running stats moved: restore them
     probe, t.pair.probe = t.pair.probe, None
     t.pair.zero_grad(set_to_none=True)
-    forward_backward(t.pair, views, None, 1.0, bf16=False)
+    forward_backward(t.pair, views, None, 1.0, bf16=False, loss_fn=t.method.loss)
     t.pair.probe = probe
     torch.testing.assert_close(conv.grad, with_probe, rtol=0, atol=0)
 

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from fastbyol.errors import FastByolError
-from fastbyol.step.train_step import ForwardLoss, Losses, MicroStepOut, forward_loss, loss_from_outputs, network_outputs
+from fastbyol.step.train_step import (
+    ForwardLoss,
+    MethodLoss,
+    MicroStepOut,
+    forward_loss,
+    loss_from_outputs,
+    network_outputs,
+)
 
 
 def resolve_compile(setting: str, device: torch.device) -> str:
@@ -51,8 +58,8 @@ def compiled_forward(mode: str, network_only: bool = False) -> ForwardLoss:
     network = torch.compile(network_outputs, mode=mode, fullgraph=True, dynamic=False)
 
     def forward(pair: Any, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None, bf16: bool,
-                losses: Losses, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
-        return loss_from_outputs(network(pair, view1, view2, bf16), labels, losses, temperature)
+                loss_fn: MethodLoss) -> tuple[torch.Tensor, MicroStepOut]:
+        return loss_from_outputs(network(pair, view1, view2, bf16), labels, loss_fn)
     return _graph_safe(forward) if mode == "reduce-overhead" else forward
 
 
@@ -64,9 +71,9 @@ def _graph_safe(forward: ForwardLoss) -> ForwardLoss:
     optimizer. So each call starts a new graph step and copies the metrics out (a few scalars)."""
 
     def forward_copied(pair: Any, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
-                       bf16: bool, losses: Losses, temperature: float = 0.0) -> tuple[torch.Tensor, MicroStepOut]:
+                       bf16: bool, loss_fn: MethodLoss) -> tuple[torch.Tensor, MicroStepOut]:
         torch.compiler.cudagraph_mark_step_begin()
-        total, out = forward(pair, view1, view2, labels, bf16, losses, temperature)
+        total, out = forward(pair, view1, view2, labels, bf16, loss_fn)
         return total, MicroStepOut(out.loss.clone(), out.proj_std.clone(),
                                    None if out.probe_loss is None else out.probe_loss.clone(),
                                    None if out.probe_top1 is None else out.probe_top1.clone())

@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastbyol.config import Config
-from fastbyol.step.methods import METHODS
-from fastbyol.step.train_step import REFERENCE_LOSSES, forward_loss
+from fastbyol.step.methods import build_method
+from fastbyol.step.train_step import forward_loss
 
 
 def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> float:
@@ -22,12 +22,12 @@ def gflop_per_image(cfg: Config, image_size: int, probe_classes: int = 0) -> flo
     counted at this batch of 2, so they are left out, as MFU conventions leave out attention's)."""
     batch = 2  # BatchNorm needs more than one value per channel; FLOPs are linear in the batch
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        pair = METHODS[cfg.method].network(cfg, seed=0, probe_classes=probe_classes)
+        method = build_method(cfg)
+        pair = method.network(cfg, seed=0, probe_classes=probe_classes)
         views = torch.empty(batch, 3, image_size, image_size)
         labels = torch.zeros(batch, dtype=torch.long) if probe_classes else None
     counter = FlopCounterMode(display=False)
     with counter:
-        total, _ = forward_loss(pair, views, views, labels, bf16=False, losses=REFERENCE_LOSSES,
-                                temperature=cfg.nt_xent_temperature())
+        total, _ = forward_loss(pair, views, views, labels, bf16=False, loss_fn=method.loss)
         total.backward()
     return counter.get_total_flops() / batch / 1e9

@@ -59,7 +59,7 @@ from fastbyol.model.network import Network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.lars import lars_param_groups
-from fastbyol.step.methods import METHODS
+from fastbyol.step.methods import build_method
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_backward
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
@@ -233,13 +233,12 @@ class Trainer:
         self.source = build_source(cfg.data, cfg.run.seed, self.device)
         self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
-        self.method = METHODS[cfg.method]  # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA
-        self.temperature = cfg.nt_xent_temperature()
+        self.kernels = use_kernels(cfg.run.kernels, self.device)
+        # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
+        self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
         self.pair = self._build_pair(probe_classes)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
-        self.kernels = use_kernels(cfg.run.kernels, self.device)
-        self.losses = FUSED_LOSSES if self.kernels else REFERENCE_LOSSES
         self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
@@ -536,8 +535,8 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True) if batch.labels is not None else None
         self.phases.start("forward")
         out = forward_backward(self.model, views, labels, self.updater.loss_scale(loss_scale), self.bf16,
-                               losses=self.losses, forward=self.forward, backward=self.updater.backward,
-                               phase=self.phases.start, temperature=self.temperature)
+                               self.method.loss, forward=self.forward, backward=self.updater.backward,
+                               phase=self.phases.start)
         self.updater.micro_step_done(last_micro_step)
         self.phases.stop()
         self._last_out = out

@@ -1,24 +1,31 @@
-"""The pretraining methods, one object each behind ``Method``: what differs between BYOL and SimCLR in the
-Trainer (the network, the metrics row, the compiled region) is here, chosen once when the run is built
-(``METHODS[cfg.method]``), so the Trainer never asks which method runs. The loss follows the network's
-outputs (``step.train_step.loss_from_outputs``); the target follows the network (the update strategies move
-the target parameters the pair has, none for SimCLR).
+"""The pretraining methods, one object each behind ``Method``: what differs between BYOL and SimCLR (the
+network, the loss on its outputs, the metrics row, the compiled region) is here, chosen once when the run is
+built (``build_method``), so neither the Trainer nor the step asks which method runs. The target follows
+the network: the update strategies move the target parameters the network has, none for SimCLR.
 
-- ``Byol``: an online network and a target moved by the EMA; the log shows the step's tau; the forward and
-  the loss compile as one graph.
-- ``Simclr``: one network, no target; NT-Xent's negatives are gathered from every rank inside the loss (an
-  autograd function around ``all_gather`` that dynamo cannot put in a full graph), so with several ranks only
-  the network is compiled.
+- ``Byol``: an online network and a target moved by the EMA; the symmetric BYOL loss (the predictions against
+  the other view's target projections, no gradient into the target); the log shows the step's tau; the
+  forward and the loss compile as one graph.
+- ``Simclr``: one network, no target; NT-Xent at the run's temperature, its negatives gathered from every
+  rank inside the loss (an autograd function around ``all_gather`` that dynamo cannot put in a full graph),
+  so with several ranks only the network is compiled.
+
+``losses`` holds the loss functions (``step.train_step.REFERENCE_LOSSES`` or the fused Triton kernels,
+``fastbyol.kernels.losses.FUSED_LOSSES``), chosen with the kernels setting.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from fastbyol.config import Config
-from fastbyol.model.byol import ByolPair
+from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.network import Network
-from fastbyol.model.simclr import SimclrNet
+from fastbyol.model.simclr import SimclrNet, SimclrOutputs
+from fastbyol.step.simclr import simclr_loss
+from fastbyol.step.train_step import REFERENCE_LOSSES, Losses, Outputs
 
 
 class Method(Protocol):
@@ -27,6 +34,11 @@ class Method(Protocol):
 
     def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
         """The network the run trains, initialised from ``seed``."""
+        ...
+
+    def loss(self, out: Outputs) -> torch.Tensor:
+        """The method's loss (a scalar) on the network's outputs; ``step.train_step.forward_loss`` calls it
+        inside the compiled region."""
         ...
 
     def row_fields(self, tau: float) -> dict[str, float]:
@@ -41,8 +53,15 @@ class Method(Protocol):
 class Byol:
     name = "byol"
 
+    def __init__(self, losses: Losses = REFERENCE_LOSSES) -> None:
+        self.losses = losses
+
     def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
         return ByolPair(cfg.model, seed=seed, probe_classes=probe_classes)
+
+    def loss(self, out: Outputs) -> torch.Tensor:
+        assert isinstance(out, ByolOutputs)
+        return self.losses.byol(out.p1, out.p2, out.z1.detach(), out.z2.detach())
 
     def row_fields(self, tau: float) -> dict[str, float]:
         return {"tau": tau}
@@ -54,8 +73,15 @@ class Byol:
 class Simclr:
     name = "simclr"
 
+    def __init__(self, temperature: float, losses: Losses = REFERENCE_LOSSES) -> None:
+        self.temperature, self.losses = temperature, losses
+
     def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
         return SimclrNet(cfg.model, cfg.simclr, seed=seed, probe_classes=probe_classes)
+
+    def loss(self, out: Outputs) -> torch.Tensor:
+        assert isinstance(out, SimclrOutputs)
+        return simclr_loss(out.h1, out.h2, self.temperature, self.losses.ntxent)
 
     def row_fields(self, tau: float) -> dict[str, float]:
         return {}  # no target, no tau
@@ -64,4 +90,8 @@ class Simclr:
         return world == 1
 
 
-METHODS: dict[str, Method] = {"byol": Byol(), "simclr": Simclr()}
+def build_method(cfg: Config, losses: Losses = REFERENCE_LOSSES) -> Method:
+    """The run's method (``cfg.method``), its loss computed with ``losses``."""
+    if cfg.method == "simclr":
+        return Simclr(cfg.nt_xent_temperature(), losses)
+    return Byol(losses)

@@ -25,7 +25,6 @@ from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.ema import ema_update_
 from fastbyol.step.loss import byol_loss, projection_std
 from fastbyol.step.ntxent import nt_xent
-from fastbyol.step.simclr import simclr_loss
 
 
 class MicroStepOut(NamedTuple):
@@ -71,14 +70,15 @@ def network_outputs(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor,
     return out
 
 
-def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, losses: Losses, temperature: float = 0.0
+MethodLoss = Callable[[Outputs], torch.Tensor]
+"""The method's loss on the network's outputs (``fastbyol.step.methods.Method.loss``)."""
+
+
+def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, loss_fn: MethodLoss
                       ) -> tuple[torch.Tensor, MicroStepOut]:
     """The method's loss on the network's outputs, plus the online probe's; returns (the loss to backward,
-    the metrics). ``temperature`` is NT-Xent's (SimCLR only)."""
-    if isinstance(out, SimclrOutputs):
-        loss = simclr_loss(out.h1, out.h2, temperature, losses.ntxent)
-    else:
-        loss = losses.byol(out.p1, out.p2, out.z1.detach(), out.z2.detach())
+    the metrics)."""
+    loss = loss_fn(out)
     probe_loss = probe_top1 = None
     total = loss
     if out.probe_logits is not None:
@@ -93,32 +93,31 @@ def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, losses: Losses,
 
 
 def forward_loss(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
-                 labels: torch.Tensor | None, bf16: bool, losses: Losses, temperature: float = 0.0
-                 ) -> tuple[torch.Tensor, MicroStepOut]:
+                 labels: torch.Tensor | None, bf16: bool, loss_fn: MethodLoss) -> tuple[torch.Tensor, MicroStepOut]:
     """Forward both views (``network_outputs``), then the loss (``loss_from_outputs``): returns (the loss to
     backward, the metrics).
 
     This is the region ``torch.compile`` takes whole (``fullgraph=True``): no host sync, no branch on a
     tensor value, and the fused losses are custom ops with fakes and autograd rules. With the online
     probe on, its cross-entropy is added (official: ``loss = repr_loss + classif_loss``); the probe reads
-    detached features, so its gradient never reaches the encoder. ``losses`` holds the loss functions
-    (the PyTorch references, or the fused Triton kernels)."""
-    return loss_from_outputs(network_outputs(pair, view1, view2, bf16), labels, losses, temperature)
+    detached features, so its gradient never reaches the encoder. ``loss_fn`` is the method's loss (its
+    functions the PyTorch references, or the fused Triton kernels)."""
+    return loss_from_outputs(network_outputs(pair, view1, view2, bf16), labels, loss_fn)
 
 
 ForwardLoss = Callable[..., tuple[torch.Tensor, MicroStepOut]]
-"""``forward_loss``'s signature: (pair, view1, view2, labels, bf16, losses, temperature)."""
+"""``forward_loss``'s signature: (pair, view1, view2, labels, bf16, loss_fn)."""
 
 
 def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
-                     bf16: bool, losses: Losses = REFERENCE_LOSSES, forward: ForwardLoss = forward_loss,
+                     bf16: bool, loss_fn: MethodLoss, forward: ForwardLoss = forward_loss,
                      backward: Callable[[torch.Tensor], object] | None = None,
-                     phase: Callable[[str], None] | None = None, temperature: float = 0.0) -> MicroStepOut:
+                     phase: Callable[[str], None] | None = None) -> MicroStepOut:
     """Forward (``forward_loss``, or its compiled form), then backward the scaled loss into the online
     grads. ``loss_scale`` = 1 / accum_steps, so the accumulated gradient is the full batch's mean.
     ``backward`` replaces ``Tensor.backward`` (DeepSpeed's ``engine.backward``); ``phase("backward")`` is
     called between the two (the trainer's phase timer)."""
-    total, out = forward(pair, views.view1, views.view2, labels, bf16, losses, temperature)
+    total, out = forward(pair, views.view1, views.view2, labels, bf16, loss_fn)
     if phase is not None:
         phase("backward")
     scaled = total * loss_scale if loss_scale != 1.0 else total
