@@ -169,9 +169,6 @@ def _optimizer_cases(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], obj
     online = _randn(offset, dtype=dtype)
     ema_target = _randn(offset, dtype=dtype)
     yield "ema_flat_", lambda: ema.ema_flat_(ema_target, online, tau)
-    onlines = [_randn(size, dtype=dtype) for size in sizes]
-    targets = [_randn(size, dtype=dtype) for size in sizes]
-    yield "ema_multi_", lambda: ema.ema_multi_(targets, onlines, tau)
 
 
 def capture(capability: int, only: str | None = None) -> list[Launch]:

@@ -6,8 +6,7 @@ so it is bandwidth-bound and the ceiling is the device's copy bandwidth. Variant
 - ``loop``: one ``mul_`` + ``add_`` per tensor from Python: 2 launches x 164 tensors, and an extra round trip
   of the target through memory between the two ops;
 - ``foreach``: ``fastbyol.step.ema.ema_update_`` (one ``torch._foreach_lerp_`` over all pairs);
-- ``triton_flat``: ``fastbyol.kernels.ema.ema_flat_`` over one flat buffer each, one launch;
-- ``triton_multi``: ``fastbyol.kernels.ema.ema_multi_`` over the tensor lists (skipped where not importable).
+- ``triton_flat``: ``fastbyol.kernels.ema.ema_flat_`` over one flat buffer each, one launch.
 
 Run from the repository root: ``python -m benchmarks.bench_ema [--quick] [--device cpu]``.
 """
@@ -83,16 +82,6 @@ def variants(device: torch.device) -> dict[str, Callable[[list[torch.Tensor], li
         print("triton variants skipped: no GPU and TRITON_INTERPRET is not 1")
         return table
     table["triton_flat"] = triton_flat
-    try:
-        from fastbyol.kernels.ema import ema_multi_  # type: ignore[attr-defined]
-    except ImportError:
-        print("triton_multi skipped: fastbyol.kernels.ema has no ema_multi_ yet")
-        return table
-
-    def triton_multi(t: list[torch.Tensor], o: list[torch.Tensor]) -> Callable[[], None]:
-        return lambda: ema_multi_(t, o, tau_t)
-
-    table["triton_multi"] = triton_multi
     return table
 
 

@@ -3,7 +3,7 @@ plain-PyTorch reference with the same signature, registered as a torch.library c
 
 - ``byol_loss``: normalise + 2 - 2cos for both directions, forward and backward (``byol_loss_ref``).
 - ``ema``: the target EMA over one flat buffer in one launch, tau read from a device tensor
-  (``ema_flat_ref``), and over tensor lists (``ema_multi_ref``).
+  (``ema_flat_ref``).
 - ``lars``: LARS over one flat buffer in three launches, the target EMA fused into the last
   (``lars_flat_ref``, ``lars_ema_flat_ref``), and its sharded form for ZeRO.
 - ``ntxent``: SimCLR's NT-Xent, normalise + tiled logits + masked logsumexp, forward and backward (``ntxent_ref``).

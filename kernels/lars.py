@@ -43,7 +43,9 @@ import triton
 import triton.language as tl
 from fastbyol.kernels.launch import on_device, target_of
 
-from fastbyol.step.zero_lars import ShardKernels
+from fastbyol.step.ema import ema_ref
+from fastbyol.step.lars import lars_ref
+from fastbyol.step.zero_lars import ShardKernels, shard_span
 
 BLOCK = 4096
 # The interpreter runs each program in numpy: far fewer, larger programs are much faster there.
@@ -116,7 +118,7 @@ def shard_layout(segments: list[tuple[int, int, bool]], start: int, end: int, de
     ordered = sorted(segments, key=lambda seg: seg[0])
     local = []
     for offset, numel, excluded in ordered:
-        lo, hi = min(max(offset, start), end), min(max(offset + numel, start), end)
+        lo, hi = shard_span(offset, numel, start, end)
         local.append((lo - start, hi - lo, excluded))
     return build_layout(local, device, chunk)
 
@@ -125,19 +127,14 @@ def shard_layout(segments: list[tuple[int, int, bool]], start: int, end: int, de
 
 def lars_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
                   lr: torch.Tensor, weight_decay: float, momentum: float, eta: float) -> None:
-    """In place on param and momentum_buf: the per-tensor LARS formula, tensor by tensor, in fp32."""
-    lr_value = lr.float()
+    """In place on param and momentum_buf: ``lars_ref`` on each tensor's slice, in fp32, stored back in the
+    buffers' dtypes."""
     for offset, numel, excluded in zip(layout.offsets.tolist(), layout.numels.tolist(), layout.excluded.tolist()):
-        p = param[offset:offset + numel].float()
-        u = grad[offset:offset + numel].float()
-        if not excluded:
-            u = u + weight_decay * p
-            p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(u)
-            ok = (p_norm > 0) & (u_norm > 0)
-            u = torch.where(ok, eta * p_norm / torch.where(ok, u_norm, 1.0), 1.0) * u
-        m = momentum * momentum_buf[offset:offset + numel].float() + u
-        momentum_buf[offset:offset + numel] = m
-        param[offset:offset + numel] = p - lr_value * m
+        part = slice(offset, offset + numel)
+        p, m = lars_ref(param[part].float(), grad[part].float(), momentum_buf[part].float(), lr=lr.item(),
+                        weight_decay=weight_decay, momentum=momentum, eta=eta, excluded=bool(excluded))
+        momentum_buf[part] = m
+        param[part] = p
 
 
 def lars_ema_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,
@@ -145,9 +142,7 @@ def lars_ema_flat_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: tor
                       target: torch.Tensor, tau: torch.Tensor) -> None:
     """LARS, then the EMA of target (length n_paired) towards the first n_paired updated parameters."""
     lars_flat_ref(param, grad, momentum_buf, layout, lr, weight_decay, momentum, eta)
-    t = tau.float()
-    n = target.numel()
-    target.copy_(t * target.float() + (1.0 - t) * param[:n].float())
+    target.copy_(ema_ref(target.float(), param[:target.numel()].float(), tau.float()))
 
 
 # -- kernels ---------------------------------------------------------------------------------------------
@@ -162,6 +157,19 @@ def _chunk(chunk_start, chunk_end, c, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _decayed(g, p, excluded, t, weight_decay):
+    """u = g + wd * p, wd = 0 for an excluded tensor t (``fastbyol.step.lars.weight_decayed``)."""
+    return g + tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay) * p
+
+
+@triton.jit
+def _trust(p_norm, u_norm, is_excluded, eta):
+    """r = eta * ||p|| / ||u||, 1 where a norm is 0 or the tensor is excluded (``fastbyol.step.lars.trust_ratio``)."""
+    ok = (p_norm > 0) & (u_norm > 0) & (is_excluded == 0)
+    return tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0)
+
+
+@triton.jit
 def _norms_kernel(p_ptr, g_ptr, chunk_tensor, chunk_start, chunk_end, excluded, partial_ptr, weight_decay,
                   BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -169,8 +177,7 @@ def _norms_kernel(p_ptr, g_ptr, chunk_tensor, chunk_start, chunk_end, excluded, 
     start, offs, mask = _chunk(chunk_start, chunk_end, c, BLOCK)
     p = tl.load(p_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
-    wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
-    u = g + wd * p
+    u = _decayed(g, p, excluded, t, weight_decay)
     tl.store(partial_ptr + 2 * c, tl.sum(p * p, axis=0))
     tl.store(partial_ptr + 2 * c + 1, tl.sum(u * u, axis=0))
 
@@ -194,10 +201,7 @@ def _tensor_sums(partial_ptr, tensor_chunks, t, RBLOCK: tl.constexpr):
 def _trust_kernel(partial_ptr, tensor_chunks, excluded, trust_ptr, eta, RBLOCK: tl.constexpr):
     t = tl.program_id(0)
     sum_p, sum_u = _tensor_sums(partial_ptr, tensor_chunks, t, RBLOCK)
-    p_norm = tl.sqrt(sum_p)
-    u_norm = tl.sqrt(sum_u)
-    ok = (p_norm > 0) & (u_norm > 0) & (tl.load(excluded + t) == 0)
-    tl.store(trust_ptr + t, tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0))
+    tl.store(trust_ptr + t, _trust(tl.sqrt(sum_p), tl.sqrt(sum_u), tl.load(excluded + t), eta))
 
 
 @triton.jit
@@ -213,8 +217,7 @@ def _update_kernel(p_ptr, g_ptr, m_ptr, trust_ptr, chunk_tensor, chunk_start, ch
     p = p_raw.to(tl.float32)
     g = tl.load(g_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
     m_raw = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    wd = tl.where(tl.load(excluded + t) != 0, 0.0, weight_decay)
-    u = (g + wd * p) * tl.load(trust_ptr + t)
+    u = _decayed(g, p, excluded, t, weight_decay) * tl.load(trust_ptr + t)
     m = momentum * m_raw.to(tl.float32) + u
     new_p = (p - tl.load(lr_ptr).to(tl.float32) * m).to(p_raw.dtype)
     tl.store(m_ptr + offs, m.to(m_raw.dtype), mask=mask)
@@ -242,8 +245,7 @@ def _trust_from_sums_kernel(sums_ptr, excluded, trust_ptr, n_tensors, eta, BLOCK
     mask = t < n_tensors
     p_norm = tl.sqrt(tl.load(sums_ptr + 2 * t, mask=mask, other=0.0))
     u_norm = tl.sqrt(tl.load(sums_ptr + 2 * t + 1, mask=mask, other=0.0))
-    ok = (p_norm > 0) & (u_norm > 0) & (tl.load(excluded + t, mask=mask, other=1) == 0)
-    tl.store(trust_ptr + t, tl.where(ok, eta * p_norm / tl.where(ok, u_norm, 1.0), 1.0), mask=mask)
+    tl.store(trust_ptr + t, _trust(p_norm, u_norm, tl.load(excluded + t, mask=mask, other=1), eta), mask=mask)
 
 
 def _check(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, layout: LarsLayout,

@@ -50,7 +50,6 @@ def _assert_rows(rows: list[dict[str, str]], numeric: list[str]) -> None:
 ], ids=["ema", "loss", "ntxent"])
 def test_quick_run_writes_rows(tmp_path: Path, module: str, variants: set[str], numeric: list[str]) -> None:
     rows = _run_quick(module, tmp_path)
-    # triton_multi joins the ema rows once fastbyol.kernels.ema has ema_multi_; the others are always there.
     assert variants <= {row["variant"] for row in rows}
     _assert_rows(rows, numeric)
 

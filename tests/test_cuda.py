@@ -30,7 +30,7 @@ import test_kernel_ntxent as ntxent_tests
 import torch
 from fastbyol.kernels import lars
 from fastbyol.kernels.byol_loss import byol_loss, byol_loss_grad_p, byol_loss_ref, byol_loss_rows
-from fastbyol.kernels.ema import ema_flat_, ema_flat_ref, ema_multi_, ema_multi_ref
+from fastbyol.kernels.ema import ema_flat_, ema_flat_ref
 from fastbyol.kernels.lars import build_layout, lars_ema_flat, lars_ema_flat_ref, lars_flat, lars_flat_ref
 from fastbyol.kernels.ntxent import ntxent, ntxent_grads, ntxent_ref, ntxent_rows
 from torch._dynamo.utils import counters
@@ -334,21 +334,6 @@ def check_ema_flat(n: int, dtype: torch.dtype, tau_value: float, device: torch.d
     measured(f"ema_flat[{n},{dtype},{tau_value}]", abs_err=_max_abs(got, want))
 
 
-def check_ema_multi(dtype: torch.dtype, device: torch.device,
-                    shapes: list[tuple[int, ...]] = ema_tests.MULTI_SHAPES) -> None:
-    """``ema_multi_`` over tensor lists (tests/test_kernel_ema.py's ResNet-50-like shapes) against its reference."""
-    targets, onlines = ema_tests._pairs(shapes, [dtype] * len(shapes), seed=3)
-    targets, onlines = [t.to(device) for t in targets], [o.to(device) for o in onlines]
-    tau = torch.tensor([0.99], device=device)
-    want = [t.clone() for t in targets]
-    ema_multi_ref(want, onlines, tau)
-    ema_multi_(targets, onlines, tau)
-    atol, rtol = ema_tests.TOL[dtype]
-    for got, exp in zip(targets, want):
-        torch.testing.assert_close(got, exp, atol=atol, rtol=rtol)
-    measured(f"ema_multi[{dtype}]", abs_err=max(_max_abs(a, b) for a, b in zip(targets, want)))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("tau_value", [0.0, 0.996, 1.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -357,15 +342,8 @@ def test_ema_flat_kernel_on_gpu(gpu: torch.device, n: int, dtype: torch.dtype, t
     check_ema_flat(n, dtype, tau_value, gpu)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ema_multi_kernel_on_gpu(gpu: torch.device, dtype: torch.dtype) -> None:
-    check_ema_multi(dtype, gpu)
-
-
 def test_ema_checks_run_on_cpu() -> None:
     check_ema_flat(4097, torch.float16, 0.996, CPU)
-    check_ema_multi(torch.bfloat16, CPU, ema_tests.MULTI_SHAPES[:7])
 
 
 # -- the training step: compiled (and CUDA graphs) against eager ----------------------------------------

@@ -7,8 +7,11 @@ For each parameter tensor p with gradient g, per step:
     m = momentum * m + u      (no Nesterov, no dampening; m starts at 0)
     p = p - lr * m
 Biases and all BatchNorm parameters are excluded from both weight decay and the trust ratio: they get
-plain momentum SGD. ``lars_ref`` is the per-tensor formula; ``LARS`` applies it to every tensor of a
-group with multi-tensor ops and no host synchronisation (no ``.item()``, no Python branch on a norm).
+plain momentum SGD. The formula is written once, in three pieces (``weight_decayed``, ``trust_ratio``,
+``momentum_step_``): ``lars_ref`` applies them to one tensor, ``LARS`` to every tensor of a group with
+multi-tensor ops and no host synchronisation (no ``.item()``, no Python branch on a norm), ``ZeroLARS`` to
+the pieces of a ZeRO partition, and ``fastbyol.kernels.lars.lars_flat_ref`` to the slices of a flat buffer.
+The Triton kernels hold the same expressions in their own language (``_decayed``, ``_trust``).
 """
 
 from __future__ import annotations
@@ -22,19 +25,38 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastbyol.model.heads import BatchNormScale
 
 
+def weight_decayed(grads: list[torch.Tensor], params: list[torch.Tensor], weight_decay: float) -> list[torch.Tensor]:
+    """u = g + wd * p for every tensor of a list (new tensors)."""
+    return list(torch._foreach_add(grads, params, alpha=weight_decay))
+
+
+def trust_ratio(p_norm: torch.Tensor, u_norm: torch.Tensor, eta: float) -> torch.Tensor:
+    """r = eta * ||p|| / ||u||, or 1 where either norm is 0: a device-side choice, no host sync. The division
+    never sees a zero norm, so no inf or NaN is made even where it is masked out."""
+    ok = (p_norm > 0) & (u_norm > 0)
+    return torch.where(ok, eta * p_norm / torch.where(ok, u_norm, 1.0), 1.0)
+
+
+def momentum_step_(params: list[torch.Tensor], bufs: list[torch.Tensor], updates: list[torch.Tensor],
+                   momentum: float, lr: float) -> None:
+    """In place over tensor lists: m = momentum * m + u, then p = p - lr * m."""
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, updates)
+    torch._foreach_add_(params, bufs, alpha=-lr)
+
+
 def lars_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, lr: float,
              weight_decay: float, momentum: float, eta: float, excluded: bool
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure: (new param, new momentum buffer) for one tensor."""
-    if excluded:
-        update = grad
-    else:
-        update = grad + weight_decay * param
-        p_norm, u_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
-        trust = torch.where((p_norm > 0) & (u_norm > 0), eta * p_norm / u_norm, torch.ones_like(p_norm))
-        update = trust * update
-    new_buf = momentum * momentum_buf + update
-    return param - lr * new_buf, new_buf
+    """Pure: (new param, new momentum buffer) for one tensor, from the same three pieces ``LARS.step``,
+    ``ZeroLARS`` and the flat references use."""
+    update = grad
+    if not excluded:
+        (update,) = weight_decayed([grad], [param], weight_decay)
+        update = trust_ratio(torch.linalg.vector_norm(param), torch.linalg.vector_norm(update), eta) * update
+    new_param, new_buf = param.clone(), momentum_buf.clone()
+    momentum_step_([new_param], [new_buf], [update], momentum, lr)
+    return new_param, new_buf
 
 
 def lars_param_groups(named_modules: Iterable[tuple[str, nn.Module]]) -> list[dict[str, object]]:
@@ -77,13 +99,8 @@ class LARS(torch.optim.Optimizer):
             if group["excluded"]:
                 updates = grads
             else:
-                updates = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
-                p_norms = torch.stack(torch._foreach_norm(params))
-                u_norms = torch.stack(torch._foreach_norm(updates))
-                # Device-side choice, no host sync: r = 1 where a norm is zero.
-                trust = torch.where((p_norms > 0) & (u_norms > 0), group["eta"] * p_norms / u_norms,
-                                    torch.ones_like(p_norms))
+                updates = weight_decayed(grads, params, group["weight_decay"])
+                trust = trust_ratio(torch.stack(torch._foreach_norm(params)),
+                                    torch.stack(torch._foreach_norm(updates)), group["eta"])
                 torch._foreach_mul_(updates, list(trust.to(updates[0].dtype).unbind(0)))
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            momentum_step_(params, bufs, updates, group["momentum"], group["lr"])

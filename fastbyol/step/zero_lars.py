@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fastbyol.step.lars import LARS
+from fastbyol.step.lars import LARS, momentum_step_, trust_ratio, weight_decayed
 
 WRITTEN_FOR = "0.19.8"
 """The DeepSpeed release whose ZeRO layouts this module reads."""
@@ -89,6 +89,12 @@ class Piece(NamedTuple):
     """A bias or BatchNorm parameter: no weight decay, trust ratio 1."""
     tensor: int
     """The tensor's index among the partition's tensors: the same on every rank (its row of the sums)."""
+
+
+def shard_span(offset: int, numel: int, start: int, end: int) -> tuple[int, int]:
+    """The part [lo, hi) of the tensor at [offset, offset + numel) of a flat buffer that falls in the shard
+    [start, end) (lo == hi where none does: an empty piece, placed where it would be)."""
+    return min(max(offset, start), end), min(max(offset + numel, start), end)
 
 
 @dataclass
@@ -287,7 +293,7 @@ class ZeroLARS(LARS):
             start, end = rank * size, (rank + 1) * size
             pieces = []
             for k, (offset, numel) in enumerate(zip(offsets, numels)):
-                lo, hi = min(max(offset, start), end), min(max(offset + numel, start), end)
+                lo, hi = shard_span(offset, numel, start, end)
                 pieces.append(Piece(lo - start, hi - lo, excluded, k))
                 if check and hi > lo:
                     mine = flat.narrow(0, lo - start, hi - lo)
@@ -393,7 +399,7 @@ class ZeroLARS(LARS):
         if part.excluded:
             updates = grads
         else:
-            updates = list(torch._foreach_add(grads, params, alpha=group["weight_decay"])) if views else []
+            updates = weight_decayed(grads, params, group["weight_decay"]) if views else []
             sums = torch.zeros(len(part.pieces), 2, dtype=torch.float32, device=part.flat.device)
             if views:
                 partial = torch.stack([torch.stack(torch._foreach_norm(params)),
@@ -402,14 +408,11 @@ class ZeroLARS(LARS):
             if part.reduce:
                 self._all_reduce(sums)
             p_norm, u_norm = sums.sqrt().unbind(1)
-            ok = (p_norm > 0) & (u_norm > 0)
-            trust = torch.where(ok, group["eta"] * p_norm / torch.where(ok, u_norm, 1.0), 1.0)
+            trust = trust_ratio(p_norm, u_norm, group["eta"])
             if views:
                 torch._foreach_mul_(updates, list(trust.index_select(0, part.live_index).unbind(0)))
         if views:
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            momentum_step_(params, bufs, updates, group["momentum"], group["lr"])
 
     def _step_kernels(self, kernels: ShardKernels, part: _Partition, group: dict[str, Any], grad: torch.Tensor,
                       buf: torch.Tensor) -> None:
