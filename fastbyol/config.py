@@ -29,6 +29,8 @@ ARCHS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
     "wide_resnet50_2", "wide_resnet101_2",
 )
+"""The torchvision encoders; ``timm:<name>`` takes any model of timm (``TIMM_PREFIX``)."""
+TIMM_PREFIX = "timm:"
 Init = Literal["haiku", "torchvision"]
 INITS: tuple[str, ...] = get_args(Init)
 """Encoder initialisations (``fastbyol.model.backbone.Encoder``)."""
@@ -50,13 +52,23 @@ class ConfigError(FastByolError):
 @dataclass
 class ModelConfig:
     arch: str = "resnet50"
-    """Encoder: one of ARCHS (torchvision ResNets without fc; resnet200 as in the paper's table)."""
+    """Encoder: a torchvision ResNet (resnet18/34/50/101/152, resnet200 as in the paper's table,
+    wide_resnet50_2/101_2), or timm:<name> for any timm model (e.g. timm:vit_small_patch16_224,
+    timm:convnext_tiny; `python -c "import timm; print(timm.list_models())"` lists them), built without its
+    classifier: its pooled features feed the projector."""
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of timm.create_model for a timm:<name> arch, e.g. model.timm_kwargs.drop_path_rate=0.1
+    (the ViT's img_size follows model.image_size)."""
+    image_size: int = 0
+    """Input side the encoder is built for (a ViT's img_size); 0: data.image_size (resolved when the config
+    is validated)."""
     small_stem: bool = False
     """3x3 stride-1 first conv and no max-pool, for 32-64 px images (CIFAR-style stem)."""
     init: Init = "haiku"
-    """Encoder initialisation: 'haiku' (the official code's: fan-in truncated normal convolutions, the last
-    BatchNorm of each residual block zero-initialised) or 'torchvision' (torchvision's ResNet default: Kaiming
-    fan-out, no zero-init residual; the demo presets' choice, benchmarks/NOTES.md issue 16)."""
+    """Initialisation of a torchvision ResNet: 'haiku' (the official code's: fan-in truncated normal
+    convolutions, the last BatchNorm of each residual block zero-initialised) or 'torchvision' (torchvision's
+    default: Kaiming fan-out, no zero-init residual; the demo presets' choice, benchmarks/NOTES.md issue 16).
+    A timm model keeps timm's own initialisation."""
     proj_hidden: int = 4096
     """Hidden width of projector and predictor MLPs (spec: 4096)."""
     proj_dim: int = 256
@@ -76,7 +88,14 @@ class ModelConfig:
 
     def validate(self, prefix: str) -> None:
         _check_choices(self, prefix)
-        _choice(f"{prefix}.arch", self.arch, ARCHS)
+        check_arch(f"{prefix}.arch", self.arch)
+        if self.arch.startswith(TIMM_PREFIX) and self.small_stem:
+            raise ConfigError(f"{prefix}.small_stem=true is for the torchvision ResNets: a timm model takes its "
+                              f"own arguments (e.g. {prefix}.timm_kwargs.patch_size=4); set {prefix}.small_stem=false")
+        if self.timm_kwargs and not self.arch.startswith(TIMM_PREFIX):
+            raise ConfigError(f"{prefix}.timm_kwargs is set but {prefix}.arch={self.arch} is not a timm model: "
+                              f"drop it, or use {prefix}.arch=timm:<name>")
+        _non_negative_int(f"{prefix}.image_size", self.image_size)
         _positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
         _positive_int(f"{prefix}.proj_dim", self.proj_dim)
         _in_range(f"{prefix}.bn_momentum", self.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
@@ -350,6 +369,8 @@ class Config:
                               "micro-batch; lower optim.batch_size or add ranks")
         if d.views == "auto":  # resolved here, so the run directory's config.yaml says what ran
             d.views = "view1" if self.method == "simclr" else "byol"
+        if not self.model.image_size:
+            self.model.image_size = d.image_size
         if self.model.online_probe and d.source == "synthetic":
             raise ConfigError("model.online_probe=true needs labelled data: use data.source=folder or procedural")
         if r.epochs < o.warmup_epochs:
@@ -386,6 +407,24 @@ def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
         near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(map(str, allowed))}")
+
+
+def check_arch(key: str, arch: str) -> None:
+    """A torchvision name of ARCHS, or timm:<name> for a model timm has (timm imported only then)."""
+    if not arch.startswith(TIMM_PREFIX):
+        _choice(key, arch, (*ARCHS, "timm:<name>"))
+        return
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{key}={arch} needs timm, which is not installed: pip install timm (the README's "
+                          "set-up installs it)") from None
+    name = arch.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
+        hint = f" (did you mean timm:{near[0]}?)" if near else ""
+        raise ConfigError(f"{key}={arch}: timm {timm.__version__} has no model {name!r}{hint}; list them with "
+                          "python -c \"import timm; print(timm.list_models('*vit*'))\"")
 
 
 def _check_choices(section: object, prefix: str) -> None:
@@ -581,7 +620,8 @@ def _unknown_key(key: str) -> ConfigError:
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set ``section.field`` to ``value`` coerced to the field's type; unknown keys suggest the nearest."""
+    """Set ``section.field`` to ``value`` coerced to the field's type (``section.field.entry`` of a dict field,
+    the text read as YAML: ``model.timm_kwargs.drop_path_rate=0.1``); unknown keys suggest the nearest."""
     if key == "method":
         cfg.method = _coerce(key, value, typing.get_type_hints(Config)["method"])
         return
@@ -591,7 +631,18 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
         raise _unknown_key(key)
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
+    name, _, entry = name.partition(".")
     if name not in hints:
+        raise _unknown_key(key)
+    if get_origin(hints[name]) is dict:
+        if entry:
+            getattr(section, name)[entry] = yaml.safe_load(value) if isinstance(value, str) else value
+        elif isinstance(value, dict):
+            setattr(section, name, dict(value))
+        else:
+            raise ConfigError(f"{key}={value!r} is not a mapping: set its entries, e.g. {key}.drop_path_rate=0.1")
+        return
+    if entry:
         raise _unknown_key(key)
     setattr(section, name, _coerce(key, value, hints[name]))
 
@@ -667,7 +718,8 @@ def describe_keys() -> str:
     for name, cls in _sections().items():
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
+            default = (f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             lines.append(f"  {name}.{f.name} = {default!r}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ def test_encoder_features_and_torchvision_names(arch: str, dim: int) -> None:
     enc = Encoder(arch)
     assert enc.feature_dim == dim
     tv = getattr(models, arch)(weights=None)
-    missing, unexpected = tv.load_state_dict(enc.torchvision_state_dict(), strict=False)
+    missing, unexpected = tv.load_state_dict(enc.export_state_dict(), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 

@@ -26,7 +26,7 @@ def encoder_from_checkpoint(target: str, expect_arch: str | None = None) -> tupl
     if expect_arch and expect_arch != cfg.model.arch:
         raise FastByolError(f"checkpoint {target} holds a {cfg.model.arch} encoder, not {expect_arch}: "
                             f"pass a {expect_arch} checkpoint or drop --arch")
-    encoder = Encoder(cfg.model.arch, cfg.model.small_stem, cfg.model.bn_momentum, cfg.model.bn_eps)
+    encoder = Encoder.from_config(cfg.model)
     try:
         encoder.load_state_dict(online_encoder_state(state["model"]))
     except RuntimeError as e:
@@ -61,7 +61,7 @@ def calibrated_random_encoder(cfg: ModelConfig, seed: int, data_root: str, size:
     ``data_root``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = Encoder(cfg.arch, cfg.small_stem, init=init).to(device)
+        encoder = Encoder.from_config(cfg, init=init).to(device)
     calibrate_batchnorm(encoder, split_files(data_root)[0], size, device)
     return encoder
 
@@ -109,7 +109,8 @@ def export_checkpoint(target: str, out: str) -> list[Path]:
     except OSError as e:
         raise FastByolError(f"cannot create {base.parent}: {e.strerror or e}") from None
     written = []
-    meta = {"arch": cfg.model.arch, "small_stem": str(cfg.model.small_stem), "source": "fastbyol online encoder"}
+    meta = {"arch": cfg.model.arch, "small_stem": str(cfg.model.small_stem), "image_size": str(cfg.model.image_size),
+            "timm_kwargs": repr(cfg.model.timm_kwargs), "source": "fastbyol online encoder"}
     for suffix, blob in export_bytes(encoder, meta).items():
         path = base.with_suffix(suffix)
         atomic_write_bytes(path, blob)

@@ -98,8 +98,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def use_channels_last(setting: str, device: torch.device) -> bool:
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+def use_channels_last(setting: str, device: torch.device, convolutional: bool = True) -> bool:
+    """'on', or 'auto' on CUDA for a convolutional encoder (a ViT's one convolution gains nothing from it)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and convolutional)
 
 
 def use_kernels(setting: str, device: torch.device) -> bool:
@@ -226,7 +227,6 @@ class Trainer:
         check_batch_split(cfg, self.ctx.world)
         self.device = resolve_device(cfg.run.device)
         self.bf16 = use_bf16(cfg.run.precision, self.device)
-        self.channels_last = use_channels_last(cfg.model.channels_last, self.device)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
 
@@ -275,6 +275,8 @@ class Trainer:
     def _build_pair(self, probe_classes: int) -> Network:
         """The method's network on the device, in training mode, with cross-replica BatchNorm over ranks."""
         pair = self.method.network(self.cfg, seed=self.cfg.run.seed, probe_classes=probe_classes).to(self.device)
+        self.channels_last = use_channels_last(self.cfg.model.channels_last, self.device,
+                                               pair.online.encoder.convolutional)
         if self.channels_last:
             pair = pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         pair.train()

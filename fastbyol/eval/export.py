@@ -1,8 +1,10 @@
-"""Export the online encoder as a torchvision ResNet state_dict (``.pth``) and as safetensors.
+"""Export the online encoder as a torchvision or timm state_dict (``.pth``) and as safetensors.
 
-``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)`` accepts the file with
-only ``fc.weight``/``fc.bias`` missing. The online encoder is exported, never the target (BYOL.md,
-Pitfalls).
+``torchvision.models.resnet50().load_state_dict(torch.load(path), strict=False)`` accepts a ResNet's file
+with only ``fc.weight``/``fc.bias`` missing; for ``model.arch=timm:<name>``,
+``timm.create_model(name, pretrained=False, img_size=...)`` (the ``image_size`` the metadata records, for
+models that take one) accepts it with only the classifier missing. The online encoder is exported, never the
+target (BYOL.md, Pitfalls).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ def online_encoder_state(model_state: dict[str, torch.Tensor]) -> dict[str, torc
     return {k.removeprefix(ENCODER_PREFIX): v for k, v in model_state.items() if k.startswith(ENCODER_PREFIX)}
 
 
-def torchvision_state(encoder: Encoder) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in encoder.torchvision_state_dict().items()}
+def export_state(encoder: Encoder) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in encoder.export_state_dict().items()}
 
 
 def export_bytes(encoder: Encoder, metadata: dict[str, str]) -> dict[str, bytes]:
@@ -29,7 +31,7 @@ def export_bytes(encoder: Encoder, metadata: dict[str, str]) -> dict[str, bytes]
 
     from safetensors.torch import save as safetensors_save
 
-    state = torchvision_state(encoder)
+    state = export_state(encoder)
     buf = io.BytesIO()
     torch.save(state, buf)
     return {".pth": buf.getvalue(), ".safetensors": safetensors_save(state, metadata=metadata)}

@@ -1,21 +1,26 @@
-"""ResNet encoders without the classifier, as BYOL uses them (2048-d pooled features for ResNet-50).
+"""Encoders without the classifier, as BYOL uses them (2048-d pooled features for ResNet-50).
 
 torchvision's ResNets, with two choices taken from the official BYOL code (``utils/networks.py``, a
 copy of Haiku's ResNet): the last BatchNorm of every residual block starts at zero scale
 (``zero_init_residual``) and convolutions use Haiku's default init (truncated normal, fan-in,
-variance 1). Module names stay torchvision's, so the encoder exports as a torchvision state_dict.
+variance 1). Or any timm model (``model.arch=timm:<name>``), created by ``timm.create_model`` with
+``num_classes=0`` (its global-pooled features; a ViT's class token), its ``img_size`` set to the run's image
+size where the model takes one, and timm's own initialisation. Module names stay the library's (under
+``net.``), so the encoder exports as a torchvision or a timm state_dict.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from fastbyol.config import INITS
+from fastbyol.config import INITS, TIMM_PREFIX, ModelConfig
+from fastbyol.errors import FastByolError
 
 # Haiku's VarianceScaling(truncated_normal) divides by the std of a unit normal truncated at +-2.
 _TRUNC_STD_CORRECTION = 0.87962566103423978
@@ -46,40 +51,84 @@ def haiku_conv_init_(conv: nn.Conv2d) -> None:
 
 
 
-class Encoder(nn.Module):
-    """ResNet trunk -> global average pool -> flat features [B, feature_dim].
+def _timm_trunk(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Module, int]:
+    """timm's ``name`` without its classifier, and its feature width. ``img_size`` is passed to the models
+    that take one (ViTs, Swin, ...); a convolutional model has none and is built without it."""
+    try:
+        import timm
+    except ImportError:
+        raise FastByolError(f"model.arch={TIMM_PREFIX}{name} needs timm: pip install timm") from None
+    args: dict[str, Any] = {"pretrained": False, "num_classes": 0, **kwargs}
+    try:
+        net = timm.create_model(name, img_size=image_size, **args) if image_size else timm.create_model(name, **args)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise FastByolError(f"timm.create_model({name!r}) refused model.timm_kwargs={kwargs}: {e}") from None
+        try:
+            net = timm.create_model(name, **args)
+        except TypeError as e2:
+            raise FastByolError(f"timm.create_model({name!r}) refused model.timm_kwargs={kwargs}: {e2}") from None
+    features: int = net.num_features  # type: ignore[assignment]
+    return net, features
 
-    ``init``: 'haiku' (the official BYOL code's, above: what training starts from) or 'torchvision' (its
-    default: Kaiming-normal fan-out convolutions, every BatchNorm at scale 1), the standard random network
-    that evaluation baselines compare against."""
+
+class Encoder(nn.Module):
+    """Trunk -> global pool -> flat features [B, feature_dim]: a torchvision ResNet, or a timm model.
+
+    ``init`` (ResNets): 'haiku' (the official BYOL code's, above: what training starts from) or 'torchvision'
+    (its default: Kaiming-normal fan-out convolutions, every BatchNorm at scale 1), the standard random network
+    that evaluation baselines compare against. ``image_size`` and ``timm_kwargs`` are a timm model's."""
 
     def __init__(self, arch: str, small_stem: bool = False, bn_momentum: float = 0.1,
-                 bn_eps: float = 1e-5, init: str = "haiku") -> None:
+                 bn_eps: float = 1e-5, init: str = "haiku", image_size: int = 0,
+                 timm_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if arch not in _BUILDERS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_BUILDERS)}")
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-        net = _BUILDERS[arch](weights=None, zero_init_residual=init == "haiku")
-        if small_stem:
-            # CIFAR-style stem for 32-64 px inputs: a 7x7/2 conv and a max-pool would leave 1-2 px maps.
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()  # type: ignore[assignment]
-            if init == "torchvision":  # as torchvision's ResNet initialises the stem it replaces
-                nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_dim: int = net.fc.in_features
-        net.fc = nn.Identity()  # type: ignore[assignment]
-        self.net = net
+        self.arch = arch
+        if arch.startswith(TIMM_PREFIX):
+            self.net, self.feature_dim = _timm_trunk(arch.removeprefix(TIMM_PREFIX), image_size, timm_kwargs or {})
+        else:
+            self.net, self.feature_dim = _torchvision_trunk(arch, small_stem, init)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and init == "haiku":
-                haiku_conv_init_(m)
-            elif isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum, m.eps = bn_momentum, bn_eps
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, init: str | None = None) -> Encoder:
+        """The encoder ``cfg`` describes (``init`` overrides ``cfg.init``: a baseline's random network)."""
+        return cls(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps, init or cfg.init, cfg.image_size,
+                   cfg.timm_kwargs)
+
+    @property
+    def convolutional(self) -> bool:
+        """More than one convolution (a ViT's patch embedding is its only one): channels-last pays off."""
+        return sum(isinstance(m, nn.Conv2d) for m in self.modules()) > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
         return out
 
-    def torchvision_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under torchvision's names (``conv1.weight``, ``layer1.0.bn1.weight``...), no fc."""
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the library's own names, no classifier: torchvision's (``conv1.weight``,
+        ``layer1.0.bn1.weight``...) or timm's (``blocks.0.attn.qkv.weight``...)."""
         return {k.removeprefix("net."): v for k, v in self.state_dict().items()}
+
+
+def _torchvision_trunk(arch: str, small_stem: bool, init: str) -> tuple[nn.Module, int]:
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_BUILDERS)}, or timm:<name>")
+    net = _BUILDERS[arch](weights=None, zero_init_residual=init == "haiku")
+    if small_stem:
+        # CIFAR-style stem for 32-64 px inputs: a 7x7/2 conv and a max-pool would leave 1-2 px maps.
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()  # type: ignore[assignment]
+        if init == "torchvision":  # as torchvision's ResNet initialises the stem it replaces
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    feature_dim: int = net.fc.in_features
+    net.fc = nn.Identity()  # type: ignore[assignment]
+    if init == "haiku":
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                haiku_conv_init_(m)
+    return net, feature_dim

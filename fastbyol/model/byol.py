@@ -39,7 +39,7 @@ class Tower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, projector: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
-        self.encoder = Encoder(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps, cfg.init)
+        self.encoder = Encoder.from_config(cfg)
         self.projector = (projector(self.encoder.feature_dim) if projector is not None else
                           MLP(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps))
 

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fastbyol.errors import FastByolError
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -88,6 +90,10 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     buffers (the tensors themselves, so flat-buffer views and optimizers stay valid). Returns module."""
     for name, child in module.named_children():
         if isinstance(child, _BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            if type(child).forward is not _BatchNorm.forward:
+                raise FastByolError(f"{type(child).__name__} ({name}) is a BatchNorm with its own forward (e.g. a "
+                                    "fused activation), which cross-replica BatchNorm cannot replace: train this "
+                                    "model on one rank, or pick one with plain BatchNorm or LayerNorm")
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                   child.track_running_stats)
             new.weight, new.bias = child.weight, child.bias

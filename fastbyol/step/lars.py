@@ -61,18 +61,32 @@ def lars_ref(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor
 
 def lars_param_groups(named_modules: Iterable[tuple[str, nn.Module]]) -> list[dict[str, object]]:
     """Two groups: {'excluded': False} (conv/linear weights: decay + trust ratio) and
-    {'excluded': True} (biases and every BatchNorm parameter), like the official ``exclude_bias_and_norm``."""
+    {'excluded': True} (biases and every BatchNorm parameter, like the official ``exclude_bias_and_norm``;
+    for any backbone also every other normalisation's and 1-d parameter, and what a module names in its
+    ``no_weight_decay()``, as timm's ViTs do their position embedding and class token)."""
+    modules = list(named_modules)
+    no_decay = {id(p) for _, module in modules for p in _no_weight_decay(module)}
     adapted: list[nn.Parameter] = []
     excluded: list[nn.Parameter] = []
     seen: set[int] = set()
-    for _, module in named_modules:
+    for _, module in modules:
         for pname, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            norm = isinstance(module, (_BatchNorm, BatchNormScale))
-            (excluded if norm or pname == "bias" else adapted).append(p)
+            norm = isinstance(module, (_BatchNorm, BatchNormScale, nn.LayerNorm, nn.GroupNorm))
+            skip = norm or pname == "bias" or p.ndim <= 1 or id(p) in no_decay
+            (excluded if skip else adapted).append(p)
     return [{"params": adapted, "excluded": False}, {"params": excluded, "excluded": True}]
+
+
+def _no_weight_decay(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``module.no_weight_decay()`` names (timm's convention: names relative to the module)."""
+    names = getattr(module, "no_weight_decay", None)
+    if not callable(names):
+        return []
+    params = dict(module.named_parameters())
+    return [params[n] for n in names() if n in params]
 
 
 class LARS(torch.optim.Optimizer):
