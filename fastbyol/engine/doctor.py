@@ -9,6 +9,8 @@ import platform
 import shutil
 from typing import Any
 
+from fastbyol.config import ARCHS
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -60,6 +62,7 @@ def inspect_machine() -> dict[str, Any]:
         "cuda_available": cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
         "triton": _version("triton"),
         "dali": _version("nvidia-dali-cuda130"),
         "dali_import_error": _try_import("nvidia.dali") if _version("nvidia-dali-cuda130") else "not installed",
@@ -71,7 +74,8 @@ def inspect_machine() -> dict[str, Any]:
     report["paths"] = {
         "device": "cuda" if cuda else "cpu",
         "precision": "bf16 autocast" if cuda else "fp32",
-        "memory_format": "channels_last" if cuda else "contiguous",
+        "memory_format": "channels_last (convolutional encoders)" if cuda else "contiguous",
+        "encoders": f"torchvision: {', '.join(ARCHS)}; timm:<name> (any timm model)",
         "data_loader": "torch (torchvision/PIL workers)",
         "triton_kernels": "GPU" if cuda and report["triton"] else (
             "interpreter only (TRITON_INTERPRET=1, tests)" if report["triton"] else "unavailable"),
@@ -94,6 +98,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"{mark(r['cuda_available'])}cuda        "
         + (", ".join(r["gpus"]) if r["cuda_available"] else "no CUDA GPU visible: training runs on the CPU"),
         f"{mark(bool(r['torchvision']))}torchvision {r['torchvision'] or 'missing: pip install torchvision'}",
+        f"{mark(bool(r['timm']))}timm        "
+        + (f"{r['timm']}: model.arch=timm:<name> takes any of its models" if r["timm"]
+           else "missing: pip install timm for model.arch=timm:<name>"),
         f"{mark(bool(r['triton']))}triton      {r['triton'] or 'missing: pip install triton'}",
         f"{mark(r['dali_import_error'] is None)}dali        "
         + (r["dali"] if r["dali_import_error"] is None else

@@ -2,10 +2,12 @@
 run is built (``build_update``), so the Trainer calls ``update.apply(lr, tau)`` and asks the strategy for
 its checkpoint state instead of branching on the engine.
 
-- ``LarsUpdate``: LARS over the parameters, then the EMA as one ``_foreach_lerp_`` (the reference path);
-  in one process or under DDP.
+- ``ParamUpdate``: the optimizer (LARS, or AdamW: ``build_optimizer``) over the parameters, then the EMA as
+  one ``_foreach_lerp_`` (the reference path); in one process or under DDP.
 - ``FlatUpdate``: the online and target parameters live in flat buffers; the fused Triton LARS writes the
   EMA from the same registers (``FlatLARS.step_with_ema``): one pass over memory. One process or DDP.
+- ``FlatEmaUpdate``: flat buffers with an optimizer that has no fused pass (AdamW: torch's, fused on a GPU,
+  over the parameters' views), then the Triton EMA over the whole target buffer in one launch.
 - ``ZeroUpdate``: DeepSpeed ZeRO owns the online half and the sharded LARS state (``ZeroLARS``); the EMA
   reads the gathered full fp32 online weights. Its shards live in DeepSpeed's own checkpoint files.
 
@@ -27,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastbyol.config import Config
 from fastbyol.engine.distributed import DistContext
 from fastbyol.errors import FastByolError
+from fastbyol.kernels.ema import ema_flat_
 from fastbyol.kernels.flat_lars import FlatLARS, optimizer_ema_step_fused
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.lars import LARS
@@ -117,16 +120,27 @@ def _local_network(pair: nn.Module, ctx: DistContext, device: torch.device) -> n
                                    gradient_as_bucket_view=False, **_no_buffer_sync())
 
 
-class LarsUpdate:
-    """LARS, then the foreach EMA (the plain-PyTorch reference path)."""
+def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """``optim.name``'s optimizer over LARS's two parameter groups (the excluded one: no weight decay, and for
+    LARS no trust ratio). The lr is set every step from the schedule."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(
+            [{"params": g["params"], "weight_decay": 0.0 if g["excluded"] else o.weight_decay} for g in groups],
+            lr=0.0, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps, fused=device.type == "cuda")
+    return LARS(groups, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
+
+
+class ParamUpdate:
+    """The optimizer (LARS or AdamW), then the foreach EMA (the plain-PyTorch reference path)."""
 
     backward = None
 
-    def __init__(self, pair: nn.Module, groups: list[dict[str, Any]], hyper: dict[str, float], arch: str,
-                 ctx: DistContext, device: torch.device) -> None:
+    def __init__(self, pair: nn.Module, optimizer: torch.optim.Optimizer, arch: str, ctx: DistContext,
+                 device: torch.device) -> None:
         self.pair, self.arch = pair, arch
         self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
-        self.optimizer: LARS = LARS(groups, **hyper)
+        self.optimizer = optimizer
         self.network = _local_network(pair, ctx, device)
 
     def loss_scale(self, scale: float) -> float:
@@ -147,6 +161,7 @@ class LarsUpdate:
             target_step(self.online_params, self.target_params, tau)
 
     def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+        # LARS only: Config.validate refuses run.nonfinite=skip with AdamW (its state is made at the first step)
         for p in online:  # created here, not at the first step, so the snapshot covers them
             self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         return [*online, *self.target_params, *[self.optimizer.state[p]["momentum_buffer"] for p in online],
@@ -170,7 +185,7 @@ class LarsUpdate:
         pass
 
 
-class FlatUpdate(LarsUpdate):
+class FlatUpdate(ParamUpdate):
     """Flat buffers and the fused Triton LARS, with the EMA written in the same pass."""
 
     def __init__(self, pair: nn.Module, groups: list[dict[str, Any]], hyper: dict[str, float], arch: str,
@@ -191,6 +206,27 @@ class FlatUpdate(LarsUpdate):
     def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         target = [] if self.target_flat is None else [self.target_flat]
         return [self.online_flat, self.optimizer.momentum_flat, *buffers, *target]
+
+
+class FlatEmaUpdate(ParamUpdate):
+    """Flat buffers; the optimizer (AdamW) over the parameters' views, then the Triton EMA over the whole
+    target buffer in one launch (the online buffer's first part is laid out as the target's)."""
+
+    def __init__(self, pair: nn.Module, optimizer: torch.optim.Optimizer, arch: str, ctx: DistContext,
+                 device: torch.device) -> None:
+        self.pair, self.arch = pair, arch
+        self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
+        self.online_flat, self.target_flat = pair.flatten_pairs_()  # type: ignore[operator]
+        self.tau_buf = torch.zeros(1, dtype=torch.float32, device=device)
+        self.optimizer = optimizer  # holds the Parameter objects, which stay the same as their storage moves
+        self.network = _local_network(pair, ctx, device)
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        optimizer_step(self.optimizer, lr)
+        if self.target_flat is not None:  # SimCLR has no target
+            phases.start("ema")
+            self.tau_buf.fill_(tau)  # an async write of a host float: no sync
+            ema_flat_(self.target_flat, self.online_flat[:self.target_flat.numel()], self.tau_buf)
 
 
 class ZeroUpdate:
@@ -261,9 +297,11 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
     """The one place the engine and the kernels setting pick how the run updates."""
     hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     if ctx.engine == "deepspeed":
-        if not isinstance(pair, ByolPair):  # Config.validate refuses it first
-            raise FastByolError("method=simclr does not run under run.engine=deepspeed: use DDP")
+        if not isinstance(pair, ByolPair) or cfg.optim.name != "lars":  # Config.validate refuses both first
+            raise FastByolError("run.engine=deepspeed runs method=byol with optim.name=lars only: use DDP")
         return ZeroUpdate(pair, groups, hyper, cfg, ctx, kernels, run_dir, resume)
-    if kernels:  # LARS and the EMA become one pass over identically laid-out flat buffers
+    if kernels and cfg.optim.name == "lars":  # LARS and the EMA: one pass over identically laid-out flat buffers
         return FlatUpdate(pair, groups, hyper, cfg.model.arch, ctx, device)
-    return LarsUpdate(pair, groups, hyper, cfg.model.arch, ctx, device)
+    if kernels:  # any other optimizer over the buffers' views, then the EMA kernel
+        return FlatEmaUpdate(pair, build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
+    return ParamUpdate(pair, build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
