@@ -140,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
     demo.add_argument("--dataset", default="shapes,digits", help="shapes, digits, or shapes,digits (default)")
     demo.add_argument("--linear-epochs", type=int, default=80)
+    demo.add_argument("--arch", default=None, help="encoder instead of the presets' ResNet-18: a torchvision name or "
+                                                   "timm:<name> (AdamW; a ViT with 4 px patches in 6 blocks)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo presets")
     return parser
 
@@ -320,7 +322,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     methods = tuple(_csv_list("--method", args.method))
     datasets = tuple(_csv_list("--dataset", args.dataset))
-    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods, datasets=datasets)
+    result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods, datasets=datasets,
+                      arch=args.arch)
     print(format_table(result))
     return 0
 

@@ -85,3 +85,18 @@ def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
 
     with pytest.raises(FastByolError, match="--dataset cifar: use shapes, digits or shapes,digits"):
         run_demo(str(tmp_path), [], datasets=("cifar",))
+
+
+def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path) -> None:
+    """`fastbyol demo --arch timm:vit_tiny_patch16_224`, cut to 2 steps: the ViT with 4 px patches in 6 blocks,
+    AdamW, and one random-init row (timm's own initialisation)."""
+    from fastbyol.engine.demo import run_demo
+
+    result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1,
+                      datasets=("digits",), arch="timm:vit_tiny_patch16_224")
+    table = result["datasets"]["digits"]
+    assert table["arch"] == "timm:vit_tiny_patch16_224" and table["steps"] == 2
+    assert list(table["rows"]) == ["BYOL (online encoder)", "raw pixels", "random init, timm (BN cal.)"]
+    assert table["rows"]["BYOL (online encoder)"]["feature_dim"] == 192
+    config = (Path(table["run_dir"]) / "config.yaml").read_text()
+    assert "patch_size: 4" in config and "depth: 6" in config and "name: adamw" in config

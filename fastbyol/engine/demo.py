@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastbyol.config import build_config
+from fastbyol.config import TIMM_PREFIX, build_config
 from fastbyol.data.builders import make_digits, make_shapes
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
@@ -30,10 +30,27 @@ METHODS = {"byol": ("", "BYOL (online encoder)"), "simclr": ("-simclr", "SimCLR 
 RAW_PIXELS = "raw pixels"
 RANDOM_TORCHVISION = "random init, torchvision (BN cal.)"
 RANDOM_FASTBYOL = "random init, fastbyol (BN cal.)"
+RANDOM_TIMM = "random init, timm (BN cal.)"
+# What --arch changes besides model.arch for a timm encoder: AdamW (the ViT and ConvNeXt recipes' optimizer;
+# the presets' LARS learning rates are tuned for the ResNet-18), and for a timm ViT 4 px patches (64 tokens at
+# 32 px) in 6 blocks, so it trains in minutes on a CPU (benchmarks/NOTES.md, issue 18).
+TIMM_OVERRIDES = ["optim.name=adamw", "optim.base_lr=1e-3", "optim.weight_decay=0.05"]
+VIT_OVERRIDES = ["model.timm_kwargs.patch_size=4", "model.timm_kwargs.depth=6"]
+
+
+def arch_overrides(arch: str | None) -> list[str]:
+    """The demo presets' changes for ``--arch`` (none for the torchvision ResNets); the user's own overrides
+    come after them, so any can be set again."""
+    if arch is None:
+        return []
+    if not arch.startswith(TIMM_PREFIX):
+        return [f"model.arch={arch}"]
+    vit = arch.removeprefix(TIMM_PREFIX).startswith("vit_")
+    return [f"model.arch={arch}", "model.init=torchvision", *TIMM_OVERRIDES, *(VIT_OVERRIDES if vit else [])]
 
 
 def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80, methods: tuple[str, ...] = ("byol",),
-             datasets: tuple[str, ...] = ("shapes", "digits")) -> dict[str, Any]:
+             datasets: tuple[str, ...] = ("shapes", "digits"), arch: str | None = None) -> dict[str, Any]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise FastByolError(f"--method {','.join(unknown) or '(none)'}: use byol, simclr or byol,simclr")
@@ -42,6 +59,7 @@ def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80, method
         raise FastByolError(f"--dataset {','.join(unknown) or '(none)'}: use shapes, digits or shapes,digits")
     t0 = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    overrides = [*arch_overrides(arch), *overrides]
     tables = {name: _demo_dataset(Path(out_dir), name, overrides, linear_epochs, methods, stamp) for name in datasets}
     result = {"datasets": tables, "total_s": time.perf_counter() - t0}
     for table in tables.values():
@@ -79,7 +97,9 @@ def _demo_dataset(root: Path, name: str, overrides: list[str], linear_epochs: in
     t_eval = time.perf_counter()
     rows[RAW_PIXELS] = evaluate_encoder(RawPixels(), str(data), cfg.data.image_size, trainer.device,
                                         linear_epochs=linear_epochs)
-    for label, init in ((RANDOM_TORCHVISION, "torchvision"), (RANDOM_FASTBYOL, "haiku")):
+    random_inits = ([(RANDOM_TIMM, "torchvision")] if cfg.model.arch.startswith(TIMM_PREFIX) else  # timm's own init
+                    [(RANDOM_TORCHVISION, "torchvision"), (RANDOM_FASTBYOL, "haiku")])
+    for label, init in random_inits:
         random_init = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), cfg.data.image_size,
                                                 trainer.device, init=init)
         rows[label] = evaluate_encoder(random_init, str(data), cfg.data.image_size, trainer.device,
