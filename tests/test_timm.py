@@ -170,3 +170,19 @@ def test_adamw_refusals_name_the_fix() -> None:
         build_config("smoke", overrides=["optim.name=adamw", "run.engine=deepspeed"])
     with pytest.raises(ConfigError, match="optim.name='sgd' is not allowed"):
         build_config("smoke", overrides=["optim.name=sgd"])
+
+
+def test_compiled_vit_trains_like_eager(tmp_path: Path) -> None:
+    """Inductor on the CPU (fullgraph, the fused loss and AdamW with the EMA kernel in the run): 2 steps of the
+    ViT agree with eager to fp32 rounding."""
+    arch = "timm:vit_tiny_patch16_224"
+    runs = {}
+    for mode in ("off", "default"):
+        t = _run(tmp_path, mode, arch, f"run.compile={mode}", "run.kernels=on", "run.max_steps=2",
+                 "model.timm_kwargs.depth=2")
+        assert t.compile_mode == mode
+        t.train()
+        runs[mode] = t
+    eager, compiled = runs["off"].pair.state_dict(), runs["default"].pair.state_dict()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=1e-4, msg=name)
