@@ -9,9 +9,10 @@ import pytest
 import torch
 from fastbyol.kernels.flat_lars import FlatLARS
 from torch import nn
+from twin_steps import step_from_the_same_state
 
 from fastbyol.config import build_config
-from fastbyol.engine.trainer import IntervalMeter, start_run, use_kernels
+from fastbyol.engine.trainer import start_run, use_kernels
 from fastbyol.errors import FastByolError
 from fastbyol.model.flat import flatten_params_
 from fastbyol.telemetry.sinks import read_metrics
@@ -51,15 +52,7 @@ def test_kernels_on_equals_kernels_off_step_by_step(tmp_path: Path) -> None:
     batches = off.source.batches(0, off.batch_size, STEPS)
     worst = {"loss": 0.0, "params": 0.0, "momentum": 0.0}
     for _ in range(STEPS):
-        on.pair.load_state_dict(off.pair.state_dict())
-        on.optimizer.load_state_dict(off.optimizer.state_dict())
-        batch = next(batches)
-        for t in (off, on):
-            t.optimizer.zero_grad(set_to_none=True)
-            t.meter = IntervalMeter()
-            t.forward_backward_step(batch, 1.0)
-            t.update()
-            t.step += 1
+        step_from_the_same_state(off, on, next(batches))
         worst["loss"] = max(worst["loss"], abs(off.meter.means()["loss"] - on.meter.means()["loss"]))
         a, b = off.pair.state_dict(), on.pair.state_dict()
         worst["params"] = max(worst["params"], max(float((a[k] - b[k]).abs().max()) for k in a))
