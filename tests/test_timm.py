@@ -174,3 +174,22 @@ def test_compiled_vit_trains_like_eager(tmp_path: Path) -> None:
     eager, compiled = runs["off"].pair.state_dict(), runs["default"].pair.state_dict()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_cross_replica_batchnorm_takes_batchnorm_leaves_layernorm_and_refuses_fused_ones() -> None:
+    from fastbyol.errors import FastByolError
+    from fastbyol.model.backbone import Encoder
+    from fastbyol.model.syncbn import GlobalBatchNorm, convert_global_batchnorm
+
+    def norms(arch: str) -> dict[str, int]:
+        encoder = convert_global_batchnorm(Encoder(arch, image_size=SIZE))
+        counts: dict[str, int] = {}
+        for m in encoder.modules():
+            if "Norm" in type(m).__name__:
+                counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+        return counts
+
+    assert set(norms("timm:resnet50")) == {GlobalBatchNorm.__name__}
+    assert set(norms("timm:vit_tiny_patch16_224")) == {"LayerNorm"}
+    with pytest.raises(FastByolError, match="BatchNormAct2d .* cannot replace"):
+        norms("timm:efficientnet_b0")
