@@ -36,6 +36,8 @@
 #                                                     and a 2-step profiler window (compile cached)
 #   telemetry-report        figure    8    30     10  fastbyol report of that run (matplotlib)
 #   byol-vs-simclr          figure   90   120    100  both methods side by side, compiled, kernels on
+#   step-vits16/-convnext-t figure   90   120    100  ViT-S/16 (AdamW) and ConvNeXt-T (timm), 224 px, compiled,
+#                                                     kernels on: img/s and MFU (need timm carried; cold compiles)
 #                                                     (SimCLR's compile is cold: runs only if time is left)
 #   Sum of the estimates: ~380 s to step-compiled, ~425 s with the telemetry run; byol-vs-simclr fits only
 #   when the compiles ran faster than estimated. Dropped from the former bench_gpu.sh: bench_step (the step-*
@@ -202,7 +204,7 @@ except Exception:
                                        capture_output=True, text=True, timeout=20).stdout.split("\n")[0] or "unknown"
     except Exception:
         env["driver"] = "unknown (no NVML, no nvidia-smi)"
-for dist in ("triton", "torchvision", "numpy", "pillow", "pyyaml", "matplotlib", "nvidia-ml-py", "pytest",
+for dist in ("triton", "torchvision", "timm", "numpy", "pillow", "pyyaml", "matplotlib", "nvidia-ml-py", "pytest",
              "nvidia-dali-cuda130", "deepspeed"):
     env[dist] = version(dist)
 try:
@@ -279,6 +281,18 @@ run_stage telemetry-report figure 30 10 "$py" -m fastbyol report "$files/telemet
 run_stage byol-vs-simclr figure 120 100 "$py" -m fastbyol bench --preset synthetic-r50 --method byol,simclr \
     --batch 256 --compile default --kernels on --telemetry off --steps 20 --rounds 1 --warmup 3 --device cuda \
     --out "$files/byol-vs-simclr"
+if grep -qx 'timm=absent' "$files/environment/environment.txt" 2>/dev/null; then
+    skip_why="timm absent (carry its wheel and huggingface_hub's)"
+fi
+run_stage step-vits16 figure 120 100 "$py" -m fastbyol bench --preset synthetic-r50 --batch 256 --compile default \
+    --kernels on --telemetry on --steps 20 --rounds 1 --warmup 3 --device cuda --out "$files/step-vits16" \
+    model.arch=timm:vit_small_patch16_224 model.timm_kwargs.num_heads=12 optim.name=adamw
+if grep -qx 'timm=absent' "$files/environment/environment.txt" 2>/dev/null; then
+    skip_why="timm absent (carry its wheel and huggingface_hub's)"
+fi
+run_stage step-convnext-t figure 120 100 "$py" -m fastbyol bench --preset synthetic-r50 --batch 256 \
+    --compile default --kernels on --telemetry on --steps 20 --rounds 1 --warmup 3 --device cuda \
+    --out "$files/step-convnext-t" model.arch=timm:convnext_tiny optim.name=adamw
 
 # -- 6. summary.md, the result CSVs at the top, everything else packed --------------------------------------
 cat >"$work/gpu_check_summary.py" <<'EOF'
@@ -298,7 +312,8 @@ out, dry_run, budget, elapsed = Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[
 files = out / "files"
 PACK = "gpu-check.tar.gz"
 PACK_LIMIT = 15 << 20  # the device tool brings back files of 16 MiB at most
-STEP_STAGES = ["step-eager", "step-compiled-kernels", "step-ro-kernels", "step-compiled", "byol-vs-simclr"]
+STEP_STAGES = ["step-eager", "step-compiled-kernels", "step-ro-kernels", "step-compiled", "byol-vs-simclr",
+               "step-vits16", "step-convnext-t"]
 
 
 def read_csv(path):

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 STAGES = ["install", "environment", "cuda-tests", "bench-ema", "bench-lars", "bench-loss", "bench-ntxent",
           "step-eager", "step-compiled-kernels", "step-ro-kernels", "step-compiled", "telemetry-profile",
-          "telemetry-report", "byol-vs-simclr"]
+          "telemetry-report", "byol-vs-simclr", "step-vits16", "step-convnext-t"]
 # What each step case of the sweep asks of `fastbyol bench` (run.compile, run.kernels).
 STEP_CASES = {"step-eager": ("off", "off"), "step-compiled-kernels": ("default", "on"),
               "step-ro-kernels": ("reduce-overhead", "on"), "step-compiled": ("default", "off")}
@@ -106,6 +106,12 @@ def test_dry_run_prints_the_right_commands(dry_run: tuple[subprocess.CompletedPr
     methods = parser.parse_args(commands["byol-vs-simclr"][3:])
     assert (methods.command, methods.method, methods.compile, methods.kernels) == ("bench", "byol,simclr",
                                                                                     "default", "on")
+
+    for stage, arch in (("step-vits16", "timm:vit_small_patch16_224"), ("step-convnext-t", "timm:convnext_tiny")):
+        args = parser.parse_args(commands[stage][3:])
+        assert (args.compile, args.kernels, args.device, args.out) == ("default", "on", "cuda", f"{files}/{stage}")
+        cfg = build_config(args.preset, overrides=args.overrides)  # the overrides make a valid run
+        assert (cfg.model.arch, cfg.optim.name, cfg.data.image_size) == (arch, "adamw", 224)
 
     train = parser.parse_args(commands["telemetry-profile"][3:])
     assert (train.command, train.preset, train.profile) == ("train", "synthetic-r50", "30:32")
