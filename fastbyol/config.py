@@ -192,6 +192,7 @@ class OptimConfig:
 
 
     def validate(self, prefix: str) -> None:
+        _check_choices(self, prefix)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _positive_int(f"{prefix}.accum_steps", self.accum_steps)
         if self.batch_size % self.accum_steps:
@@ -204,7 +205,6 @@ class OptimConfig:
                   low_ok=True)
         _in_range(f"{prefix}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True,
                   high_ok=False)
-        _check_choices(self, prefix)
         _in_range(f"{prefix}.eta", self.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
         for beta in ("adamw_beta1", "adamw_beta2"):
             _in_range(f"{prefix}.{beta}", getattr(self, beta), 0.0, 1.0, "a float in [0, 1), e.g. 0.9",

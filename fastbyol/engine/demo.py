@@ -46,7 +46,7 @@ def arch_overrides(arch: str | None) -> list[str]:
     if not arch.startswith(TIMM_PREFIX):
         return [f"model.arch={arch}"]
     vit = arch.removeprefix(TIMM_PREFIX).startswith("vit_")
-    return [f"model.arch={arch}", "model.init=torchvision", *TIMM_OVERRIDES, *(VIT_OVERRIDES if vit else [])]
+    return [f"model.arch={arch}", *TIMM_OVERRIDES, *(VIT_OVERRIDES if vit else [])]
 
 
 def run_demo(out_dir: str, overrides: list[str], linear_epochs: int = 80, methods: tuple[str, ...] = ("byol",),

@@ -189,7 +189,6 @@ class _RowSinks:
             JsonlMetrics.truncate_after(metrics_path, step)
             JsonlMetrics.truncate_after(samples_path, step)
             self.sink = JsonlMetrics(metrics_path)
-            trainer._start_telemetry()
             self.samples = JsonlMetrics(samples_path) if trainer.sampler is not None else None
             self.tensorboard = TensorBoardSink(run_dir / "tensorboard") if trainer.cfg.run.tensorboard else None
         self.progress = ProgressBar(end_step, step, enabled=trainer.cfg.run.progress != "off" and trainer.ctx.main)
@@ -393,6 +392,8 @@ class Trainer:
         end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         accum = cfg.optim.accum_steps
         micro_batch = self.batch_size // (accum * self.ctx.world)  # this rank's share of a micro-step
+        if self.ctx.main:
+            self._start_telemetry()  # the NVML sampler: rows then carry its samples
         rows = _RowSinks(self, end_step)
         batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum,
                                       self.ctx.rank, self.ctx.world)

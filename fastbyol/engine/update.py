@@ -185,17 +185,35 @@ class ParamUpdate:
         pass
 
 
-class FlatUpdate(ParamUpdate):
-    """Flat buffers and the fused Triton LARS, with the EMA written in the same pass."""
+class FlatEmaUpdate(ParamUpdate):
+    """Flat buffers; the optimizer (AdamW) over the parameters' views, then the Triton EMA over the whole
+    target buffer in one launch (the online buffer's first part is laid out as the target's).
 
-    def __init__(self, pair: nn.Module, groups: list[dict[str, Any]], hyper: dict[str, float], arch: str,
+    ``make_optimizer`` is called with the online flat buffer once the parameters are its views (before DDP
+    wraps the pair): FlatLARS works on the buffer itself, a torch optimizer on the Parameter objects, which
+    stay the same as their storage moves."""
+
+    def __init__(self, pair: nn.Module, make_optimizer: Callable[[torch.Tensor], torch.optim.Optimizer], arch: str,
                  ctx: DistContext, device: torch.device) -> None:
         self.pair, self.arch = pair, arch
         self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
         self.online_flat, self.target_flat = pair.flatten_pairs_()  # type: ignore[operator]
         self.tau_buf = torch.zeros(1, dtype=torch.float32, device=device)
-        self.optimizer: FlatLARS = FlatLARS(groups, self.online_flat, **hyper)  # type: ignore[assignment]
+        self.optimizer = make_optimizer(self.online_flat)
         self.network = _local_network(pair, ctx, device)
+
+    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
+        optimizer_step(self.optimizer, lr)
+        if self.target_flat is not None:  # SimCLR has no target
+            phases.start("ema")
+            self.tau_buf.fill_(tau)  # an async write of a host float: no sync
+            ema_flat_(self.target_flat, self.online_flat[:self.target_flat.numel()], self.tau_buf)
+
+
+class FlatUpdate(FlatEmaUpdate):
+    """Flat buffers and the fused Triton LARS (``FlatLARS``), with the EMA written in the same pass."""
+
+    optimizer: FlatLARS
 
     def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
         if self.target_flat is None:  # SimCLR: no target
@@ -206,27 +224,6 @@ class FlatUpdate(ParamUpdate):
     def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         target = [] if self.target_flat is None else [self.target_flat]
         return [self.online_flat, self.optimizer.momentum_flat, *buffers, *target]
-
-
-class FlatEmaUpdate(ParamUpdate):
-    """Flat buffers; the optimizer (AdamW) over the parameters' views, then the Triton EMA over the whole
-    target buffer in one launch (the online buffer's first part is laid out as the target's)."""
-
-    def __init__(self, pair: nn.Module, optimizer: torch.optim.Optimizer, arch: str, ctx: DistContext,
-                 device: torch.device) -> None:
-        self.pair, self.arch = pair, arch
-        self.online_params, self.target_params = pair.param_pairs()  # type: ignore[operator]
-        self.online_flat, self.target_flat = pair.flatten_pairs_()  # type: ignore[operator]
-        self.tau_buf = torch.zeros(1, dtype=torch.float32, device=device)
-        self.optimizer = optimizer  # holds the Parameter objects, which stay the same as their storage moves
-        self.network = _local_network(pair, ctx, device)
-
-    def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
-        optimizer_step(self.optimizer, lr)
-        if self.target_flat is not None:  # SimCLR has no target
-            phases.start("ema")
-            self.tau_buf.fill_(tau)  # an async write of a host float: no sync
-            ema_flat_(self.target_flat, self.online_flat[:self.target_flat.numel()], self.tau_buf)
 
 
 class ZeroUpdate:
@@ -301,7 +298,7 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
             raise FastByolError("run.engine=deepspeed runs method=byol with optim.name=lars only: use DDP")
         return ZeroUpdate(pair, groups, hyper, cfg, ctx, kernels, run_dir, resume)
     if kernels and cfg.optim.name == "lars":  # LARS and the EMA: one pass over identically laid-out flat buffers
-        return FlatUpdate(pair, groups, hyper, cfg.model.arch, ctx, device)
+        return FlatUpdate(pair, lambda flat: FlatLARS(groups, flat, **hyper), cfg.model.arch, ctx, device)
     if kernels:  # any other optimizer over the buffers' views, then the EMA kernel
-        return FlatEmaUpdate(pair, build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
+        return FlatEmaUpdate(pair, lambda flat: build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
     return ParamUpdate(pair, build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
