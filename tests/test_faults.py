@@ -133,6 +133,8 @@ def test_killed_at_random_steps_and_mid_checkpoint_resumes_bitwise(straight: dic
         assert _logged_step(run_dir) < FINAL, "the run ended before the kill: nothing was tested"
     done = subprocess.run(_resume_cmd(run_dir), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    # The SIGKILLed run could not release its run directory's lock: the resume takes it over and says so.
+    assert f"fastbyol: taking over the lock of {run_dir} left by pid {job.pid} on " in done.stderr
     _assert_bitwise(_final_state(run_dir), straight["state"])
     # Every logged row appears once and (timing aside) equals the uninterrupted run's.
     rows = read_metrics(run_dir / "metrics.jsonl")

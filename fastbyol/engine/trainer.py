@@ -20,7 +20,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,20 @@ from fastbyol.config import (
 )
 from fastbyol.data.loader import build_source
 from fastbyol.data.views import Batch
-from fastbyol.engine import checkpoint
+from fastbyol.engine import checkpoint, preempt
 from fastbyol.engine.compile import compiled_forward, resolve_compile
 from fastbyol.engine.distributed import (
     DistContext,
     all_reduce_mean_,
     all_reduce_sum_int,
+    all_reduce_sum_ints,
     broadcast_object,
     init_distributed,
     launched_world_size,
 )
 from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.preempt import StopRequest
+from fastbyol.engine.runlock import RunLock
 from fastbyol.engine.update import build_update
 from fastbyol.errors import FastByolError, RunStopped
 from fastbyol.files import atomic_write_bytes
@@ -220,8 +222,9 @@ class _RowSinks:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
-                 ctx: DistContext | None = None) -> None:
+                 ctx: DistContext | None = None, lock: RunLock | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.lock = lock  # rank 0's hold on the run directory (start_run, resume_run), released by train()
         self.ctx = ctx or DistContext()
         check_batch_split(cfg, self.ctx.world)
         self.device = resolve_device(cfg.run.device)
@@ -411,6 +414,8 @@ class Trainer:
                 self._checkpoint_if_due(end_step)  # checkpoint
         finally:
             self.stop.restore()
+            if self.lock is not None:
+                self.lock.release()
             if self._profiler is not None:
                 self._stop_profiler(self._profiler)
             if self.sampler is not None:
@@ -433,30 +438,37 @@ class Trainer:
 
     def _checkpoint_if_due(self, end_step: int) -> None:
         """At the checkpoint cadence, at the end, on a stop signal or when run.ckpt_minutes have passed; a stop
-        before the end raises ``RunStopped`` once the checkpoint is written."""
-        stop, time_due = self._stop_or_time_due(self._last_ckpt_time)
+        before the end raises ``RunStopped`` once the checkpoint is written (after SLURM's SIGUSR1, rank 0 has
+        requeued the job by then)."""
+        stop, requeue, time_due = self._stop_or_time_due(self._last_ckpt_time)
         if not (self.step % self.cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due):
             return
         self._check_nonfinite()  # never write the weights of a bad step
         path = self.save_checkpoint()
         self._last_ckpt_time = self.clock()
         if stop and self.step < end_step:
+            then = f"continue with fastbyol train --resume {self.run_dir}"
+            if requeue and self.ctx.main:
+                requeued, what = preempt.requeue()
+                then = what if requeued else f"{what}; {then}"
             raise RunStopped(f"stopped by {self.stop.name or 'a signal'} at step {self.step}/{self.total_steps}; "
-                             f"checkpoint {path} written; continue with fastbyol train --resume {self.run_dir}")
+                             f"checkpoint {path} written; {then}")
 
-    def _stop_or_time_due(self, last_ckpt_time: float) -> tuple[bool, bool]:
-        """(a signal asked to stop, the wall-time checkpoint is due). One process: after every step, from host
-        state only. Several ranks must agree on the step, so they decide together at the log cadence (a
-        sync point already): any rank's signal stops all; rank 0's clock decides the timed checkpoint."""
+    def _stop_or_time_due(self, last_ckpt_time: float) -> tuple[bool, bool, bool]:
+        """(a signal asked to stop, it was SLURM's requeue signal, the wall-time checkpoint is due). One process:
+        after every step, from host state only. Several ranks must agree on the step, so they decide together at
+        the log cadence (a sync point already): any rank's signal stops all (and any rank's SIGUSR1 requeues);
+        rank 0's clock decides the timed checkpoint."""
         minutes = self.cfg.run.ckpt_minutes
         due = minutes > 0 and self.clock() - last_ckpt_time >= 60 * minutes
+        requeue = self.stop.signum == preempt.REQUEUE_SIGNAL
         if not self.ctx.enabled:
-            return self.stop.requested, due
+            return self.stop.requested, requeue, due
         if self.step % self.cfg.run.log_every:
-            return False, False
-        stops = all_reduce_sum_int(self.ctx, int(self.stop.requested), self.device)
-        due_on_main = all_reduce_sum_int(self.ctx, int(due and self.ctx.main), self.device)
-        return stops > 0, due_on_main > 0
+            return False, False, False
+        stops, requeues, due_on_main = all_reduce_sum_ints(
+            self.ctx, [int(self.stop.requested), int(requeue), int(due and self.ctx.main)], self.device)
+        return stops > 0, requeues > 0, due_on_main > 0
 
     def train_step(self, batches: Iterator[Batch]) -> None:
         """One optimizer step: per micro-batch fetch and forward/backward, then LARS and the EMA. No host
@@ -613,24 +625,56 @@ TIMING_FIELDS = ("img_per_s", "data_wait_frac", "img_per_s_per_gpu", "tflop_per_
                  "peak_mem_gib", "peak_rss_gib", "gpus")
 
 
-def start_run(cfg: Config) -> Trainer:
-    device = resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
-    check_batch_split(cfg, launched_world_size())
-    ctx = init_distributed(cfg.run.engine, device)
-    existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
-    run_dir, error = None, None
-    if ctx.main:  # rank 0 names and creates the run directory; the others take its name
+def _claim(ctx: DistContext, claim: Callable[[], tuple[Path, RunLock]]) -> tuple[Path, RunLock | None]:
+    """Rank 0 runs ``claim`` (make or find the run directory, lock it, write its config.yaml); every rank gets
+    the directory, or rank 0's error, so a refused job stops on all ranks before anything is written."""
+    run_dir, lock, error = None, None, None
+    if ctx.main:
         try:
-            run_dir = new_run_dir(cfg)
-            atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+            run_dir, lock = claim()
         except FastByolError as e:
             error = str(e)
     run_dir, error = broadcast_object(ctx, (run_dir, error))
     if error is not None:
         raise FastByolError(error)
     assert run_dir is not None
+    return run_dir, lock
+
+
+def _locked(run_dir: Path, cfg: Config) -> RunLock:
+    """The run directory's lock, then its config.yaml (written only by the lock's holder)."""
+    lock = RunLock.acquire(run_dir)
     try:
-        return Trainer(cfg, run_dir, ctx=ctx)
+        atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _trainer(cfg: Config, run_dir: Path, ctx: DistContext, lock: RunLock | None,
+             resume: dict[str, Any] | None = None) -> Trainer:
+    try:
+        return Trainer(cfg, run_dir, resume=resume, ctx=ctx, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def start_run(cfg: Config) -> Trainer:
+    device = resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
+    check_batch_split(cfg, launched_world_size())
+    ctx = init_distributed(cfg.run.engine, device)
+    existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
+
+    def claim() -> tuple[Path, RunLock]:
+        run_dir = new_run_dir(cfg)
+        return run_dir, _locked(run_dir, cfg)
+
+    run_dir, lock = _claim(ctx, claim)
+    try:
+        return _trainer(cfg, run_dir, ctx, lock)
     except FastByolError:
         if not existed and ctx.main:  # a bad data path leaves no empty run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -651,9 +695,8 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
     cfg.validate()
     check_batch_split(cfg, launched_world_size())
     ctx = init_distributed(cfg.run.engine, resolve_device(cfg.run.device))
-    if ctx.main:
-        atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode())
-    return Trainer(cfg, run_dir, resume=state, ctx=ctx)
+    _, lock = _claim(ctx, lambda: (run_dir, _locked(run_dir, cfg)))
+    return _trainer(cfg, run_dir, ctx, lock, resume=state)
 
 
 def _value(cfg: Config, key: str) -> Any:
