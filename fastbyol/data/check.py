@@ -17,15 +17,17 @@ Two depths of check:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import IO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from fastbyol.data.folder import load_rgb, scan_image_folder
+from fastbyol.data.folder import decode_rgb, load_rgb, scan_image_folder
 from fastbyol.errors import FastByolError
 from fastbyol.files import atomic_write_text
 
@@ -74,9 +76,24 @@ def check_file(path: str, full: bool = False) -> str | None:
     if full:
         _require_strict_truncation()
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as img:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        return _one_line(e)
+    return _check(path, path, empty, full)
+
+
+def check_bytes(data: bytes, name: str, full: bool = False) -> str | None:
+    """``check_file`` of an image's bytes already in memory (a tar shard's member), named ``name``."""
+    return _check(io.BytesIO(data), name, len(data) == 0, full)
+
+
+def _check(file: str | IO[bytes], name: str, empty: bool, full: bool) -> str | None:
+    if full:
+        _require_strict_truncation()
+    if empty:
+        return "empty file (0 bytes)"
+    try:
+        with Image.open(file) as img:
             img.verify()  # leaves the image unusable: the full decode reopens the file
     except UnidentifiedImageError:
         return "not an image PIL can identify (wrong extension, or not an image at all)"
@@ -84,10 +101,14 @@ def check_file(path: str, full: bool = False) -> str | None:
         return _one_line(e)
     if full:
         try:
-            load_rgb(path)
+            if isinstance(file, str):
+                load_rgb(file)
+            else:
+                file.seek(0)
+                decode_rgb(file.read(), name)
         except FastByolError as e:
-            # load_rgb names the path; the report already does, so keep only the reason.
-            return str(e).removeprefix(f"cannot decode image {path}: ")
+            # The decoders name the image; the report already does, so keep only the reason.
+            return str(e).removeprefix(f"cannot decode image {name}: ")
     return None
 
 

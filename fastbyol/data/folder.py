@@ -7,7 +7,9 @@ the loader replaces it by the next image of the stream, counts it and lists it i
 
 from __future__ import annotations
 
+import io
 import os
+from typing import IO
 
 from PIL import Image, ImageFile
 
@@ -25,18 +27,19 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
+def scan_image_folder(path: str, what: str = "data.path") -> tuple[list[str], list[int], list[str]]:
     """(file paths sorted, their integer labels, class names) of the images under ``path``.
 
     Class names are the first-level sub-folders that hold at least one image (at any depth), in sorted
     order, labels their indices; images directly in ``path`` are class "." with label 0. Hidden files
-    and folders (names starting with ".") are skipped; symbolic links are followed.
+    and folders (names starting with ".") are skipped; symbolic links are followed. ``what`` names the
+    setting the error messages tell the user to fix.
     """
     if not os.path.exists(path):
-        raise FastByolError(f"data folder {path} does not exist: set data.path to a folder of images "
+        raise FastByolError(f"data folder {path} does not exist: set {what} to a folder of images "
                             "(one sub-folder per class)")
     if not os.path.isdir(path):
-        raise FastByolError(f"data path {path} is not a folder: set data.path to the folder that holds the "
+        raise FastByolError(f"data path {path} is not a folder: set {what} to the folder that holds the "
                             "images (one sub-folder per class)")
     found: list[tuple[str, str]] = []  # (path, class)
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
@@ -46,7 +49,7 @@ def scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
         found += [(os.path.join(dirpath, name), cls) for name in filenames if _is_image_name(name)]
     if not found:
         raise FastByolError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}, any case) found in {path} or its "
-                            "sub-folders: put the images there (one sub-folder per class) or fix data.path")
+                            f"sub-folders: put the images there (one sub-folder per class) or fix {what}")
     found.sort()
     names = {cls for _, cls in found}
     # "." first whatever it sorts against (a folder named "!x" sorts before "."): root images are label 0.
@@ -63,17 +66,27 @@ def load_rgb(path: str) -> Image.Image:
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` is False (its default; this function refuses to run otherwise,
     since PIL would then pad a truncated JPEG with grey and say nothing).
     """
+    return _decode_rgb(path, path)
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """``load_rgb`` of an image file's bytes already in memory (a tar shard's member): the same PIL
+    decode, the same RGB conversion, the same errors, naming the image ``name``."""
+    return _decode_rgb(io.BytesIO(data), name)
+
+
+def _decode_rgb(file: str | IO[bytes], name: str) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise FastByolError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by another library or script), "
                             "so truncated images would load silently: set it back to False")
     try:
         # Leaving the `with` closes the file; the pixels decoded by load() stay in memory.
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             img.load()  # decode now: PIL decodes lazily, and a corrupt file must fail here, not later
             return _to_rgb(img)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise FastByolError(f"cannot decode image {path}: {reason}") from None
+        raise FastByolError(f"cannot decode image {name}: {reason}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -91,7 +104,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 class ImageFiles:
     """``images[i] -> (RGB PIL image, label)`` over scanned files; decoding errors raise
-    ``FastByolError``."""
+    ``FastByolError``. ``name``/``read`` give a file's path and encoded bytes (what the DALI feed reads)."""
 
     def __init__(self, paths: list[str], labels: list[int]) -> None:
         if len(paths) != len(labels):
@@ -109,3 +122,22 @@ class ImageFiles:
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return load_rgb(self.paths[index]), self.labels[index]
+
+    def name(self, index: int) -> str:
+        """The file's path, as messages name it."""
+        return self.paths[index]
+
+    def read(self, index: int) -> bytes:
+        """The file's bytes as stored (no decode); ``FastByolError`` naming it if it cannot be read."""
+        path = self.paths[index]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise FastByolError(f"cannot read image {path}: {e}") from None
+
+    def exclude_hint(self) -> str:
+        """How to keep an image that only DALI's decoder refuses out of a run."""
+        root = os.path.commonpath(self.paths) if self.paths else "DIR"
+        return (f"run `fastbyol data check --full {root}` and set data.file_list to the clean list it writes, "
+                "or remove the file")
