@@ -1,5 +1,5 @@
-"""Command line: ``fastbyol train | bench | report | doctor | presets | data make | data check | eval | export |
-demo``.
+"""Command line: ``fastbyol train | bench | report | doctor | presets | data make | data check | data pack | eval |
+export | demo``.
 
 Every error a user can cause surfaces as one line, ``fastbyol: error: ...``, with exit code 2; a
 traceback means a bug in fastbyol.
@@ -111,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, metavar="N", help="threads (default: the number of CPUs)")
     check.add_argument("--full", action="store_true",
                        help="decode every image fully (catches truncated JPEGs; slower than the header check)")
+    pack = data.add_parser(
+        "pack", help="write an image folder as tar shards (WebDataset layout) for data.source=shards",
+        description="Pack the images of SRC (the folder source's sorted scan: same order, labels and classes) "
+                    "into OUT_DIR/shard-NNNNNN.tar, each file's bytes unchanged as member <key>.<ext> with its "
+                    "label in <key>.cls, then the index OUT_DIR/fastbyol-shards.json (+ .npz). Train with "
+                    "data.source=shards data.path=OUT_DIR: the same batches as from SRC.")
+    pack.add_argument("src", metavar="SRC", help="image folder (one sub-folder per class)")
+    pack.add_argument("out", metavar="OUT_DIR", help="folder for the shards (new, or holding no shards)")
+    pack.add_argument("--shard-size", default="1GB", metavar="SIZE",
+                      help="largest shard: bytes, or with KB/MB/GB (powers of 1000) or KiB/MiB/GiB, e.g. 64MB "
+                           "(default 1GB; a shard holds at least one image)")
+    pack.add_argument("--file-list", metavar="LIST", default="",
+                      help="pack only the images of this list (`fastbyol data check SRC` writes "
+                           "SRC/fastbyol-filelist.txt), in its order, as data.file_list would read them")
 
     ev = sub.add_parser("eval", help="evaluate the online encoder of a checkpoint").add_subparsers(
         dest="protocol", metavar="PROTOCOL")
@@ -256,9 +270,14 @@ def _data(args: argparse.Namespace) -> int:
     from fastbyol.data.builders import make_digits, make_shapes, make_synthetic
 
     if args.data_command == "check":
-        return _data_check(args)
+        from fastbyol.data.shards import is_shard_folder
+
+        return _data_check_shards(args) if is_shard_folder(args.dir) else _data_check(args)
+    if args.data_command == "pack":
+        return _data_pack(args)
     if args.data_command != "make" or not args.dataset:
-        raise FastByolError("usage: fastbyol data make {digits,shapes,synthetic} OUT | fastbyol data check DIR")
+        raise FastByolError("usage: fastbyol data make {digits,shapes,synthetic} OUT | fastbyol data check DIR | "
+                            "fastbyol data pack SRC OUT_DIR")
     if args.dataset == "digits":
         if not 0 < args.val_fraction < 1:
             raise FastByolError(f"--val-fraction {args.val_fraction} is out of range: use a value in (0, 1)")
@@ -278,6 +297,34 @@ def _data_check(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.dir) / DEFAULT_LIST_NAME)
     write_file_list(report, out)
     print(format_report(report, out))  # bad files are left out of the list, not an error: exit 0
+    return 0
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from fastbyol.data.shards import ShardInfo, format_bytes, pack_folder, parse_size
+
+    shard_size = parse_size(args.shard_size)
+
+    def progress(shard: ShardInfo, done: int, total: int) -> None:
+        print(f"fastbyol: {shard.name}: {shard.samples} images, {format_bytes(shard.bytes)} ({done}/{total})",
+              file=sys.stderr, flush=True)
+
+    report = pack_folder(args.src, args.out, shard_size, file_list=args.file_list, progress=progress)
+    print(f"fastbyol: packed {report.samples} images ({len(report.classes)} classes) from {args.src} into "
+          f"{len(report.shards)} shards ({format_bytes(report.bytes)}) in {args.out} in {report.seconds:.1f} s; "
+          f"train with data.source=shards data.path={args.out}")
+    return 0
+
+
+def _data_check_shards(args: argparse.Namespace) -> int:
+    from fastbyol.data.shards import format_shard_report, verify_shards
+
+    report = verify_shards(args.dir, full=args.full)
+    if report.bad_shards:
+        listed = ", ".join(f"{name} ({why})" for name, why in report.bad_shards)
+        raise FastByolError(f"{len(report.bad_shards)} of {report.shards} shards in {args.dir} do not match the "
+                            f"index: {listed}: copy them again from where they came from, or pack again")
+    print(format_shard_report(report))
     return 0
 
 
