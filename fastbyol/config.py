@@ -104,11 +104,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["folder", "procedural", "synthetic"] = "folder"
-    """'folder' (image folder at data.path), 'procedural' (embedded drawn images, no download) or
-    'synthetic' (random tensors made on the device, for throughput runs)."""
+    source: Literal["folder", "shards", "procedural", "synthetic"] = "folder"
+    """'folder' (image folder at data.path), 'shards' (the tar shards `fastbyol data pack` wrote from an image
+    folder into data.path: the folder's samples, order and labels, read with one pread each, for cluster file
+    systems), 'procedural' (embedded drawn images, no download) or 'synthetic' (random tensors made on the
+    device, for throughput runs)."""
     path: str = resumable("")
-    """Image folder (sub-folders are classes) for source=folder, e.g. /data/imagenet/train."""
+    """Image folder (sub-folders are classes) for source=folder, e.g. /data/imagenet/train; the folder of
+    `fastbyol data pack` for source=shards, e.g. /data/imagenet/train-shards."""
     image_size: int = 224
     """Side of the square crops fed to the network; crop and blur taps scale with it."""
     num_images: int = 0
@@ -129,7 +132,7 @@ class DataConfig:
     file_list: str = ""
     """A clean list of the folder's images (``fastbyol data check DIR`` writes DIR/fastbyol-filelist.txt):
     the loaders read only those files, so an image found corrupt up front never reaches a run. Empty:
-    scan data.path."""
+    scan data.path. source=folder only (shards take the list when packed: ``fastbyol data pack --file-list``)."""
     views: Literal["auto", "byol", "view1"] = "auto"
     """Augmentations of the two views: 'byol' (BYOL's asymmetric pair: view 1 always blurred, view 2 rarely
     blurred and sometimes solarised), 'view1' (BYOL's view 1 for both, SimCLR's default here), or 'auto'
@@ -141,8 +144,8 @@ class DataConfig:
     """Smallest random crop, as a fraction of the image area (spec: 0.08)."""
     loader: Literal["auto", "dali", "torch"] = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
-    JPEG, PNG, ...), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto' (DALI for a folder on
-    a GPU when DALI is installed, else torch)."""
+    JPEG, PNG, ..., or their shards), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto'
+    (DALI for a folder or shards on a GPU when DALI is installed, else torch)."""
 
 
     def validate(self, prefix: str) -> None:
@@ -152,6 +155,16 @@ class DataConfig:
             raise ConfigError(
                 f"{prefix}.path is empty but {prefix}.source=folder: set {prefix}.path=/path/to/train_images "
                 f"(sub-folders are classes), or {prefix}.source=procedural for the embedded images"
+            )
+        if self.source == "shards" and not self.path:
+            raise ConfigError(
+                f"{prefix}.path is empty but {prefix}.source=shards: set {prefix}.path=/path/to/shards (the "
+                f"OUT_DIR of `fastbyol data pack SRC OUT_DIR`), or {prefix}.source=folder for a folder of images"
+            )
+        if self.source == "shards" and self.file_list:
+            raise ConfigError(
+                f"{prefix}.file_list applies to {prefix}.source=folder: for shards, unset it and pack the clean "
+                "list instead (`fastbyol data pack SRC OUT_DIR --file-list LIST`)"
             )
         if not (16 <= self.image_size <= 1024):
             raise ConfigError(f"{prefix}.image_size={self.image_size} is out of range: use 16..1024 (e.g. 224)")

@@ -21,6 +21,12 @@ torchvision pipeline on the same decisions):
 - the bicubic resize is DALI's (antialiased, on the float image) against PIL's on uint8;
 - the JPEG decoder is libjpeg-turbo (CPU) or nvJPEG (GPU) against PIL's libjpeg: pixels can differ by
   a few levels.
+
+The encoded bytes come from an ``EncodedImages`` reader: a folder's files (``ImageFiles``) or the members of
+tar shards (``ShardImages``, ``data.source=shards``), so shards give the folder's batches bit for bit. DALI's
+own ``fn.readers.webdataset`` is not used: it reads each shard in its own order (sequential runs, shuffled
+in a buffer) and cannot follow the stream's per-position epoch permutation, which resume, rank sharding and
+the torchvision pipeline's equality all rest on.
 """
 
 from __future__ import annotations
@@ -28,10 +34,8 @@ from __future__ import annotations
 import collections
 import io
 import itertools
-import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,11 +53,12 @@ from fastbyol.data.augment import (
     blur_taps,
     gaussian_kernel,
 )
+from fastbyol.data.folder import ImageFiles
 from fastbyol.data.stream import StreamOrder, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
 
-RECENT_FILES = 4096  # > (prefetch queue + 2) x micro-batch for any sensible setting
+RECENT_IMAGES = 4096  # > (prefetch queue + 2) x micro-batch for any sensible setting
 # One view's decisions as a float vector, in this order.
 VIEW_VECTOR = ("top", "left", "height", "width", "flip", "jitter", "order0", "order1", "order2", "order3",
                "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma", "solarize")
@@ -92,40 +97,66 @@ def _dali_modules() -> tuple[Any, Any, Any]:
     return fn, types, dmath
 
 
+class EncodedImages(Protocol):
+    """What the feed reads: an image's encoded bytes by index, and its name for messages. ``ImageFiles`` (a
+    folder's files) and ``ShardImages`` (members of tar shards) are two."""
+
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str:
+        """How messages name the image (a path; a shard and member); unique per image."""
+        ...
+
+    def read(self, index: int) -> bytes:
+        """The encoded bytes; ``FastByolError('cannot read image <name>: ...')`` if they cannot be read."""
+        ...
+
+    def exclude_hint(self) -> str:
+        """How to keep an image that only DALI's decoder refuses out of a run."""
+        ...
+
+
+def encoded_images(images: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray) -> EncodedImages:
+    """A list of file paths as ``ImageFiles``; a reader as it is."""
+    if isinstance(images, (list, tuple)):
+        return ImageFiles(list(images), list(labels))
+    return images  # type: ignore[return-value]
+
+
 class _Feed:
     """The external source: stream position -> encoded bytes, label and both views' decisions."""
 
-    def __init__(self, files: list[str], labels: list[int], size: int, seed: int, positions: Iterator[int],
-                 views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2), undecodable: dict[str, str] | None = None
-                 ) -> None:
-        self.files, self.labels, self.size, self.seed = files, labels, size, seed
+    def __init__(self, images: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray, size: int,
+                 seed: int, positions: Iterator[int], views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2),
+                 undecodable: dict[str, str] | None = None) -> None:
+        self.images, self.labels, self.size, self.seed = encoded_images(images, labels), labels, size, seed
         self.positions = positions
         self.transform = TwoViewTransform(size, *views)
-        self.order = StreamOrder(len(files), seed)  # the torchvision pipeline's order, position for position
-        # Files DALI's decoder failed on earlier in the run (path -> why): skipped like unreadable ones.
+        self.order = StreamOrder(len(self.images), seed)  # the torchvision pipeline's order, position for position
+        # Images DALI's decoder failed on earlier in the run (name -> why): skipped like unreadable ones.
         self.undecodable = undecodable if undecodable is not None else {}
         self.skipped: list[tuple[int, str]] = []  # (stream position, message)
-        # The files handed to DALI lately: a decode error inside the pipeline does not say which sample
-        # failed, so the source re-checks these to name it.
-        self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_FILES)
+        # The images handed to DALI lately (indices): a decode error inside the pipeline does not say which
+        # sample failed, so the source re-checks these to name it.
+        self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_IMAGES)
 
     def _read(self, index: int) -> tuple[np.ndarray, int, int]:
-        path = self.files[index]
-        if path in self.undecodable:
-            raise FastByolError(f"cannot decode image {path}: {self.undecodable[path]}")
+        name = self.images.name(index)
+        if name in self.undecodable:
+            raise FastByolError(f"cannot decode image {name}: {self.undecodable[name]}")
+        data = self.images.read(index)
         try:
-            data = Path(path).read_bytes()
             with Image.open(io.BytesIO(data)) as img:  # the header only: the crop needs the size
                 width, height = img.size
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # the bomb is no OSError
-            raise FastByolError(f"cannot read image {path}: {e}") from None
+            raise FastByolError(f"cannot read image {name}: {e}") from None
         return np.frombuffer(data, dtype=np.uint8), height, width
 
     def __call__(self) -> tuple[np.ndarray, ...]:
         position = next(self.positions)
         (data, height, width), index, skipped = self.order.read(position, self._read)
         self.skipped += [(position, msg) for msg in skipped]
-        self.recent.append(self.files[index])
+        self.recent.append(index)
         p1, p2 = self.transform.params(height, width, mix_seed(self.seed, 0x5EED, position))
         (h1, v1), (h2, v2) = blur_filters(p1, self.size), blur_filters(p2, self.size)
         return (data, np.array(self.labels[index], dtype=np.int64), view_vector(p1), view_vector(p2),
@@ -247,33 +278,37 @@ def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | Non
 
 
 class DaliSource:
-    """Image folder -> DALI two-view pipeline, behind the loader's ``batches(start, micro_batch, n)``."""
+    """Image folder or shards -> DALI two-view pipeline, behind the loader's ``batches(start, micro_batch, n)``.
+
+    ``files``: the folder's file paths, or any ``EncodedImages`` (``ShardImages``)."""
 
     kind = "dali"
 
-    def __init__(self, files: list[str], labels: list[int], num_classes: int, size: int, seed: int,
-                 device: torch.device, num_threads: int, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 decode: str = "full", views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> None:
+    def __init__(self, files: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray, num_classes: int,
+                 size: int, seed: int, device: torch.device, num_threads: int, prefetch: int = 2,
+                 hw_decoder_load: float = 0.65, decode: str = "full",
+                 views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> None:
         require_dali()
-        if not files:
+        if not len(files):
             raise FastByolError("the DALI source got no images: check data.path")
         self.files, self.labels, self.num_classes = files, labels, num_classes
+        self.images = encoded_images(files, labels)
         self.size, self.seed, self.device = size, seed, device
         self.num_threads, self.prefetch, self.hw_decoder_load = max(1, num_threads), prefetch, hw_decoder_load
         self.decode, self.views = decode, views
         self.undecodable: dict[str, str] = {}
-        """Files DALI's decoder failed on (path -> why), found while reading: skipped from then on."""
+        """Images DALI's decoder failed on (name -> why), found while reading: skipped from then on."""
         self.images_per_epoch = len(files)
 
     def batches(self, start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
                 ) -> Iterator[Batch]:
         """This rank's micro-batches of the stream from global position ``start`` (``shard_positions``).
 
-        A file whose header reads but whose data DALI cannot decode (a truncated JPEG) stops the pipeline
-        mid-batch. Then the file is found (the recently fed ones decoded with PIL), added to the feed's
+        An image whose header reads but whose data DALI cannot decode (a truncated JPEG) stops the pipeline
+        mid-batch. Then the image is found (the recently fed ones decoded with PIL), added to the feed's
         undecodable set, and the pipeline rebuilt from the failed batch's first position: the batch comes
-        out with the file replaced, exactly as the torchvision pipeline replaces it, and the file is
-        skipped, counted and listed from then on. Only a failure that names no file ends the run."""
+        out with the image replaced, exactly as the torchvision pipeline replaces it, and the image is
+        skipped, counted and listed from then on. Only a failure that names no image ends the run."""
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         undecodable = self.undecodable
         reported: set[tuple[int, str]] = set()  # a rebuilt feed re-reads positions: report each skip once
@@ -282,7 +317,7 @@ class DaliSource:
             # DALI prefetches past the last batch asked for: the positions run on (lazily) beyond it.
             first = start + done * world * micro_batch
             positions = itertools.chain.from_iterable(shard_positions(first, micro_batch, 1 << 62, rank, world))
-            feed = _Feed(self.files, self.labels, self.size, self.seed, positions, self.views, undecodable)
+            feed = _Feed(self.images, self.labels, self.size, self.seed, positions, self.views, undecodable)
             pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed,
                                   self.prefetch, self.hw_decoder_load, self.decode, self.views)
             try:
@@ -298,34 +333,42 @@ class DaliSource:
             except RuntimeError as e:
                 if "decoders.image" not in str(e):  # not a decode failure: DALI's own error stands
                     raise
-                culprits = find_undecodable(list(feed.recent))
-                if not culprits or all(path in undecodable for path, _ in culprits):
-                    raise decode_error(e, list(feed.recent), self.files) from None
+                culprits = find_undecodable(feed)
+                if not culprits or all(name in undecodable for name, _ in culprits):
+                    raise decode_error(e, feed) from None
                 undecodable.update(culprits)
             finally:
                 del pipe
 
 
-def find_undecodable(recent: list[str]) -> list[tuple[str, str]]:
-    """The recently fed files that do not decode with PIL, newest first, with why: (path, reason)."""
-    from fastbyol.data.check import check_file
+def find_undecodable(feed: _Feed) -> list[tuple[str, str]]:
+    """The images ``feed`` handed DALI lately that do not decode with PIL, newest first, with why: (name,
+    reason)."""
+    from fastbyol.data.check import check_bytes
 
-    return [(path, why) for path in dict.fromkeys(reversed(recent)) if (why := check_file(path, full=True))]
+    found = []
+    for index in dict.fromkeys(reversed(feed.recent)):
+        name = feed.images.name(index)
+        try:
+            why = check_bytes(feed.images.read(index), name, full=True)
+        except FastByolError as e:  # read before, unreadable now (a file removed meanwhile)
+            why = str(e).removeprefix(f"cannot read image {name}: ")
+        if why:
+            found.append((name, why))
+    return found
 
 
-def decode_error(error: RuntimeError, recent: list[str], files: list[str]) -> FastByolError:
-    """DALI stopped on a sample it could not decode: name the file (by decoding the recently fed ones
+def decode_error(error: RuntimeError, feed: _Feed) -> FastByolError:
+    """DALI stopped on a sample it could not decode: name the image (by decoding the recently fed ones
     with PIL) and say how to keep it out of the run."""
     reason = next((line.strip() for line in str(error).splitlines() if "decode" in line.lower()),
                   str(error).splitlines()[0] if str(error) else type(error).__name__)
-    culprits = find_undecodable(recent)
-    root = os.path.commonpath(files) if files else "DIR"
-    fix = (f"run `fastbyol data check --full {root}` and set data.file_list to the clean list it writes, "
-           "or remove the file")
+    culprits = find_undecodable(feed)
+    fix = feed.images.exclude_hint()
     if culprits:
-        path, why = culprits[0]
+        name, why = culprits[0]
         more = f" (and {len(culprits) - 1} more)" if len(culprits) > 1 else ""
-        return FastByolError(f"cannot decode image {path}{more}: {why}: {fix}")
+        return FastByolError(f"cannot decode image {name}{more}: {why}: {fix}")
     return FastByolError(f"DALI could not decode an image ({reason}): {fix}")
 
 

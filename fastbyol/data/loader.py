@@ -19,6 +19,7 @@ from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
 from fastbyol.data.augment import TwoViewTransform, ViewSpec, view_pair
 from fastbyol.data.folder import ImageFiles, scan_image_folder
 from fastbyol.data.procedural import ProceduralImages
+from fastbyol.data.shards import ShardImages, open_shards
 from fastbyol.data.stream import StreamOrder, mix_seed, shard_positions
 from fastbyol.data.views import Batch, Views
 from fastbyol.errors import FastByolError
@@ -79,7 +80,7 @@ def _views(cfg: DataConfig) -> tuple[ViewSpec, ViewSpec]:
 
 
 class TorchVisionSource:
-    """Image folder or procedural images -> PIL/torch two-view augmentation in DataLoader workers."""
+    """Image folder, shards or procedural images -> PIL/torch two-view augmentation in DataLoader workers."""
 
     kind = "torch"
 
@@ -123,7 +124,8 @@ class SyntheticSource:
 
 
 class DataSource(Protocol):
-    """What the Trainer and the benchmarks read: TorchVisionSource, SyntheticSource, DaliSource."""
+    """What the Trainer and the benchmarks read: TorchVisionSource, SyntheticSource, DaliSource (the first and
+    the last read an image folder or its tar shards, ``fastbyol.data.shards``)."""
 
     kind: str
     """"torch", "synthetic" or "dali"."""
@@ -152,6 +154,16 @@ def folder_files(cfg: DataConfig) -> tuple[list[str], list[int], int]:
     return [str(p) for p in paths], labels, len(classes)
 
 
+def labelled_images(cfg: DataConfig) -> tuple[ImageFiles | ShardImages, int]:
+    """(images, number of classes) of data.source=folder (``ImageFiles``) or shards (``ShardImages``): the
+    same samples in the same order with the same labels when the shards were packed from the folder."""
+    if cfg.source == "shards":
+        shards = open_shards(cfg.path)
+        return shards, len(shards.index.classes)
+    files, labels, num_classes = folder_files(cfg)
+    return ImageFiles(files, labels), num_classes
+
+
 def _dali_installed() -> bool:
     import importlib.util
 
@@ -161,15 +173,15 @@ def _dali_installed() -> bool:
 def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource:
     if cfg.source == "synthetic":
         return SyntheticSource(cfg, seed, device)
-    if cfg.loader == "dali" or (cfg.loader == "auto" and cfg.source == "folder" and device.type == "cuda"
-                                and _dali_installed()):
-        if cfg.source != "folder":
-            raise FastByolError(f"data.loader=dali reads image folders, not data.source={cfg.source}: use "
-                                "data.source=folder or data.loader=torch")
+    encoded = cfg.source in ("folder", "shards")
+    if cfg.loader == "dali" or (cfg.loader == "auto" and encoded and device.type == "cuda" and _dali_installed()):
+        if not encoded:
+            raise FastByolError(f"data.loader=dali reads image folders and shards, not data.source={cfg.source}: "
+                                "use data.source=folder (or shards) or data.loader=torch")
         from fastbyol.data.dali import DaliSource
 
-        files, labels, num_classes = folder_files(cfg)
-        return DaliSource(files, labels, num_classes, cfg.image_size, seed, device,
+        files, num_classes = labelled_images(cfg)
+        return DaliSource(files, files.labels, num_classes, cfg.image_size, seed, device,
                           num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
                           hw_decoder_load=cfg.hw_decoder_load, decode=cfg.dali_decode,
                           views=_views(cfg))
@@ -179,6 +191,5 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource
                                   num_classes=cfg.num_classes)
         num_classes = cfg.num_classes
     else:
-        files, labels, num_classes = folder_files(cfg)
-        images = ImageFiles(files, labels)
+        images, num_classes = labelled_images(cfg)
     return TorchVisionSource(images, num_classes, cfg, seed, pin_memory=device.type == "cuda")
