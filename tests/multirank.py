@@ -31,6 +31,22 @@ def env() -> dict[str, str]:
     return out
 
 
+def slurm_tasks(args: list[str], cwd: Path, ntasks: int = 2, path: str = "", **popen: Any
+                ) -> list[subprocess.Popen[str]]:
+    """``srun -n NTASKS fastbyol train ARGS`` on one host, as SLURM starts it: NTASKS plain processes that know
+    their place only from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node list (no torchrun variables;
+    the port derived from SLURM_JOB_ID, chosen to land on this test's own port). ``path`` is put first on
+    PATH (a fake scontrol)."""
+    base = env()
+    port = int(base.pop("MASTER_PORT"))
+    base.update(SLURM_NTASKS=str(ntasks), SLURM_NODELIST="localhost", SLURM_JOB_ID=str(port - 10000 + 40000))
+    if path:
+        base["PATH"] = f"{path}:{base['PATH']}"
+    return [subprocess.Popen([sys.executable, "-m", "fastbyol", "train", *args], cwd=cwd,
+                             env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)), text=True, **popen)
+            for rank in range(ntasks)]
+
+
 def torchrun(args: list[str]) -> list[str]:
     """The README's single-node launch script (torchrun --standalone, 2 ranks)."""
     return ["bash", str(REPO / "scripts" / "launch_torchrun.sh"), "2", *args]

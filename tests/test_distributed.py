@@ -3,15 +3,15 @@ with the same global batch, and a killed multi-rank run must resume where it sto
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from multirank import TINY, assert_same_training, env, kill_after_checkpoint, run, torchrun
+from multirank import TINY, assert_same_training, env, kill_after_checkpoint, run, slurm_tasks, torchrun
 
 from fastbyol.config import build_config
 from fastbyol.engine import checkpoint
@@ -92,42 +92,66 @@ def test_killed_two_rank_run_resumes_to_the_same_parameters(runs: dict[str, Path
     print_worst(_final(runs["ddp"]), _final(root / "killed"), atol=0.0, rtol=0.0)
 
 
-def _worker_pid(launcher: int, rank: int) -> int:
-    """The pid of the training process of ``rank`` started by the launcher (torchrun puts each worker in a
-    session of its own: found by parent pid and its RANK variable)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == launcher and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no rank-{rank} worker under launcher {launcher}")
-
-
-def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes(runs: dict[str, Path]) -> None:
-    """A preemption notice reaching only rank 1: the ranks agree at the next log row (every 2 steps) and stop
-    after the same step, one checkpoint written, each exiting 75; resumed with the launcher, the run ends
-    bitwise equal to the uninterrupted 2-rank run."""
+def test_two_slurm_tasks_equal_the_torchrun_ranks_bitwise(runs: dict[str, Path]) -> None:
+    """``srun -n 2 fastbyol train``: two plain processes that read their rank, the world and the master from
+    SLURM_* alone train exactly like torchrun's two ranks (so like one process with the global batch)."""
     root = runs["root"]
-    args = [f"run.out_dir={root}", "run.name=termed", *TINY, f"run.max_steps={STEPS}", f"run.ckpt_every={STEPS}",
-            "--preset", "smoke"]
-    job = subprocess.Popen(torchrun(args), cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
-    metrics = root / "termed" / "metrics.jsonl"
+    tasks = slurm_tasks([f"run.out_dir={root}", "run.name=slurm", *TINY, f"run.max_steps={STEPS}",
+                         f"run.ckpt_every={STEPS}", "--preset", "smoke"], root, stderr=subprocess.PIPE)
+    for task in tasks:
+        _, err = task.communicate(timeout=600)
+        assert task.returncode == 0, err[-3000:]
+    print_worst(_final(runs["ddp"]), _final(root / "slurm"), atol=0.0, rtol=0.0)
+
+
+def test_torchrun_two_nodes_with_c10d_rendezvous_equal_one_node(runs: dict[str, Path]) -> None:
+    """Two "nodes" of one rank each on localhost, joined by torchrun's c10d rendezvous (the multi-node command
+    of the README, scripts/slurm/torchrun.sbatch): the same training as one node's two ranks."""
+    root = runs["root"]
+    port = env()["MASTER_PORT"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "fastbyol-test",
+         "-m", "fastbyol", "train", f"run.out_dir={root}", "run.name=nodes", *TINY, f"run.max_steps={STEPS}",
+         f"run.ckpt_every={STEPS}", "--preset", "smoke"], cwd=root, env=env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    print_worst(_final(runs["ddp"]), _final(root / "nodes"), atol=0.0, rtol=0.0)
+
+
+def test_sigusr1_to_one_slurm_task_checkpoints_requeues_and_resume_auto_is_bitwise(
+        runs: dict[str, Path], tmp_path: Path) -> None:
+    """SLURM's early warning (``--signal=USR1@120``) reaching only task 1: the tasks agree at the next log row
+    (every 2 steps) and stop after the same step with one checkpoint, rank 0 runs ``scontrol requeue <job>``
+    once, both exit 75; the requeued job's same command with ``--resume auto`` ends bitwise equal to the
+    uninterrupted run."""
+    root = runs["root"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    args = [f"run.out_dir={root}", "run.name=requeued", *TINY, f"run.max_steps={STEPS}", f"run.ckpt_every={STEPS}",
+            "--preset", "smoke", "--resume", "auto"]
+    tasks = slurm_tasks(args, root, path=str(bin_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = root / "requeued" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and metrics.read_text().strip()):
-        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert tasks[1].poll() is None, tasks[1].communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no metrics row came"
         time.sleep(0.1)
-    os.kill(_worker_pid(job.pid, 1), signal.SIGTERM)
-    _, err = job.communicate(timeout=300)
-    assert job.returncode != 0, "the launcher reported success for a stopped job"
-    assert err.count("stopped by SIGTERM") == 1 and "exitcode  : 75" in err, err[-3000:]  # rank 1 says why
-    kept = [s for s, _ in checkpoint.list_checkpoints(root / "termed" / "checkpoints")]
+    tasks[1].send_signal(signal.SIGUSR1)
+    errs = [task.communicate(timeout=300)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+    job = env()["MASTER_PORT"]
+    assert "SIGUSR1: finishing this step" in errs[1]
+    assert "stopped by SIGUSR1 on another rank" in errs[0], errs[0]
+    assert "requeued: it continues from this checkpoint" in errs[0], errs[0]
+    kept = [s for s, _ in checkpoint.list_checkpoints(root / "requeued" / "checkpoints")]
     assert len(kept) == 1 and kept[0] % 2 == 0 and 2 <= kept[0] < STEPS, kept
-    run(torchrun(["--resume", str(root / "termed")]), root)
-    print_worst(_final(runs["ddp"]), _final(root / "termed"), atol=0.0, rtol=0.0)
+    assert (tmp_path / "scontrol.log").read_text() == f"requeue {int(job) - 10000 + 40000}\n"  # rank 0, once
+    for task in slurm_tasks(args, root, stderr=subprocess.PIPE):  # the requeued job: the same command
+        _, err = task.communicate(timeout=600)
+        assert task.returncode == 0, err[-3000:]
+    print_worst(_final(runs["ddp"]), _final(root / "requeued"), atol=0.0, rtol=0.0)

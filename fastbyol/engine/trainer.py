@@ -451,7 +451,8 @@ class Trainer:
             if requeue and self.ctx.main:
                 requeued, what = preempt.requeue()
                 then = what if requeued else f"{what}; {then}"
-            raise RunStopped(f"stopped by {self.stop.name or 'a signal'} at step {self.step}/{self.total_steps}; "
+            by = self.stop.name or f"{preempt.REQUEUE_SIGNAL.name if requeue else 'a signal'} on another rank"
+            raise RunStopped(f"stopped by {by} at step {self.step}/{self.total_steps}; "
                              f"checkpoint {path} written; {then}")
 
     def _stop_or_time_due(self, last_ckpt_time: float) -> tuple[bool, bool, bool]:
