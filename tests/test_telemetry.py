@@ -172,6 +172,23 @@ def test_tensorboard_and_profile_window(tmp_path: Path) -> None:
     assert "aten::convolution_backward" in (run_dir / "profile" / "summary-steps-1-2-rank0.txt").read_text()
 
 
+def test_resumed_tensorboard_shows_each_step_once(tmp_path: Path) -> None:
+    """Killed after logging steps 1-6 with its last checkpoint at step 4 (here: resumed from ckpt-4 of a run
+    that went on to step 6): the resumed run logs 5 and 6 again, and TensorBoard shows each step once, with
+    the values of metrics.jsonl (which the resume truncates the same way)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["train", "--preset", "smoke", f"run.out_dir={tmp_path}", "run.name=tb", *TINY, "run.max_steps=6",
+                 "run.log_every=1", "run.ckpt_every=4", "run.keep_last=2", "run.tensorboard=true"]) == 0
+    run_dir = tmp_path / "tb"
+    assert main(["train", "--resume", str(run_dir / "checkpoints" / "ckpt-00000004.pt"), "run.max_steps=8"]) == 0
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+
+
 def test_tensorboard_missing_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     import sys

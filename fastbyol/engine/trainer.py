@@ -192,7 +192,8 @@ class _RowSinks:
             JsonlMetrics.truncate_after(samples_path, step)
             self.sink = JsonlMetrics(metrics_path)
             self.samples = JsonlMetrics(samples_path) if trainer.sampler is not None else None
-            self.tensorboard = TensorBoardSink(run_dir / "tensorboard") if trainer.cfg.run.tensorboard else None
+            self.tensorboard = (TensorBoardSink(run_dir / "tensorboard", resumed_at=step)
+                                if trainer.cfg.run.tensorboard else None)
         self.progress = ProgressBar(end_step, step, enabled=trainer.cfg.run.progress != "off" and trainer.ctx.main)
 
     def due(self, step: int) -> bool:
