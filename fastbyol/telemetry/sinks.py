@@ -78,13 +78,17 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Every metrics row as TensorBoard scalars at its step (``tensorboard --logdir RUN_DIR/tensorboard``)."""
+    """Every metrics row as TensorBoard scalars at its step (``tensorboard --logdir RUN_DIR/tensorboard``).
 
-    def __init__(self, log_dir: Path) -> None:
+    A run resumed from step S appends to the same folder, which may already hold rows past S (logged after
+    that checkpoint, before the run was killed): ``purge_step`` S + 1 makes TensorBoard drop those, so every
+    step shows once, with the resumed run's value."""
+
+    def __init__(self, log_dir: Path, resumed_at: int = 0) -> None:
         require_tensorboard()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
