@@ -25,6 +25,8 @@ def env() -> dict[str, str]:
     """This interpreter's venv for the launch scripts, one thread per rank, no inherited rank variables,
     a rendezvous port of this test process's own."""
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FASTBYOL_VENV=sys.prefix)
+    for name in [n for n in out if n.startswith("SLURM_")]:
+        out.pop(name)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         out.pop(name, None)
     out["MASTER_PORT"] = str(29700 + os.getpid() % 200)
@@ -45,6 +47,53 @@ def slurm_tasks(args: list[str], cwd: Path, ntasks: int = 2, path: str = "", **p
     return [subprocess.Popen([sys.executable, "-m", "fastbyol", "train", *args], cwd=cwd,
                              env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)), text=True, **popen)
             for rank in range(ntasks)]
+
+
+# Stand-ins for SLURM's commands on a machine without SLURM: srun starts SLURM_NTASKS copies of its command
+# (options skipped) with their task variables and passes SIGTERM on to them; scontrol knows one host and logs
+# requeues to $SCONTROL_LOG.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  while :; do wait "$pid" && break; s=$?; kill -0 "$pid" 2>/dev/null || { rc=$s; break; }; done
+done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "$@" >> "$SCONTROL_LOG" ;;
+esac
+"""
+
+
+def fake_slurm(bin_dir: Path) -> Path:
+    """``srun`` and ``scontrol`` stand-ins in ``bin_dir`` (put it first on PATH)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def sbatch(template: str, args: list[str], bin_dir: Path, cwd: Path, ntasks: int, **extra: str
+           ) -> subprocess.Popen[str]:
+    """``sbatch scripts/slurm/<template> ARGS`` as SLURM runs it on one host: the batch script with the job's
+    variables, the fake srun and scontrol first on PATH, the checkout as the submit directory."""
+    base = env()
+    port = int(base.pop("MASTER_PORT"))
+    base.update(SLURM_NTASKS=str(ntasks), SLURM_NNODES=str(ntasks), SLURM_JOB_NODELIST="localhost",
+                SLURM_NODELIST="localhost", SLURM_JOB_ID=str(port - 10000 + 40000), SLURM_SUBMIT_DIR=str(REPO),
+                SCONTROL_LOG=str(bin_dir / "scontrol.log"), PATH=f"{bin_dir}:{base['PATH']}", **extra)
+    return subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / template), *args], cwd=cwd, env=base,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def torchrun(args: list[str]) -> list[str]:

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from multirank import TINY, assert_same_training, env, kill_after_checkpoint, run, slurm_tasks, torchrun
+from multirank import (
+    TINY,
+    assert_same_training,
+    env,
+    fake_slurm,
+    kill_after_checkpoint,
+    run,
+    sbatch,
+    slurm_tasks,
+    torchrun,
+)
 
 from fastbyol.config import build_config
 from fastbyol.engine import checkpoint
@@ -92,32 +101,43 @@ def test_killed_two_rank_run_resumes_to_the_same_parameters(runs: dict[str, Path
     print_worst(_final(runs["ddp"]), _final(root / "killed"), atol=0.0, rtol=0.0)
 
 
-def test_two_slurm_tasks_equal_the_torchrun_ranks_bitwise(runs: dict[str, Path]) -> None:
-    """``srun -n 2 fastbyol train``: two plain processes that read their rank, the world and the master from
-    SLURM_* alone train exactly like torchrun's two ranks (so like one process with the global batch)."""
+def test_two_slurm_tasks_equal_the_torchrun_ranks_bitwise(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``sbatch scripts/slurm/srun.sbatch`` with 2 tasks: srun starts two plain processes that read their rank,
+    the world and the master from SLURM_* alone; they train exactly like torchrun's two ranks (so like one
+    process with the global batch)."""
     root = runs["root"]
-    tasks = slurm_tasks([f"run.out_dir={root}", "run.name=slurm", *TINY, f"run.max_steps={STEPS}",
-                         f"run.ckpt_every={STEPS}", "--preset", "smoke"], root, stderr=subprocess.PIPE)
-    for task in tasks:
-        _, err = task.communicate(timeout=600)
-        assert task.returncode == 0, err[-3000:]
+    job = sbatch("srun.sbatch", [f"run.out_dir={root}", "run.name=slurm", *TINY, f"run.max_steps={STEPS}",
+                                 f"run.ckpt_every={STEPS}", "--preset", "smoke"], fake_slurm(tmp_path), root, 2)
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
     print_worst(_final(runs["ddp"]), _final(root / "slurm"), atol=0.0, rtol=0.0)
 
 
-def test_torchrun_two_nodes_with_c10d_rendezvous_equal_one_node(runs: dict[str, Path]) -> None:
-    """Two "nodes" of one rank each on localhost, joined by torchrun's c10d rendezvous (the multi-node command
-    of the README, scripts/slurm/torchrun.sbatch): the same training as one node's two ranks."""
-    root = runs["root"]
-    port = env()["MASTER_PORT"]
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "fastbyol-test",
-         "-m", "fastbyol", "train", f"run.out_dir={root}", "run.name=nodes", *TINY, f"run.max_steps={STEPS}",
-         f"run.ckpt_every={STEPS}", "--preset", "smoke"], cwd=root, env=env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for node in nodes:
-        _, err = node.communicate(timeout=600)
-        assert node.returncode == 0, err[-3000:]
+def test_torchrun_two_nodes_stop_requeue_and_resume_equal_one_node(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``sbatch scripts/slurm/torchrun.sbatch`` on two "nodes" of one rank each (localhost): srun starts a
+    torchrun agent per node, they meet by c10d rendezvous at the first host. SLURM's early warning to the batch
+    script (B:USR1) becomes SIGTERM to every rank through srun and torchrun: one checkpoint, the script requeues
+    the job and exits 75; the requeued job (the same command) ends exactly like one node's two ranks."""
+    root, bin_dir = runs["root"], fake_slurm(tmp_path)
+    args = [f"run.out_dir={root}", "run.name=nodes", *TINY, f"run.max_steps={STEPS}", f"run.ckpt_every={STEPS}",
+            "--preset", "smoke"]
+    job = sbatch("torchrun.sbatch", args, bin_dir, root, 2, GPUS_PER_NODE="1")
+    metrics = root / "nodes" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no metrics row came"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM" in err and "requeued" in err, err[-3000:]
+    kept = [s for s, _ in checkpoint.list_checkpoints(root / "nodes" / "checkpoints")]
+    assert len(kept) == 1 and 2 <= kept[0] < STEPS, kept
+    assert (bin_dir / "scontrol.log").read_text().startswith("requeue ")
+    job = sbatch("torchrun.sbatch", args, bin_dir, root, 2, GPUS_PER_NODE="1")
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
     print_worst(_final(runs["ddp"]), _final(root / "nodes"), atol=0.0, rtol=0.0)
 
 
