@@ -104,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--train-per-class", type=int, default=150)
     shapes.add_argument("--val-per-class", type=int, default=50)
     shapes.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
-    check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list")
-    check.add_argument("dir", help="image folder (one sub-folder per class)")
+    check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list "
+                                           "(a folder of shards: check their sizes and sha256 against the index)")
+    check.add_argument("dir", help="image folder (one sub-folder per class), or the OUT_DIR of `data pack`")
     check.add_argument("--out", metavar="FILE",
                        help="clean list, lines '<relative path> <label>' (default DIR/fastbyol-filelist.txt)")
     check.add_argument("--workers", type=int, metavar="N", help="threads (default: the number of CPUs)")
