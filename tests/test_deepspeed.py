@@ -4,13 +4,16 @@ ZeRO-3 run resumes to the uninterrupted run's parameters, and its checkpoint exp
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from multirank import REPO, TINY, assert_same_training, kill_after_checkpoint, run, torchrun
+from multirank import REPO, TINY, assert_same_training, env, kill_after_checkpoint, run, torchrun
 
 from fastbyol.config import build_config
 from fastbyol.engine import checkpoint
@@ -39,6 +42,20 @@ def _launch(launcher: str, args: list[str]) -> list[str]:
     return ["bash", str(REPO / "scripts" / "launch_deepspeed.sh"), "local:2", stage, *args]
 
 
+def _two_deepspeed_nodes(args: list[str], cwd: Path) -> None:
+    """What ``deepspeed --hostfile`` runs over pdsh on each of two nodes of one slot each (DeepSpeed's per-node
+    launcher with the world's hosts, this node's rank and the master), both on localhost here."""
+    world = base64.urlsafe_b64encode(json.dumps({"node-a": [0], "node-b": [0]}).encode()).decode()
+    base = env()
+    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={base['MASTER_PORT']}",
+                               "--module", "fastbyol", "train", *args], cwd=cwd, env=base, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-2000:] + err[-3000:]
+
+
 def _final(run_dir: Path, step: int = STEPS) -> dict[str, Any]:
     return checkpoint.load(run_dir / "checkpoints" / checkpoint.checkpoint_name(step))
 
@@ -58,12 +75,16 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("stage", "launcher"), [(0, "torchrun"), (1, "torchrun"), (2, "deepspeed"),
+@pytest.mark.parametrize(("stage", "launcher"), [(0, "torchrun"), (1, "torchrun"), (2, "deepspeed-2-nodes"),
                                                  (3, "deepspeed")])
 def test_zero_stage_two_ranks_equal_one_process(root: Path, stage: int, launcher: str) -> None:
     """DeepSpeed owns the online half and the sharded LARS state (ZeroLARS: whole-layer trust ratios from
-    all-reduced partial norms); the target is EMA'd from the full fp32 online weights on every rank."""
-    run(_launch(launcher, _args(root, f"zero{stage}", stage, extra=CKPTS)), root)
+    all-reduced partial norms); the target is EMA'd from the full fp32 online weights on every rank. ZeRO-2
+    runs on two "nodes" of one rank each, as DeepSpeed's launcher starts them across hosts."""
+    if launcher == "deepspeed-2-nodes":
+        _two_deepspeed_nodes(_args(root, f"zero{stage}", stage, extra=CKPTS), root)
+    else:
+        run(_launch(launcher, _args(root, f"zero{stage}", stage, extra=CKPTS)), root)
     ds = _final(root / f"zero{stage}")
     assert ds["deepspeed_tag"] == f"step-{STEPS:08d}" and ds["position"] == STEPS * 16
     early = assert_same_training(_final(root / "single", TIGHT_STEP), _final(root / f"zero{stage}", TIGHT_STEP),
