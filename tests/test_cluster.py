@@ -77,6 +77,14 @@ def test_torchrun_variables_win_over_slurm(clean_env: pytest.MonkeyPatch) -> Non
     assert launch_env() == Launch("torchrun", 9, 16, 1, "n1", 29400)
 
 
+def test_world_size_one_under_several_slurm_tasks_is_refused(clean_env: pytest.MonkeyPatch) -> None:
+    """An sbatch script that exports WORLD_SIZE=1 before ``srun -n 8``: eight rank-0s of one."""
+    for name, value in {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n1", "WORLD_SIZE": "1"}.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(FastByolError, match="WORLD_SIZE=1 but SLURM started 8 tasks"):
+        launch_env()
+
+
 def test_one_slurm_task_is_one_process(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SLURM_PROCID", "0")
     clean_env.setenv("SLURM_NTASKS", "1")

@@ -115,16 +115,19 @@ def slurm_port(job_id: str) -> int:
 def launch_env() -> Launch:
     """This process's place as its launcher set it (torchrun first, then SLURM), before any process group."""
     env = os.environ
+    tasks = next((name for name in SLURM_TASKS if name in env), None)
+    slurm_world = _env_int(tasks, 1) if tasks is not None and "SLURM_PROCID" in env else 1
     if "WORLD_SIZE" in env:
+        if _env_int("WORLD_SIZE", 1) == 1 and slurm_world > 1:
+            raise FastByolError(f"WORLD_SIZE=1 but SLURM started {slurm_world} tasks ({tasks}): each would train "
+                                "alone; unset WORLD_SIZE (fastbyol reads SLURM's variables) or run one task")
         return Launch("torchrun", _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0),
                       env.get("MASTER_ADDR", ""), _env_int("MASTER_PORT", 0))
-    tasks = next((name for name in SLURM_TASKS if name in env), None)
-    if tasks is not None and "SLURM_PROCID" in env and _env_int(tasks, 1) > 1:
+    if slurm_world > 1:
         nodelist = next((env[name] for name in SLURM_NODELISTS if name in env), "")
         addr = env.get("MASTER_ADDR") or first_host(nodelist)
         port = _env_int("MASTER_PORT", 0) or slurm_port(env.get("SLURM_JOB_ID", ""))
-        return Launch("slurm", _env_int("SLURM_PROCID", 0), _env_int(tasks, 1), _env_int("SLURM_LOCALID", 0),
-                      addr, port)
+        return Launch("slurm", _env_int("SLURM_PROCID", 0), slurm_world, _env_int("SLURM_LOCALID", 0), addr, port)
     for name in FOREIGN_WORLD_SIZES:
         if _env_int(name, 1) > 1:
             raise FastByolError(f"{name}={env[name]}: this process was started as one of several tasks, but "
