@@ -241,3 +241,16 @@ def test_a_second_train_on_the_same_run_directory_is_refused_and_the_first_finis
     (step, path), = checkpoint.list_checkpoints(run_dir / "checkpoints")
     assert step == 40 and checkpoint.load(path)["step"] == 40
     assert (run_dir / LOCK_NAME).read_text() == ""  # released at the end
+
+
+def test_doctor_says_where_the_process_sits(clean_env: pytest.MonkeyPatch) -> None:
+    from fastbyol.engine.doctor import _launch
+
+    assert _launch() == "one process (no torchrun or SLURM task variables)"
+    for name, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODELIST": "g[1-2]",
+                        "SLURM_JOB_ID": "77"}.items():
+        clean_env.setenv(name, value)
+    assert _launch() == "slurm: rank 1 of 2, local rank 1, master g1:10077"
+    clean_env.setenv("PMI_SIZE", "2")
+    clean_env.setenv("SLURM_NTASKS", "1")
+    assert _launch().startswith("refused: PMI_SIZE=2: this process was started as one of several tasks")

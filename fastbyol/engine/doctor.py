@@ -49,6 +49,21 @@ def _nvml() -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
+def _launch() -> str:
+    """Where this process sits in a job, as ``fastbyol train`` would read it (torchrun, SLURM, or alone)."""
+    from fastbyol.engine.distributed import launch_env
+    from fastbyol.errors import FastByolError
+
+    try:
+        launch = launch_env()
+    except FastByolError as e:
+        return f"refused: {e}"
+    if launch.launcher == "none":
+        return "one process (no torchrun or SLURM task variables)"
+    return (f"{launch.launcher}: rank {launch.rank} of {launch.world}, local rank {launch.local_rank}, master "
+            f"{launch.master_addr or '?'}:{launch.master_port or '?'}")
+
+
 def inspect_machine() -> dict[str, Any]:
     import torch
 
@@ -70,6 +85,7 @@ def inspect_machine() -> dict[str, Any]:
         "nvml": _nvml(),
         "apex": _version("apex") if _try_import("apex.optimizers") is None else None,
     }
+    report["launch"] = _launch()
     report["bf16_supported"] = bool(cuda and torch.cuda.is_bf16_supported())
     report["paths"] = {
         "device": "cuda" if cuda else "cpu",
@@ -80,6 +96,7 @@ def inspect_machine() -> dict[str, Any]:
         "triton_kernels": "GPU" if cuda and report["triton"] else (
             "interpreter only (TRITON_INTERPRET=1, tests)" if report["triton"] else "unavailable"),
         "distributed": "deepspeed available" if report["deepspeed"] else "torch DDP only",
+        "launch": report["launch"],
         "compile": "torch.compile default (run.compile=auto)" if cuda else (
             "off by default; run.compile=default works (C++ compiler found)" if shutil.which("g++")
             else "off: no C++ compiler for inductor on the CPU"),
