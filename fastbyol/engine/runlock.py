@@ -131,6 +131,12 @@ class RunLock:
         os.close(self._fd)
         self._fd = -1
 
+    def __del__(self) -> None:  # a Trainer dropped without train() (tests, notebooks) lets the directory go
+        try:
+            self.release()
+        except Exception:  # at interpreter exit os may be half torn down; the kernel drops the lock anyway
+            pass
+
     @property
     def held(self) -> bool:
         return self._fd >= 0
