@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", help="expected architecture; a checkpoint of another one is rejected")
         p.add_argument("--size", type=int, help="evaluation crop size (default: the run's data.image_size)")
         p.add_argument("--json", help="also write the result to this JSON file")
+        p.add_argument("--workers", type=int, metavar="N",
+                       help="DataLoader processes decoding images for the encoder (default: min(8, CPUs); 0: none)")
+        p.add_argument("--cache", metavar="DIR",
+                       help="feature cache folder (default RUN_DIR/eval-cache): features of this checkpoint, data, "
+                            "size and view are computed once, then read (N x D x 4 bytes per split and view)")
+        p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
         if name == "linear":
             p.add_argument("--epochs", type=int, default=80, help="training epochs of the probe (spec: 80)")
             p.add_argument("--augment", action="store_true",
@@ -332,23 +338,35 @@ def _data_check_shards(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if not args.protocol:
         raise FastByolError("usage: fastbyol eval {linear,knn} CHECKPOINT --data DIR")
-    from fastbyol.engine.evaluate import encoder_from_checkpoint, evaluate_encoder
+    if args.workers is not None and args.workers < 0:
+        raise FastByolError(f"--workers {args.workers}: use 0 (decode in the main process) or more processes")
+    if args.cache and args.no_cache:
+        raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
+    from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder, open_feature_cache
     from fastbyol.engine.trainer import resolve_device
 
-    encoder, cfg = encoder_from_checkpoint(args.checkpoint, args.arch)
+    loaded = load_checkpoint_encoder(args.checkpoint, args.arch)
+    cfg = loaded.cfg
     size = args.size or cfg.data.image_size
     device = resolve_device("auto")
+    cache = None if args.no_cache else open_feature_cache(args.cache or loaded.run_dir / "eval-cache",
+                                                          chosen=bool(args.cache))
     if args.protocol == "linear":
-        result = evaluate_encoder(encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs,
-                                  augment=args.augment)
+        result = evaluate_encoder(loaded.encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs,
+                                  augment=args.augment, workers=args.workers, cache=cache,
+                                  encoder_id=loaded.identity)
         r = result["linear"]
         how = "augmented views" if args.augment else "centre-view features"
         print(f"linear probe ({args.epochs} epochs, {how}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     else:
-        result = evaluate_encoder(encoder, args.data, size, device, knn_k=tuple(args.k), linear_epochs=None)
+        result = evaluate_encoder(loaded.encoder, args.data, size, device, knn_k=tuple(args.k), linear_epochs=None,
+                                  workers=args.workers, cache=cache, encoder_id=loaded.identity)
         for k in args.k:
             r = result[f"knn{k}"]
             print(f"kNN k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    if cache is not None:
+        print(f"fastbyol: feature cache {cache.root}: {cache.read} read, {cache.computed} computed",
+              file=sys.stderr)
     result.update({"checkpoint": args.checkpoint, "arch": cfg.model.arch, "data": args.data, "size": size})
     if args.json:
         from fastbyol.files import atomic_write_bytes

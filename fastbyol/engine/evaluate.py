@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +15,90 @@ from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.errors import FastByolError
 from fastbyol.eval.export import export_bytes, online_encoder_state
-from fastbyol.eval.features import CenterViews, extract_features
+from fastbyol.eval.features import (
+    CenterViews,
+    FeatureCache,
+    FeatureKey,
+    data_fingerprint,
+    default_workers,
+    extract_features,
+    precision_name,
+    state_fingerprint,
+    view_name,
+)
 from fastbyol.eval.knn import knn_accuracy
 from fastbyol.eval.linear import linear_probe
 from fastbyol.files import atomic_write_bytes
 from fastbyol.model.backbone import Encoder
+from fastbyol.telemetry.sinks import ProgressBar
 
 
-def encoder_from_checkpoint(target: str, expect_arch: str | None = None) -> tuple[Encoder, Config]:
+@dataclass
+class CheckpointEncoder:
+    """The online encoder of a checkpoint, with where it came from (the feature cache's key and folder)."""
+
+    encoder: Encoder
+    cfg: Config
+    run_dir: Path
+    """The run directory (a checkpoint file outside ``checkpoints/``: its folder)."""
+    identity: str
+    """``checkpoint sha256:<hex>`` from the file's header (what ``checkpoint.load`` verified), or the
+    encoder's ``state_fingerprint`` where the loaded file cannot be named again."""
+
+
+def load_checkpoint_encoder(target: str, expect_arch: str | None = None) -> CheckpointEncoder:
     """The ONLINE encoder of a checkpoint file or run directory (never the target)."""
-    _, state = checkpoint.resolve_resume(target)
+    run_dir, state = checkpoint.resolve_resume(target)
     cfg = config_from_dict(state["config"])
     if expect_arch and expect_arch != cfg.model.arch:
         raise FastByolError(f"checkpoint {target} holds a {cfg.model.arch} encoder, not {expect_arch}: "
                             f"pass a {expect_arch} checkpoint or drop --arch")
-    encoder = Encoder.from_config(cfg.model)
+    weights = online_encoder_state(state["model"])
     try:
-        encoder.load_state_dict(online_encoder_state(state["model"]))
+        encoder = _encoder_with(cfg.model, weights)
     except RuntimeError as e:
         raise FastByolError(f"checkpoint {target} does not fit a {cfg.model.arch} encoder "
                             f"({str(e).splitlines()[0]}): it was written for another architecture") from None
-    return encoder, cfg
+    # A run directory resolves to its newest valid ckpt-<step>.pt; the state names the step it was saved at.
+    path = Path(target) if Path(target).is_file() else run_dir / "checkpoints" / checkpoint.checkpoint_name(
+        int(state.get("step", -1)))
+    return CheckpointEncoder(encoder, cfg, run_dir, _checkpoint_digest(path) or state_fingerprint(encoder))
+
+
+def _encoder_with(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Encoder:
+    """The encoder of ``cfg`` holding ``weights``. Built on the meta device first: the random init the weights
+    replace costs seconds on a CPU (Haiku's truncated normal over a ResNet-18's 11 M values: ~3 s). A model
+    whose state_dict leaves a buffer unset (a non-persistent one) is built again the ordinary way."""
+    try:
+        with torch.device("meta"):
+            encoder = Encoder.from_config(cfg)
+    except Exception:  # an init that reads values (meta tensors have none): build it on the CPU
+        encoder = Encoder.from_config(cfg)
+    encoder.load_state_dict(weights, assign=True)
+    if any(t.is_meta for t in itertools.chain(encoder.parameters(), encoder.buffers())):
+        encoder = Encoder.from_config(cfg)
+        encoder.load_state_dict(weights)
+    return encoder
+
+
+def _checkpoint_digest(path: Path) -> str | None:
+    """``checkpoint sha256:<hex>`` from a checkpoint file's header: the SHA-256 of its payload, verified when
+    it was loaded; None if the file is gone (a newer checkpoint replaced it meanwhile) or not one."""
+    magic = checkpoint.MAGIC
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(magic) + 64)
+    except OSError:
+        return None
+    if len(header) != len(magic) + 64 or not header.startswith(magic):
+        return None
+    return f"checkpoint sha256:{header[len(magic):].decode('ascii', 'replace')}"
+
+
+def encoder_from_checkpoint(target: str, expect_arch: str | None = None) -> tuple[Encoder, Config]:
+    """The ONLINE encoder of a checkpoint file or run directory (never the target), and the run's config."""
+    loaded = load_checkpoint_encoder(target, expect_arch)
+    return loaded.encoder, loaded.cfg
 
 
 @torch.no_grad()
@@ -76,26 +142,85 @@ def split_files(data_root: str) -> tuple[ImageFiles, ImageFiles]:
     return train, val
 
 
+def open_feature_cache(folder: Path | str, chosen: bool) -> FeatureCache | None:
+    """The feature cache in ``folder`` (created). A folder the user ``chose`` (``--cache``) that cannot be
+    created is an error; the default one (``RUN_DIR/eval-cache``, e.g. in a read-only run) turns the cache
+    off with one line."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if chosen:
+            raise FastByolError(f"cannot create the feature cache folder {folder}: {e.strerror or e}: pass "
+                                "--cache DIR on a writable disk, or --no-cache") from None
+        print(f"fastbyol: warning: cannot create the feature cache folder {folder} ({e.strerror or e}): "
+              "evaluating without a cache (pass --cache DIR to keep one)", file=sys.stderr, flush=True)
+        return None
+    return FeatureCache(folder)
+
+
+PROGRESS_MIN_IMAGES = 5000
+"""Extractions of fewer images show no progress bar (they take seconds)."""
+
+
 def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device: torch.device, *,
-                     knn_k: tuple[int, ...] = (20,),
-                     linear_epochs: int | None = 80, batch_size: int = 256, augment: bool = False) -> dict[str, Any]:
+                     knn_k: tuple[int, ...] = (20,), linear_epochs: int | None = 80, batch_size: int = 256,
+                     augment: bool = False, workers: int | None = None, cache: FeatureCache | None = None,
+                     encoder_id: str | None = None, seed: int = 0) -> dict[str, Any]:
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
-    (``augment``) on fresh crop + flip views every epoch, the spec's protocol."""
-    train, val = split_files(data_root)
+    (``augment``) on fresh crop + flip views every epoch (seeded by ``seed``), the spec's protocol.
+
+    ``workers`` DataLoader processes decode the images (default ``default_workers()``). With a ``cache``, each
+    split's features (per view) are read from it when the encoder (``encoder_id``: a checkpoint's
+    ``CheckpointEncoder.identity``; default the encoder's ``state_fingerprint``), the images, ``size``, the
+    view and the device's precision match, and written to it otherwise."""
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
+    splits = dict(zip(("train", "val"), split_files(data_root)))
+    train, val = splits["train"], splits["val"]
     num_classes = max(max(train.labels), max(val.labels)) + 1
     encoder = encoder.to(device)
-    train_f, train_y = extract_features(encoder, train, size, device)
-    val_f, val_y = extract_features(encoder, val, size, device)
+    fingerprints: dict[str, str] = {}
+    if cache is not None and encoder_id is None:
+        encoder_id = state_fingerprint(encoder)
+
+    def features(split: str, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        files = splits[split]
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            bar = ProgressBar(len(files), 0, enabled=len(files) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
+            if bar.enabled:
+                print(f"fastbyol: {split} features ({view_name(epoch, seed)} views) of {len(files)} images, "
+                      f"{workers} workers", file=sys.stderr, flush=True)
+            try:
+                return extract_features(encoder, files, size, device, batch_size=batch_size, workers=workers,
+                                        epoch=epoch, seed=seed, progress=lambda done: bar.update(done, 1, None))
+            finally:
+                bar.close()
+
+        if cache is None or encoder_id is None:
+            return compute()
+        if split not in fingerprints:  # one stat per image, once per split
+            fingerprints[split] = data_fingerprint(files, str(Path(data_root) / split))
+        key = FeatureKey(encoder=encoder_id, data=fingerprints[split], split=split, size=size,
+                         view=view_name(epoch, seed), precision=precision_name(device))
+        return cache.features(key, compute)
+
+    train_f, train_y = features("train")
+    val_f, val_y = features("val")
     out: dict[str, Any] = {"train_images": len(train), "val_images": len(val), "feature_dim": train_f.shape[1]}
     for k in knn_k:
         out[f"knn{k}"] = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes)
     if linear_epochs:
         def epoch_features(epoch: int) -> torch.Tensor:
-            return extract_features(encoder, train, size, device, epoch=epoch)[0]
+            return features("train", epoch)[0]
 
         out["linear"] = linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs=linear_epochs,
-                                     batch_size=batch_size, epoch_features=epoch_features if augment else None)
+                                     batch_size=batch_size, seed=seed,
+                                     epoch_features=epoch_features if augment else None)
         out["linear"]["augmented"] = float(augment)
+    if cache is not None:
+        out["feature_cache"] = cache.summary()
     return out
 
 
