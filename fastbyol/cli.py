@@ -138,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=int, help="evaluation crop size (default: the run's data.image_size)")
         p.add_argument("--json", help="also write the result to this JSON file")
         p.add_argument("--workers", type=int, metavar="N",
-                       help="DataLoader processes decoding images for the encoder (default: min(8, CPUs); 0: none)")
+                       help="DataLoader processes decoding images for the encoder (default: min(8, CPUs) with a "
+                            "GPU; 0 on the CPU, where the encoder, not decoding, is the bottleneck)")
         p.add_argument("--cache", metavar="DIR",
                        help="feature cache folder (default RUN_DIR/eval-cache): features of this checkpoint, data, "
                             "size and view are computed once, then read (N x D x 4 bytes per split and view)")

@@ -22,7 +22,7 @@ from fastbyol.data.builders import make_synthetic
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder
-from fastbyol.eval.features import FeatureCache, extract_features
+from fastbyol.eval.features import FeatureCache, default_workers, extract_features
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _evaluate(run: Path, data: Path, cache: FeatureCache, size: int = SIZE,
+def _evaluate(run: Path, data: Path, cache: FeatureCache | None, size: int = SIZE,
               **kwargs: Any) -> tuple[dict[str, Any], int]:
     """``fastbyol eval``'s path in this process (a fresh load of the checkpoint, as a new command would make);
     the result and how many times the encoder ran forward."""
@@ -164,6 +164,30 @@ def test_unwritable_cache_says_one_line_and_keeps_the_result(tiny_checkpoint: Pa
     lines = log.getvalue().splitlines()
     assert len(lines) == 1 and "cannot write feature cache" in lines[0] and "--no-cache" in lines[0], lines
     assert forwards == 3 and result["knn3"]["top1"] >= 0 and result["feature_cache"]["computed"] == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_for_large_sets_only(tiny_checkpoint: Path, data: Path,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastbyol.engine import evaluate
+
+    for terminal, threshold, shown in ((True, 12, True), (True, 13, False), (False, 1, False)):
+        stream = _Terminal() if terminal else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(evaluate, "PROGRESS_MIN_IMAGES", threshold)
+        _evaluate(tiny_checkpoint, data, None, knn_k=(), linear_epochs=None)
+        text = stream.getvalue()
+        assert ("train features (center views) of 12 images, 0 workers" in text and "12/12" in text) == shown, text
+        assert ("val features" in text) is False  # 6 validation images: under every threshold here
+
+
+def test_default_workers_follow_the_device() -> None:
+    assert default_workers(torch.device("cpu")) == 0
+    assert default_workers(torch.device("cuda", 0)) == min(8, os.cpu_count() or 1)
 
 
 def _cache_line(proc: subprocess.CompletedProcess[str]) -> str:

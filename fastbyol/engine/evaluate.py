@@ -169,11 +169,11 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
     (``augment``) on fresh crop + flip views every epoch (seeded by ``seed``), the spec's protocol.
 
-    ``workers`` DataLoader processes decode the images (default ``default_workers()``). With a ``cache``, each
+    ``workers`` DataLoader processes decode the images (default ``default_workers(device)``). With a ``cache``, each
     split's features (per view) are read from it when the encoder (``encoder_id``: a checkpoint's
     ``CheckpointEncoder.identity``; default the encoder's ``state_fingerprint``), the images, ``size``, the
     view and the device's precision match, and written to it otherwise."""
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     if workers < 0:
         raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
     splits = dict(zip(("train", "val"), split_files(data_root)))
@@ -194,7 +194,8 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                       f"{workers} workers", file=sys.stderr, flush=True)
             try:
                 return extract_features(encoder, files, size, device, batch_size=batch_size, workers=workers,
-                                        epoch=epoch, seed=seed, progress=lambda done: bar.update(done, 1, None))
+                                        epoch=epoch, seed=seed,
+                                        progress=lambda done: bar.update(done, 1, None, force=done == len(files)))
             finally:
                 bar.close()
 

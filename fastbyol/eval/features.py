@@ -114,10 +114,13 @@ def extract_features(encoder: torch.nn.Module, files: ImageFiles, size: int, dev
     return features, labels
 
 
-def default_workers() -> int:
-    """DataLoader processes for feature extraction: one per CPU, at most 8 (a GPU's encoder forward on
-    ImageNet-sized images keeps about that many JPEG decoders busy)."""
-    return min(8, os.cpu_count() or 1)
+def default_workers(device: torch.device) -> int:
+    """DataLoader processes for feature extraction. On a GPU one per CPU, at most 8: the encoder runs at
+    thousands of images/s there while one process decodes a few hundred ImageNet JPEGs/s. On the CPU none:
+    the encoder is the bottleneck and shares the cores with the workers (a ResNet-18 at 64 px on 2 cores:
+    decoding is ~10% of a pass, and 1 or 2 workers changed its time by -3% to +3%; benchmarks/NOTES.md,
+    issue 20)."""
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def view_name(epoch: int | None, seed: int) -> str:
