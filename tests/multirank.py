@@ -125,9 +125,35 @@ def assert_same_training(a: dict[str, Any], b: dict[str, Any], atol: float, rtol
     return worst
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children, grandchildren, ...), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def kill_after_checkpoint(cmd: list[str], cwd: Path, run_dir: Path, step: int, final_step: int) -> None:
-    """Start a job, SIGKILL its whole process group once ``ckpt-<step>.pt`` exists, and check the kill
-    landed before the run's end (else nothing would be tested)."""
+    """Start a job, SIGKILL its whole process tree (the launcher's group and every rank below it) once
+    ``ckpt-<step>.pt`` exists, as a node failure would, and check the kill landed before the run's end (else
+    nothing would be tested). A rank left running would still hold the run directory's lock, and the resume
+    would rightly be refused."""
     from fastbyol.engine import checkpoint
 
     job = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -137,8 +163,18 @@ def kill_after_checkpoint(cmd: list[str], cwd: Path, run_dir: Path, step: int, f
     while not ckpt.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     finished = job.poll() is not None
+    tree = descendants(job.pid)  # the ranks: torchrun starts each in a session of its own, out of the group
     os.killpg(job.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     job.wait()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in tree):  # their locks go at exit
+        assert time.monotonic() < deadline, f"ranks {tree} outlived SIGKILL"
+        time.sleep(0.05)
     assert ckpt.exists(), f"the job never wrote its step-{step} checkpoint"
     steps = [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")]
     assert not finished and final_step not in steps, "the job finished before it was killed: nothing was tested"
