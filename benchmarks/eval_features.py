@@ -28,19 +28,15 @@ import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.harness import environment, parse_args, quantile, write_results
+from benchmarks.harness import add_image_folder_args, environment, image_folder, parse_args, quantile, write_results
 from fastbyol.config import ModelConfig
-from fastbyol.data.builders import make_synthetic
 from fastbyol.data.folder import ImageFiles
 from fastbyol.eval.features import CenterViews, extract_features
 from fastbyol.model.backbone import Encoder
-
-CLASSES = 10
 
 
 def decode_rate(files: ImageFiles, size: int, images: int) -> float:
@@ -73,9 +69,7 @@ def forward_rate(encoder: torch.nn.Module, files: ImageFiles, size: int, batch_s
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--folder", type=Path, default=None, help="image folder (default: synthetic JPEGs)")
-    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 3000; quick 48)")
-    parser.add_argument("--source-size", type=int, default=None, help="synthetic image side (default 96; quick 40)")
+    add_image_folder_args(parser, images=(3000, 48), side=(96, 40))
     parser.add_argument("--size", type=int, default=None, help="evaluation crop side (default 64; quick 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per forward (default 256; quick 16)")
     parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts, comma-separated (0,1,2)")
@@ -87,8 +81,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
-    args.images = args.images or (48 if args.quick else 3000)
-    args.source_size = args.source_size or (40 if args.quick else 96)
     args.size = args.size or (32 if args.quick else 64)
     args.batch_size = args.batch_size or (16 if args.quick else 256)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -101,11 +93,7 @@ def main() -> None:
     encoder = Encoder.from_config(ModelConfig(arch="resnet18", small_stem=False), init="torchvision").to(device).eval()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder
-        if folder is None:
-            make_synthetic(str(Path(tmp) / "images"), num_classes=CLASSES, train_per_class=args.images // CLASSES,
-                           val_per_class=0, size=args.source_size)
-            folder = Path(tmp) / "images" / "train"
+        folder = image_folder(args, tmp)
         files = ImageFiles.scan(str(folder))
         decode = decode_rate(files, args.size, min(len(files), 500))
         for n_threads in threads:

@@ -101,3 +101,31 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     if args.iters is None:
         args.iters = 3 if args.quick else 50
     return args
+
+
+SYNTHETIC_CLASSES = 10
+
+
+def add_image_folder_args(parser: argparse.ArgumentParser, images: tuple[int, int], side: tuple[int, int]) -> None:
+    """--folder, or --images synthetic JPEGs of --source-size px (defaults given as (full, quick)); read back
+    with ``image_folder``."""
+    parser.add_argument("--folder", type=Path, default=None, help="image folder (default: synthetic JPEGs)")
+    parser.add_argument("--images", type=int, default=None,
+                        help=f"synthetic images (default {images[0]}; quick {images[1]})")
+    parser.add_argument("--source-size", type=int, default=None,
+                        help=f"synthetic image side (default {side[0]}; quick {side[1]})")
+    parser.set_defaults(image_defaults=(images, side))
+
+
+def image_folder(args: argparse.Namespace, tmp: str) -> Path:
+    """``args.folder``, or a folder of ``args.images`` synthetic JPEGs (``fastbyol data make synthetic``, 10
+    classes) written under ``tmp``; fills in args.images and args.source_size from the (full, quick) defaults."""
+    from fastbyol.data.builders import make_synthetic
+
+    (images, side), pick = args.image_defaults, 1 if args.quick else 0
+    args.images, args.source_size = args.images or images[pick], args.source_size or side[pick]
+    if args.folder is not None:
+        return Path(args.folder)
+    make_synthetic(str(Path(tmp) / "images"), num_classes=SYNTHETIC_CLASSES,
+                   train_per_class=args.images // SYNTHETIC_CLASSES, val_per_class=0, size=args.source_size)
+    return Path(tmp) / "images" / "train"

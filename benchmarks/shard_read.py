@@ -25,13 +25,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import environment, parse_args, time_fn, write_results
-from fastbyol.data.builders import make_synthetic
+from benchmarks.harness import add_image_folder_args, environment, image_folder, parse_args, time_fn, write_results
 from fastbyol.data.folder import ImageFiles, scan_image_folder
 from fastbyol.data.shards import ShardImages, open_shards, pack_folder, parse_size
 from fastbyol.data.stream import StreamOrder
-
-CLASSES = 10
 
 
 def read_pass(images: ImageFiles | ShardImages, order: list[int]) -> int:
@@ -49,9 +46,7 @@ def decode_pass(images: ImageFiles | ShardImages, order: list[int]) -> int:
 
 
 def _extra(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--folder", type=Path, default=None, help="image folder (default: synthetic JPEGs)")
-    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 10000; quick 64)")
-    parser.add_argument("--source-size", type=int, default=None, help="synthetic image side (default 400; quick 64)")
+    add_image_folder_args(parser, images=(10_000, 64), side=(400, 64))
     parser.add_argument("--decode-images", type=int, default=None,
                         help="images per read+decode pass, the first of the order (default 1000; quick 16)")
     parser.add_argument("--shard-size", default="256MB", help="fastbyol data pack --shard-size (default 256MB)")
@@ -60,17 +55,11 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
-    args.images = args.images or (64 if args.quick else 10_000)
-    args.source_size = args.source_size or (64 if args.quick else 400)
     args.decode_images = args.decode_images or (16 if args.quick else 1000)
     args.rounds = args.rounds or (2 if args.quick else 5)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder
-        if folder is None:
-            make_synthetic(str(Path(tmp) / "images"), num_classes=CLASSES, train_per_class=args.images // CLASSES,
-                           val_per_class=0, size=args.source_size)
-            folder = Path(tmp) / "images" / "train"
+        folder = image_folder(args, tmp)
         paths, labels, _ = scan_image_folder(str(folder))
         report = pack_folder(str(folder), str(Path(tmp) / "shards"), parse_size(args.shard_size))
         sources: dict[str, ImageFiles | ShardImages] = {"folder": ImageFiles(paths, labels),
