@@ -406,7 +406,8 @@ class Config:
         if not self.model.image_size:
             self.model.image_size = d.image_size
         if self.model.online_probe and d.source == "synthetic":
-            raise ConfigError("model.online_probe=true needs labelled data: use data.source=folder or procedural")
+            raise ConfigError("model.online_probe=true needs labelled data: use data.source=folder, shards or "
+                              "procedural")
         if r.epochs < o.warmup_epochs:
             raise ConfigError(
                 f"run.epochs={r.epochs} is shorter than optim.warmup_epochs={o.warmup_epochs}: "
