@@ -33,17 +33,30 @@ def env() -> dict[str, str]:
     return out
 
 
-def slurm_tasks(args: list[str], cwd: Path, ntasks: int = 2, path: str = "", **popen: Any
+def slurm_job_id() -> str:
+    """A SLURM job id whose derived rendezvous port (10000 + id mod 20000) is this test process's own port."""
+    return str(int(env()["MASTER_PORT"]) - 10000 + 40000)
+
+
+def slurm_job_env(ntasks: int, bin_dir: Path | None = None) -> dict[str, str]:
+    """``env()`` as a SLURM job of ``ntasks`` tasks on localhost sees it: no MASTER_PORT (the port comes from
+    the job id), and with ``bin_dir`` the fake srun/scontrol first on PATH, scontrol logging to
+    ``bin_dir/scontrol.log``."""
+    base = env()
+    del base["MASTER_PORT"]
+    base.update(SLURM_NTASKS=str(ntasks), SLURM_NNODES=str(ntasks), SLURM_JOB_NODELIST="localhost",
+                SLURM_NODELIST="localhost", SLURM_JOB_ID=slurm_job_id())
+    if bin_dir is not None:
+        base.update(SCONTROL_LOG=str(bin_dir / "scontrol.log"), PATH=f"{bin_dir}:{base['PATH']}")
+    return base
+
+
+def slurm_tasks(args: list[str], cwd: Path, ntasks: int = 2, bin_dir: Path | None = None, **popen: Any
                 ) -> list[subprocess.Popen[str]]:
     """``srun -n NTASKS fastbyol train ARGS`` on one host, as SLURM starts it: NTASKS plain processes that know
     their place only from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the node list (no torchrun variables;
-    the port derived from SLURM_JOB_ID, chosen to land on this test's own port). ``path`` is put first on
-    PATH (a fake scontrol)."""
-    base = env()
-    port = int(base.pop("MASTER_PORT"))
-    base.update(SLURM_NTASKS=str(ntasks), SLURM_NODELIST="localhost", SLURM_JOB_ID=str(port - 10000 + 40000))
-    if path:
-        base["PATH"] = f"{path}:{base['PATH']}"
+    the port derived from SLURM_JOB_ID). ``bin_dir``: ``fake_slurm``'s stand-ins (a logging scontrol)."""
+    base = slurm_job_env(ntasks, bin_dir)
     return [subprocess.Popen([sys.executable, "-m", "fastbyol", "train", *args], cwd=cwd,
                              env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)), text=True, **popen)
             for rank in range(ntasks)]
@@ -87,11 +100,7 @@ def sbatch(template: str, args: list[str], bin_dir: Path, cwd: Path, ntasks: int
            ) -> subprocess.Popen[str]:
     """``sbatch scripts/slurm/<template> ARGS`` as SLURM runs it on one host: the batch script with the job's
     variables, the fake srun and scontrol first on PATH, the checkout as the submit directory."""
-    base = env()
-    port = int(base.pop("MASTER_PORT"))
-    base.update(SLURM_NTASKS=str(ntasks), SLURM_NNODES=str(ntasks), SLURM_JOB_NODELIST="localhost",
-                SLURM_NODELIST="localhost", SLURM_JOB_ID=str(port - 10000 + 40000), SLURM_SUBMIT_DIR=str(REPO),
-                SCONTROL_LOG=str(bin_dir / "scontrol.log"), PATH=f"{bin_dir}:{base['PATH']}", **extra)
+    base = dict(slurm_job_env(ntasks, bin_dir), SLURM_SUBMIT_DIR=str(REPO), **extra)
     return subprocess.Popen(["bash", str(REPO / "scripts" / "slurm" / template), *args], cwd=cwd, env=base,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

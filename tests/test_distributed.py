@@ -13,11 +13,11 @@ import pytest
 from multirank import (
     TINY,
     assert_same_training,
-    env,
     fake_slurm,
     kill_after_checkpoint,
     run,
     sbatch,
+    slurm_job_id,
     slurm_tasks,
     torchrun,
 )
@@ -149,13 +149,10 @@ def test_sigusr1_to_one_slurm_task_checkpoints_requeues_and_resume_auto_is_bitwi
     once, both exit 75; the requeued job's same command with ``--resume auto`` ends bitwise equal to the
     uninterrupted run."""
     root = runs["root"]
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    (bin_dir / "scontrol").chmod(0o755)
+    bin_dir = fake_slurm(tmp_path)
     args = [f"run.out_dir={root}", "run.name=requeued", *TINY, f"run.max_steps={STEPS}", f"run.ckpt_every={STEPS}",
             "--preset", "smoke", "--resume", "auto"]
-    tasks = slurm_tasks(args, root, path=str(bin_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tasks = slurm_tasks(args, root, bin_dir=bin_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = root / "requeued" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and metrics.read_text().strip()):
@@ -165,13 +162,12 @@ def test_sigusr1_to_one_slurm_task_checkpoints_requeues_and_resume_auto_is_bitwi
     tasks[1].send_signal(signal.SIGUSR1)
     errs = [task.communicate(timeout=300)[1] for task in tasks]
     assert [task.returncode for task in tasks] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
-    job = env()["MASTER_PORT"]
     assert "SIGUSR1: finishing this step" in errs[1]
     assert "stopped by SIGUSR1 on another rank" in errs[0], errs[0]
     assert "requeued: it continues from this checkpoint" in errs[0], errs[0]
     kept = [s for s, _ in checkpoint.list_checkpoints(root / "requeued" / "checkpoints")]
     assert len(kept) == 1 and kept[0] % 2 == 0 and 2 <= kept[0] < STEPS, kept
-    assert (tmp_path / "scontrol.log").read_text() == f"requeue {int(job) - 10000 + 40000}\n"  # rank 0, once
+    assert (bin_dir / "scontrol.log").read_text() == f"requeue {slurm_job_id()}\n"  # rank 0, once
     for task in slurm_tasks(args, root, stderr=subprocess.PIPE):  # the requeued job: the same command
         _, err = task.communicate(timeout=600)
         assert task.returncode == 0, err[-3000:]
