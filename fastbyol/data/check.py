@@ -84,12 +84,12 @@ def check_file(path: str, full: bool = False) -> str | None:
 
 def check_bytes(data: bytes, name: str, full: bool = False) -> str | None:
     """``check_file`` of an image's bytes already in memory (a tar shard's member), named ``name``."""
+    if full:
+        _require_strict_truncation()
     return _check(io.BytesIO(data), name, len(data) == 0, full)
 
 
 def _check(file: str | IO[bytes], name: str, empty: bool, full: bool) -> str | None:
-    if full:
-        _require_strict_truncation()
     if empty:
         return "empty file (0 bytes)"
     try:
