@@ -31,6 +31,9 @@ ARCHS = (
 )
 """The torchvision encoders; ``timm:<name>`` takes any model of timm (``TIMM_PREFIX``)."""
 TIMM_PREFIX = "timm:"
+CUSTOM_PREFIX = "custom:"
+"""``custom:<module>.<qualname>``: an encoder given to ``fastbyol.train(model=...)``, which the config cannot
+rebuild (``fastbyol.model.backbone.custom_arch``)."""
 Init = Literal["haiku", "torchvision"]
 INITS: tuple[str, ...] = get_args(Init)
 """Encoder initialisations (``fastbyol.model.backbone.Encoder``)."""
@@ -55,7 +58,8 @@ class ModelConfig:
     """Encoder: a torchvision ResNet (resnet18/34/50/101/152, resnet200 as in the paper's table,
     wide_resnet50_2/101_2), or timm:<name> for any timm model (e.g. timm:vit_small_patch16_224,
     timm:convnext_tiny; `python -c "import timm; print(timm.list_models())"` lists them), built without its
-    classifier: its pooled features feed the projector."""
+    classifier: its pooled features feed the projector. custom:<module>.<class> records a model given to the
+    Python API (fastbyol.train(model=...)): only that model class can train or load such a run."""
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of timm.create_model for a timm:<name> arch, e.g. model.timm_kwargs.drop_path_rate=0.1
     (the ViT's img_size follows model.image_size)."""
@@ -104,20 +108,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["folder", "shards", "procedural", "synthetic"] = "folder"
+    source: Literal["folder", "shards", "procedural", "synthetic", "dataset"] = "folder"
     """'folder' (image folder at data.path), 'shards' (the tar shards `fastbyol data pack` wrote from an image
     folder into data.path: the folder's samples, order and labels, read with one pread each, for cluster file
-    systems), 'procedural' (embedded drawn images, no download) or 'synthetic' (random tensors made on the
-    device, for throughput runs)."""
+    systems), 'procedural' (embedded drawn images, no download), 'synthetic' (random tensors made on the
+    device, for throughput runs) or 'dataset' (a map-style torch Dataset given to the Python API,
+    fastbyol.train(dataset=...); set by it)."""
     path: str = resumable("")
     """Image folder (sub-folders are classes) for source=folder, e.g. /data/imagenet/train; the folder of
     `fastbyol data pack` for source=shards, e.g. /data/imagenet/train-shards."""
     image_size: int = 224
     """Side of the square crops fed to the network; crop and blur taps scale with it."""
     num_images: int = 0
-    """Images per epoch for procedural/synthetic sources (0: ImageNet's 1,281,167)."""
+    """Images per epoch for procedural/synthetic sources (0: ImageNet's 1,281,167); source=dataset: the
+    Dataset's length (set by fastbyol.train)."""
     num_classes: int = 10
-    """Classes drawn by the procedural source."""
+    """Classes drawn by the procedural source; source=dataset: the labels' classes, for the online probe (set
+    from the Dataset's ``classes`` where it has them)."""
     workers: int = resumable(8)
     """DataLoader worker processes for the torchvision pipeline (0: load in the main process), or DALI's
     CPU threads with data.loader=dali."""
@@ -445,7 +452,10 @@ def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
 
 
 def check_arch(key: str, arch: str) -> None:
-    """A torchvision name of ARCHS, or timm:<name> for a model timm has (timm imported only then)."""
+    """A torchvision name of ARCHS, timm:<name> for a model timm has (timm imported only then), or
+    custom:<module>.<class> (a model given to the Python API)."""
+    if arch.startswith(CUSTOM_PREFIX) and arch != CUSTOM_PREFIX:
+        return
     if not arch.startswith(TIMM_PREFIX):
         _choice(key, arch, (*ARCHS, "timm:<name>"))
         return

@@ -170,7 +170,15 @@ def _dali_installed() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource:
+def build_source(cfg: DataConfig, seed: int, device: torch.device, images: ImageSource | None = None) -> DataSource:
+    """The source ``cfg`` describes; ``images``: the Python API's dataset (``data.source=dataset``, read by the
+    torch loader: DALI decodes files, not Python objects)."""
+    if images is None and cfg.source == "dataset":
+        raise FastByolError("data.source=dataset reads a Dataset given to the Python API: pass it again, "
+                            "fastbyol.train(dataset=..., resume=RUN_DIR)")
+    if images is not None and cfg.source != "dataset":
+        raise FastByolError(f"a dataset was given, but the run reads data.source={cfg.source}: drop it, or start a "
+                            "new run")
     if cfg.source == "synthetic":
         return SyntheticSource(cfg, seed, device)
     encoded = cfg.source in ("folder", "shards")
@@ -185,8 +193,12 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> DataSource
                           num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
                           hw_decoder_load=cfg.hw_decoder_load, decode=cfg.dali_decode,
                           views=_views(cfg))
-    images: ImageSource
-    if cfg.source == "procedural":
+    if images is not None:
+        if len(images) != cfg.num_images:
+            raise FastByolError(f"the dataset has {len(images)} images but the run was built for "
+                                f"data.num_images={cfg.num_images}: pass the run's dataset")
+        num_classes = cfg.num_classes
+    elif cfg.source == "procedural":
         images = ProceduralImages(cfg.num_images or IMAGENET_TRAIN_IMAGES, seed=seed, size=max(cfg.image_size, 64),
                                   num_classes=cfg.num_classes)
         num_classes = cfg.num_classes

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastbyol.config import (
     Config,
@@ -36,7 +37,7 @@ from fastbyol.config import (
     set_key,
     valid_keys,
 )
-from fastbyol.data.loader import build_source
+from fastbyol.data.loader import ImageSource, build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint, preempt
 from fastbyol.engine.compile import compiled_forward, resolve_compile
@@ -172,6 +173,16 @@ class IntervalMeter:
         return cls(sums, state["micro_steps"], state["steps"])
 
 
+@dataclass(frozen=True)
+class UserParts:
+    """What a Python caller (``fastbyol.train``) brings in place of what the config would build: its encoder
+    module (``model.arch=custom:...``: the online encoder, trained in place; the target's is a copy) and its
+    images (``data.source=dataset``). Each takes the config's place once, where the run is built."""
+
+    encoder: nn.Module | None = None
+    images: ImageSource | None = None
+
+
 class _RowSinks:
     """The metrics rows' sinks on rank 0 (metrics.jsonl, gpu_samples.jsonl, TensorBoard) and the progress bar.
 
@@ -223,7 +234,8 @@ class _RowSinks:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
-                 ctx: DistContext | None = None, lock: RunLock | None = None) -> None:
+                 ctx: DistContext | None = None, lock: RunLock | None = None, parts: UserParts | None = None
+                 ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.lock = lock  # rank 0's hold on the run directory (start_run, resume_run), released by train()
         self.ctx = ctx or DistContext()
@@ -233,13 +245,14 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
 
-        self.source = build_source(cfg.data, cfg.run.seed, self.device)
+        parts = parts or UserParts()
+        self.source = build_source(cfg.data, cfg.run.seed, self.device, parts.images)
         self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.kernels = use_kernels(cfg.run.kernels, self.device)
         # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
         self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
-        self.pair = self._build_pair(probe_classes)
+        self.pair = self._build_pair(probe_classes, parts.encoder)
         online = (named for module in self.pair.online_modules() for named in module.named_modules())
         groups = lars_param_groups(online)
         self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
@@ -251,7 +264,7 @@ class Trainer:
         self.guard = self._build_guard()
         self.nonfinite_skipped = 0  # steps skipped so far in the run (run.nonfinite=skip)
         self._interval_nonfinite = 0  # ... since the last metrics row
-        self._build_telemetry(probe_classes)
+        self._build_telemetry(probe_classes, parts.encoder)
         self.stop = StopRequest()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75
         self.clock = time.monotonic  # for run.ckpt_minutes (a test sets its own)
         self.profile_window = parse_profile_window(cfg.run.profile) if cfg.run.profile else None
@@ -275,9 +288,10 @@ class Trainer:
         self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
         self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
 
-    def _build_pair(self, probe_classes: int) -> Network:
-        """The method's network on the device, in training mode, with cross-replica BatchNorm over ranks."""
-        pair = self.method.network(self.cfg, seed=self.cfg.run.seed, probe_classes=probe_classes).to(self.device)
+    def _build_pair(self, probe_classes: int, encoder: nn.Module | None) -> Network:
+        """The method's network (around the user's ``encoder`` if given) on the device, in training mode, with
+        cross-replica BatchNorm over ranks."""
+        pair = self.method.network(self.cfg, self.cfg.run.seed, probe_classes, encoder).to(self.device)
         self.channels_last = use_channels_last(self.cfg.model.channels_last, self.device,
                                                pair.online.encoder.convolutional)
         if self.channels_last:
@@ -287,13 +301,13 @@ class Trainer:
             convert_global_batchnorm(pair)
         return pair
 
-    def _build_telemetry(self, probe_classes: int) -> None:
+    def _build_telemetry(self, probe_classes: int, encoder: nn.Module | None) -> None:
         """Phase timing (events, read at the log cadence), FLOPs for MFU, the NVML sampler (rank 0)."""
         cfg = self.cfg
         self.telemetry = cfg.run.telemetry == "on"
         self.phases = PhaseTimer(self.device, enabled=self.telemetry)
         # Counted once, on rank 0 (the only one writing rows): ~1.7 s for ResNet-50 on a 2-core CPU.
-        self.gflop_per_image = (gflop_per_image(cfg, cfg.data.image_size, probe_classes)
+        self.gflop_per_image = (gflop_per_image(cfg, cfg.data.image_size, probe_classes, encoder)
                                 if self.telemetry and self.ctx.main else None)
         self.device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                             else f"cpu ({os.cpu_count()} cores)")
@@ -655,16 +669,16 @@ def _locked(run_dir: Path, cfg: Config) -> RunLock:
 
 
 def _trainer(cfg: Config, run_dir: Path, ctx: DistContext, lock: RunLock | None,
-             resume: dict[str, Any] | None = None) -> Trainer:
+             resume: dict[str, Any] | None = None, parts: UserParts | None = None) -> Trainer:
     try:
-        return Trainer(cfg, run_dir, resume=resume, ctx=ctx, lock=lock)
+        return Trainer(cfg, run_dir, resume=resume, ctx=ctx, lock=lock, parts=parts)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def start_run(cfg: Config) -> Trainer:
+def start_run(cfg: Config, parts: UserParts | None = None) -> Trainer:
     device = resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
     check_batch_split(cfg, launched_world_size())
     ctx = init_distributed(cfg.run.engine, device)
@@ -676,14 +690,14 @@ def start_run(cfg: Config) -> Trainer:
 
     run_dir, lock = _claim(ctx, claim)
     try:
-        return _trainer(cfg, run_dir, ctx, lock)
+        return _trainer(cfg, run_dir, ctx, lock, parts=parts)
     except FastByolError:
         if not existed and ctx.main:  # a bad data path leaves no empty run directory behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def resume_run(target: str, overrides: list[str]) -> Trainer:
+def resume_run(target: str, overrides: list[str], parts: UserParts | None = None) -> Trainer:
     """Continue the run of a checkpoint (file or run directory) with its own config; only the keys in
     RESUMABLE_OVERRIDES (the fields marked ``config.RESUMABLE``) may change."""
     run_dir, state = checkpoint.resolve_resume(target)
@@ -698,7 +712,7 @@ def resume_run(target: str, overrides: list[str]) -> Trainer:
     check_batch_split(cfg, launched_world_size())
     ctx = init_distributed(cfg.run.engine, resolve_device(cfg.run.device))
     _, lock = _claim(ctx, lambda: (run_dir, _locked(run_dir, cfg)))
-    return _trainer(cfg, run_dir, ctx, lock, resume=state)
+    return _trainer(cfg, run_dir, ctx, lock, resume=state, parts=parts)
 
 
 def _value(cfg: Config, key: str) -> Any:
@@ -707,7 +721,7 @@ def _value(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name) if dot else getattr(cfg, key)
 
 
-def auto_resume(cfg: Config) -> tuple[Trainer, bool]:
+def auto_resume(cfg: Config, parts: UserParts | None = None) -> tuple[Trainer, bool]:
     """``--resume auto``: the same command starts the run the first time and continues it afterwards (a
     requeued cluster job). The run directory is run.out_dir/run.name; with a valid checkpoint there the
     run resumes, provided the command's config matches the saved one outside RESUMABLE_OVERRIDES (those
@@ -716,7 +730,7 @@ def auto_resume(cfg: Config) -> tuple[Trainer, bool]:
         raise FastByolError("--resume auto needs run.name=NAME, so that the same command finds its run again")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if not checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        return start_run(cfg), False
+        return start_run(cfg, parts), False
     _, state = checkpoint.resolve_resume(str(run_dir))
     saved = config_from_dict(state["config"])
     changed = []
@@ -728,4 +742,4 @@ def auto_resume(cfg: Config) -> tuple[Trainer, bool]:
             raise FastByolError(f"--resume auto: {run_dir} holds a run with {key}={theirs!r}, but this command "
                                 f"says {ours!r}: use the run's settings, or another run.name for a new run")
         changed.append(f"{key}={ours}")
-    return resume_run(str(run_dir), changed), True
+    return resume_run(str(run_dir), changed, parts), True

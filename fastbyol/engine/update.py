@@ -96,12 +96,19 @@ class Update(Protocol):
         ...
 
 
+def state_mismatch(error: RuntimeError) -> str:
+    """The first line of ``load_state_dict``'s error that names tensors (its first line names the module only),
+    cut to 300 characters: a missing-keys line lists every key."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[1] if len(lines) > 1 else lines[0] if lines else "load_state_dict failed"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
 def load_model(pair: nn.Module, model_state: dict[str, torch.Tensor], arch: str) -> None:
     try:
         pair.load_state_dict(model_state)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise FastByolError(f"checkpoint does not fit model.arch={arch}: {first}") from None
+        raise FastByolError(f"checkpoint does not fit model.arch={arch}: {state_mismatch(e)}") from None
 
 
 def _no_buffer_sync() -> dict[str, Any]:

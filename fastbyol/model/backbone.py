@@ -5,12 +5,15 @@ copy of Haiku's ResNet): the last BatchNorm of every residual block starts at ze
 (``zero_init_residual``) and convolutions use Haiku's default init (truncated normal, fan-in,
 variance 1). Or any timm model (``model.arch=timm:<name>``), created by ``timm.create_model`` with
 ``num_classes=0`` (its global-pooled features; a ViT's class token), its ``img_size`` set to the run's image
-size where the model takes one, and timm's own initialisation. Module names stay the library's (under
-``net.``), so the encoder exports as a torchvision or a timm state_dict.
+size where the model takes one, and timm's own initialisation. Or a module of the user's, given to the Python API
+(``fastbyol.train(model=...)``, ``model.arch=custom:<module>.<class>``), kept as it is: its own initialisation
+and BatchNorm settings, its width found by one forward. Module names stay the library's (under ``net.``), so the
+encoder exports as a torchvision, timm or the user's own state_dict.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -19,7 +22,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from fastbyol.config import INITS, TIMM_PREFIX, ModelConfig
+from fastbyol.config import CUSTOM_PREFIX, INITS, TIMM_PREFIX, ModelConfig
 from fastbyol.errors import FastByolError
 
 # Haiku's VarianceScaling(truncated_normal) divides by the std of a unit normal truncated at +-2.
@@ -72,20 +75,59 @@ def _timm_trunk(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.
     return net, features
 
 
+def custom_arch(net: nn.Module) -> str:
+    """``custom:<module>.<class>``: how a run's config records an encoder given to the Python API."""
+    return f"{CUSTOM_PREFIX}{type(net).__module__}.{type(net).__qualname__}"
+
+
+def feature_width(net: nn.Module, image_size: int) -> int:
+    """D of the features [B, D] that ``net`` gives for images [B, 3, image_size, image_size]: one forward of a
+    batch of 2 in eval mode without gradients (on the module's device, ``meta`` included), its mode restored."""
+    tensor = next(itertools.chain(net.parameters(), net.buffers()), None)
+    shape = [2, 3, image_size, image_size]
+    name = type(net).__qualname__
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.rand(shape, device=tensor.device if tensor is not None else None))
+    except Exception as e:  # the user's code: any error, reported in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FastByolError(f"model {name} failed on a batch of shape {shape} (data.image_size "
+                            f"{image_size}): {type(e).__name__}: {first}") from None
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise FastByolError(f"model {name} returned {got} for a batch of shape {shape}: an encoder must return "
+                            "features [B, D]; end it with global pooling, e.g. nn.AdaptiveAvgPool2d(1), nn.Flatten()")
+    return int(out.shape[1])
+
+
 class Encoder(nn.Module):
     """Trunk -> global pool -> flat features [B, feature_dim]: a torchvision ResNet, or a timm model.
 
     ``init`` (ResNets): 'haiku' (the official BYOL code's, above: what training starts from) or 'torchvision'
     (its default: Kaiming-normal fan-out convolutions, every BatchNorm at scale 1), the standard random network
-    that evaluation baselines compare against. ``image_size`` and ``timm_kwargs`` are a timm model's."""
+    that evaluation baselines compare against. ``image_size`` and ``timm_kwargs`` are a timm model's; ``trunk``
+    (module, feature width) is a user's model, taken as it is (``around``)."""
 
     def __init__(self, arch: str, small_stem: bool = False, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5, init: str = "haiku", image_size: int = 0,
-                 timm_kwargs: dict[str, Any] | None = None) -> None:
+                 timm_kwargs: dict[str, Any] | None = None, trunk: tuple[nn.Module, int] | None = None) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
         self.arch = arch
+        if trunk is not None:  # a user's module (``around``): its own BatchNorm settings stay
+            self.net, self.feature_dim = trunk
+            return
+        if arch.startswith(CUSTOM_PREFIX):
+            cls = arch.rpartition(".")[2]
+            raise FastByolError(f"model.arch={arch} is a model given to the Python API, which the config cannot "
+                                f"build: pass one, fastbyol.load_encoder(RUN_DIR, model={cls}(...)) or "
+                                f"fastbyol.train(model={cls}(...), resume=RUN_DIR)")
         if arch.startswith(TIMM_PREFIX):
             self.net, self.feature_dim = _timm_trunk(arch.removeprefix(TIMM_PREFIX), image_size, timm_kwargs or {})
         else:
@@ -99,6 +141,15 @@ class Encoder(nn.Module):
         """The encoder ``cfg`` describes (``init`` overrides ``cfg.init``: a baseline's random network)."""
         return cls(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps, init or cfg.init, cfg.image_size,
                    cfg.timm_kwargs)
+
+    @classmethod
+    def around(cls, net: nn.Module, cfg: ModelConfig) -> Encoder:
+        """The user's ``net`` as the encoder of a run whose ``cfg.arch`` is ``custom_arch(net)``: the module
+        itself (trained in place), its width from one forward at ``cfg.image_size``."""
+        if custom_arch(net) != cfg.arch:
+            raise FastByolError(f"the model given is {custom_arch(net)}, but the run's model.arch={cfg.arch}: pass "
+                                "a model of the run's class, or start a new run")
+        return cls(cfg.arch, trunk=(net, feature_width(net, cfg.image_size)))
 
     @property
     def convolutional(self) -> bool:

@@ -8,6 +8,7 @@ target) parameter pairs is built once here; the EMA, checkpoints and tests itera
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,9 +38,10 @@ class Tower(nn.Module):
     """Encoder + projector: the shape both networks share (BYOL's MLP projector, or SimCLR's head when
     ``projector`` builds one from the encoder's width)."""
 
-    def __init__(self, cfg: ModelConfig, projector: Callable[[int], nn.Module] | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, projector: Callable[[int], nn.Module] | None = None,
+                 encoder: Encoder | None = None) -> None:
         super().__init__()
-        self.encoder = Encoder.from_config(cfg)
+        self.encoder = encoder if encoder is not None else Encoder.from_config(cfg)
         self.projector = (projector(self.encoder.feature_dim) if projector is not None else
                           MLP(self.encoder.feature_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps))
 
@@ -49,17 +51,22 @@ class Tower(nn.Module):
 
 
 class ByolPair(nn.Module):
-    """Online tower + predictor, and the target tower. ``forward`` returns both views' outputs."""
+    """Online tower + predictor, and the target tower. ``forward`` returns both views' outputs.
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, probe_classes: int = 0) -> None:
+    ``net``: the user's encoder module (``model.arch=custom:...``) for the online tower, trained in place; the
+    target's encoder is a deep copy of it (``model.target_init=copy`` then makes the whole target a copy)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, probe_classes: int = 0, net: nn.Module | None = None
+                 ) -> None:
         super().__init__()
+        encoder = Encoder.around(net, cfg) if net is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.online = Tower(cfg)
+            self.online = Tower(cfg, encoder=encoder)
             self.predictor = MLP(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps)
             # The official code initialises the target from its own random key, not as a copy.
             torch.manual_seed(seed + 1_000_003)
-            self.target = Tower(cfg)
+            self.target = Tower(cfg, encoder=copy.deepcopy(encoder))
             # The official code's online classifier: a linear layer on stop_gradient(embedding).
             self.probe = nn.Linear(self.online.encoder.feature_dim, probe_classes) if probe_classes else None
         if cfg.target_init == "copy":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fastbyol.config import ModelConfig, SimclrConfig
+from fastbyol.model.backbone import Encoder
 from fastbyol.model.byol import Tower
 from fastbyol.model.flat import flatten_params_
 from fastbyol.model.heads import SimclrProjector
@@ -32,12 +33,14 @@ class SimclrOutputs(NamedTuple):
 
 
 class SimclrNet(nn.Module):
-    def __init__(self, cfg: ModelConfig, head: SimclrConfig, seed: int = 0, probe_classes: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, head: SimclrConfig, seed: int = 0, probe_classes: int = 0,
+                 net: nn.Module | None = None) -> None:
         super().__init__()
+        encoder = Encoder.around(net, cfg) if net is not None else None  # the user's encoder (ByolPair's net)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.online = Tower(cfg, lambda width: SimclrProjector(width, head.proj_hidden, head.proj_dim,
-                                                                   cfg.bn_momentum, cfg.bn_eps))
+                                                                   cfg.bn_momentum, cfg.bn_eps), encoder)
             self.probe = nn.Linear(self.online.encoder.feature_dim, probe_classes) if probe_classes else None
 
     def online_modules(self) -> list[nn.Module]:

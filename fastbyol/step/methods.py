@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from fastbyol.config import Config
 from fastbyol.model.byol import ByolOutputs, ByolPair
@@ -32,8 +33,9 @@ class Method(Protocol):
     name: str
     """``cfg.method``'s value."""
 
-    def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
-        """The network the run trains, initialised from ``seed``."""
+    def network(self, cfg: Config, seed: int, probe_classes: int = 0, net: nn.Module | None = None) -> Network:
+        """The network the run trains, initialised from ``seed``; ``net``: the user's encoder module
+        (``model.arch=custom:...``, the Python API's ``model``) instead of the one ``cfg`` describes."""
         ...
 
     def loss(self, out: Outputs) -> torch.Tensor:
@@ -56,8 +58,8 @@ class Byol:
     def __init__(self, losses: Losses = REFERENCE_LOSSES) -> None:
         self.losses = losses
 
-    def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
-        return ByolPair(cfg.model, seed=seed, probe_classes=probe_classes)
+    def network(self, cfg: Config, seed: int, probe_classes: int = 0, net: nn.Module | None = None) -> Network:
+        return ByolPair(cfg.model, seed=seed, probe_classes=probe_classes, net=net)
 
     def loss(self, out: Outputs) -> torch.Tensor:
         assert isinstance(out, ByolOutputs)
@@ -76,8 +78,8 @@ class Simclr:
     def __init__(self, temperature: float, losses: Losses = REFERENCE_LOSSES) -> None:
         self.temperature, self.losses = temperature, losses
 
-    def network(self, cfg: Config, seed: int, probe_classes: int = 0) -> Network:
-        return SimclrNet(cfg.model, cfg.simclr, seed=seed, probe_classes=probe_classes)
+    def network(self, cfg: Config, seed: int, probe_classes: int = 0, net: nn.Module | None = None) -> Network:
+        return SimclrNet(cfg.model, cfg.simclr, seed=seed, probe_classes=probe_classes, net=net)
 
     def loss(self, out: Outputs) -> torch.Tensor:
         assert isinstance(out, SimclrOutputs)
