@@ -45,6 +45,8 @@ RESUMABLE = {"resumable": True}
 
 def resumable(default: Any) -> Any:
     """A field a resumed run may change (``--resume DIR key=value``)."""
+    if isinstance(default, list):  # a mutable default: each Config gets its own copy
+        return field(default_factory=lambda: list(default), metadata=RESUMABLE)
     return field(default=default, metadata=RESUMABLE)
 
 
@@ -329,6 +331,17 @@ class RunConfig:
     """'A:B': a torch.profiler trace of optimizer steps A..B-1 under <run dir>/profile (Chrome trace JSON and
     a summary table), with the step's phases as named ranges; '' off. NVTX ranges for the phases are
     pushed whenever run.telemetry=on and a CUDA GPU is used (for nsys)."""
+    wandb: str = resumable("")
+    """Weights & Biases project: every metrics row, the resolved config and, when the run ends, the report's
+    plots go to a W&B run (files under <run dir>/wandb; WANDB_MODE=offline works without network); a resumed
+    run continues the same W&B run (its id is kept in <run dir>/wandb_id.txt). '' off. Needs the wandb
+    package (pip install fastbyol[track])."""
+    wandb_entity: str = resumable("")
+    """W&B team or user that owns run.wandb's project ('': wandb's default entity)."""
+    wandb_name: str = resumable("")
+    """Display name of the W&B run ('': the run directory's name)."""
+    wandb_tags: list[str] = resumable([])
+    """Tags of the W&B run: run.wandb_tags=a,b on the command line, a list in YAML."""
 
 
     def validate(self, prefix: str) -> None:
@@ -355,6 +368,7 @@ class RunConfig:
                   low_ok=True)
         if self.profile:
             parse_profile_window(self.profile)
+        _check_wandb(prefix, self.wandb, self.wandb_entity, self.wandb_tags)
         if self.zero_stage and self.engine != "deepspeed":
             raise ConfigError(f"{prefix}.zero_stage={self.zero_stage} needs {prefix}.engine=deepspeed (ZeRO is "
                               f"DeepSpeed's): add {prefix}.engine=deepspeed, or set {prefix}.zero_stage=0")
@@ -449,6 +463,23 @@ def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
         near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(map(str, allowed))}")
+
+
+_WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project and entity names
+
+
+def _check_wandb(prefix: str, project: str, entity: str, tags: list[str]) -> None:
+    """W&B's own limits, checked before the run starts rather than at wandb.init."""
+    for key, value, example in ((f"{prefix}.wandb", project, "byol-r50"),
+                                (f"{prefix}.wandb_entity", entity, "my-team")):
+        bad = sorted({c for c in value if c in _WANDB_FORBIDDEN})
+        if bad or len(value) > 128:
+            why = f"contains {' '.join(bad)}" if bad else "is longer than 128 characters"
+            raise ConfigError(f"{key}={value!r} {why}, which W&B refuses: use a plain name, e.g. {key}={example}")
+    for tag in tags:
+        if not 1 <= len(tag) <= 64:
+            raise ConfigError(f"{prefix}.wandb_tags has the tag {tag!r}: W&B takes tags of 1 to 64 characters, "
+                              f"e.g. {prefix}.wandb_tags=baseline,r50")
 
 
 def check_arch(key: str, arch: str) -> None:
@@ -682,6 +713,19 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not a number") from None
+    if get_origin(typ) is list:  # YAML's list, or the command line's a,b (or [a, b]); '' is the empty list
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}={value!r} is not a YAML list: write {key}=a,b") from None
+        elif isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} is not a list: write {key}=a,b (or a YAML list)")
+        return [_coerce(key, v, get_args(typ)[0]) for v in value]
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}={value!r} is not a string")
