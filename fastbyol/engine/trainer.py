@@ -2,8 +2,9 @@
 
 One readable loop, no callbacks. The run directory holds ``config.yaml`` (the resolved config),
 ``metrics.jsonl``, ``checkpoints/``, ``telemetry.json`` (the devices, the FLOP count, why GPU telemetry is off
-if it is), ``gpu_samples.jsonl`` (the NVML timeline, with a GPU), optionally ``tensorboard/`` and ``profile/``,
-and, when the data had unreadable files, ``skipped.txt``.
+if it is), ``gpu_samples.jsonl`` (the NVML timeline, with a GPU), optionally ``tensorboard/``, ``profile/`` and
+``wandb/`` with ``wandb_id.txt`` (and ``report/`` at the end of a W&B run), and, when the data had unreadable files,
+``skipped.txt``.
 
 Several processes (``torchrun``): each rank builds the same model, converts every BatchNorm to the
 cross-replica one (BYOL.md: statistics over the global batch) before DDP wraps it, reads its own shard of
@@ -69,6 +70,7 @@ from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, repl
 from fastbyol.telemetry.phases import PhaseTimer
 from fastbyol.telemetry.sinks import JsonlMetrics, ProgressBar, TensorBoardSink, require_tensorboard
 from fastbyol.telemetry.throughput import peak_bf16_tflops, throughput_fields
+from fastbyol.telemetry.wandb_sink import WandbSink, require_wandb
 
 CHECKPOINT_VERSION = 1
 # Keys a resumed run may change (fields marked RESUMABLE); everything else must match the checkpoint's run.
@@ -184,14 +186,15 @@ class UserParts:
 
 
 class _RowSinks:
-    """The metrics rows' sinks on rank 0 (metrics.jsonl, gpu_samples.jsonl, TensorBoard) and the progress bar.
+    """The metrics rows' sinks on rank 0 (metrics.jsonl, gpu_samples.jsonl, TensorBoard, W&B) and the progress bar.
 
     A row is due at the log cadence and at the run's true end only: a session stopped early (max_steps)
     keeps its partial interval in the checkpoint, so a resumed run logs the same rows as an uninterrupted one.
     """
 
-    def __init__(self, trainer: Trainer, end_step: int) -> None:
+    def __init__(self, trainer: Trainer, end_step: int, wandb: WandbSink | None = None) -> None:
         self.trainer = trainer
+        self.wandb = wandb  # opened by Trainer._open_wandb, before metrics.jsonl is truncated
         self.last: dict[str, Any] = {}
         self.sink: JsonlMetrics | None = None
         self.samples: JsonlMetrics | None = None
@@ -223,13 +226,28 @@ class _RowSinks:
             self.samples.write_rows(t._last_samples)
         if self.tensorboard is not None:
             self.tensorboard.write(self.last)
+        if self.wandb is not None:
+            self.wandb.write(self.last)
         self.progress.update(t.step, t.batch_size, self.last["loss"], force=True)
 
-    def close(self) -> None:
+    def __enter__(self) -> _RowSinks:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self.close(error)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close every sink; W&B gets the report when the run has reached its last step (not at run.max_steps or
+        on a stop signal) and is marked failed, preempted (stopped by a signal) or done."""
         self.progress.close()
         for sink in (self.sink, self.samples, self.tensorboard):
             if sink is not None:
                 sink.close()
+        if self.wandb is not None:
+            t = self.trainer
+            if error is None and t.step == t.total_steps:
+                self.wandb.log_report(t.run_dir, t.step)
+            self.wandb.close(failed=error is not None, preempted=isinstance(error, RunStopped))
 
 
 class Trainer:
@@ -317,6 +335,8 @@ class Trainer:
         self._last_samples: list[dict[str, Any]] = []
         if cfg.run.tensorboard and self.ctx.main:
             require_tensorboard()
+        if cfg.run.wandb and self.ctx.main:
+            require_wandb(cfg.run.wandb)
 
     def _build_guard(self) -> NonFiniteGuard:
         online_ids = {id(p) for p in self.pair.online_parameters()}
@@ -410,9 +430,10 @@ class Trainer:
         end_step = min(self.total_steps, cfg.run.max_steps or self.total_steps)
         accum = cfg.optim.accum_steps
         micro_batch = self.batch_size // (accum * self.ctx.world)  # this rank's share of a micro-step
+        wandb = self._open_wandb()  # first: a W&B run that cannot start stops every rank here
         if self.ctx.main:
             self._start_telemetry()  # the NVML sampler: rows then carry its samples
-        rows = _RowSinks(self, end_step)
+        rows = _RowSinks(self, end_step, wandb)
         batches = self.source.batches(self.position, micro_batch, (end_step - self.step) * accum,
                                       self.ctx.rank, self.ctx.world)
         self.meter.t0 = t_start = time.perf_counter()
@@ -421,12 +442,13 @@ class Trainer:
         self._last_ckpt_time = self.clock()
         self.guard.set_step(self.step)
         try:
-            while self.step < end_step:
-                self._profile_start_if_due()
-                self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
-                self._profile_stop_if_due()
-                rows.after_step()  # log
-                self._checkpoint_if_due(end_step)  # checkpoint
+            with rows:  # closed with how the session ended (W&B: done, failed or preempted)
+                while self.step < end_step:
+                    self._profile_start_if_due()
+                    self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
+                    self._profile_stop_if_due()
+                    rows.after_step()  # log
+                    self._checkpoint_if_due(end_step)  # checkpoint
         finally:
             self.stop.restore()
             if self.lock is not None:
@@ -435,11 +457,29 @@ class Trainer:
                 self._stop_profiler(self._profiler)
             if self.sampler is not None:
                 self.sampler.stop()
-            rows.close()
         wall = time.perf_counter() - t_start
         return {"run_dir": str(self.run_dir), "step": self.step, "total_steps": self.total_steps,
                 "last": rows.last, "wall_s": wall,
                 "img_per_s": (self.step - start_step) * self.batch_size / wall if wall > 0 else 0.0}
+
+    def _open_wandb(self) -> WandbSink | None:
+        """run.wandb: rank 0 opens the W&B run (resuming its id from the run directory); an error there (no login,
+        no network) stops every rank before the first step, with the run directory unlocked."""
+        run, error = None, None
+        if self.cfg.run.wandb and self.ctx.main:
+            r = self.cfg.run
+            try:
+                run = WandbSink(self.run_dir, r.wandb, r.wandb_entity, r.wandb_name, r.wandb_tags,
+                                self.cfg.to_dict(), resumed_at=self.step)
+            except FastByolError as e:
+                error = str(e)
+        if self.cfg.run.wandb:
+            error = broadcast_object(self.ctx, error)
+        if error is not None:
+            if self.lock is not None:
+                self.lock.release()
+            raise FastByolError(error)
+        return run
 
     def _profile_start_if_due(self) -> None:
         """run.profile=A:B: the profiler starts before step A ..."""
