@@ -84,6 +84,7 @@ def inspect_machine() -> dict[str, Any]:
         "deepspeed": _version("deepspeed"),
         "nvml": _nvml(),
         "apex": _version("apex") if _try_import("apex.optimizers") is None else None,
+        "wandb": _version("wandb"),
     }
     report["launch"] = _launch()
     report["bf16_supported"] = bool(cuda and torch.cuda.is_bf16_supported())
@@ -126,6 +127,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"{mark(nvml['ok'])}nvml        "
         + (f"driver {nvml['driver']}, {', '.join(nvml['gpus'])}" if nvml["ok"] else nvml["why"]),
         f"{mark(bool(r['apex']))}apex        {r['apex'] or 'not installed (optional)'}",
+        f"{mark(bool(r['wandb']))}wandb       "
+        + (f"{r['wandb']}: run.wandb=PROJECT logs to Weights & Biases" if r["wandb"]
+           else "not installed (optional): pip install 'fastbyol[track]' for run.wandb=PROJECT"),
         "",
         "fastbyol will use:",
     ]
