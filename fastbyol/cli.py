@@ -152,6 +152,32 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (20 200)")
 
+    ft = ev.add_parser("finetune", help="the paper's semi-supervised protocol: fine-tune the encoder and a linear "
+                                        "head on a class-balanced fraction of the labels")
+    ft.add_argument("checkpoint", help="checkpoint file or run directory (newest valid checkpoint)")
+    ft.add_argument("--data", required=True, help="image folder with train/ and val/ sub-folders")
+    ft.add_argument("--labels-fraction", type=float, default=0.01, metavar="F",
+                    help="fraction of each class's training labels: 0.01, 0.1 (the paper's) or 1.0; any in (0, 1]")
+    ft.add_argument("--subset", metavar="LIST",
+                    help="use the images this list names instead (one file name or path under DATA/train per line, "
+                         "e.g. SimCLR's 1percent.txt)")
+    ft.add_argument("--seed", type=int, default=0, help="draws the subset, the order and the views (default 0)")
+    ft.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs over the subset (paper: 30 or 50)")
+    ft.add_argument("--batch-size", type=int, default=1024, help="images per step (paper: 1024)")
+    ft.add_argument("--lr", type=float, default=0.02,
+                    help="learning rate at batch 1024, scaled linearly with --batch-size (paper's grid: 0.005, "
+                         "0.01, 0.02, 0.05, 0.1); cosine decay, Nesterov momentum 0.9, no weight decay")
+    ft.add_argument("--linear-epochs", type=int, default=80,
+                    help="epochs of the baseline linear probe on the same labels (0: skip it)")
+    ft.add_argument("--size", type=int, help="crop size (default: the run's data.image_size)")
+    ft.add_argument("--arch", help="expected architecture; a checkpoint of another one is rejected")
+    ft.add_argument("--out", metavar="DIR",
+                    help="folder for subset.txt, result.json and classifier.pt (default "
+                         "RUN_DIR/finetune-<fraction>-s<seed>)")
+    ft.add_argument("--workers", type=int, metavar="N",
+                    help="DataLoader processes decoding images (default: min(8, CPUs) with a GPU; 0 on the CPU)")
+    ft.add_argument("--json", help="also write the result to this JSON file")
+
     export = sub.add_parser("export", help="online encoder -> torchvision state_dict (.pth) and .safetensors")
     export.add_argument("checkpoint", help="checkpoint file or run directory")
     export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
@@ -162,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
     demo.add_argument("--dataset", default="shapes,digits", help="shapes, digits, or shapes,digits (default)")
     demo.add_argument("--linear-epochs", type=int, default=80)
+    demo.add_argument("--finetune-epochs", type=int, default=15,
+                      help="epochs of the fine-tune columns (every encoder fine-tuned on 10%% of the labels); 0 skips "
+                           "them")
     demo.add_argument("--arch", default=None, help="encoder instead of the presets' ResNet-18: a torchvision name or "
                                                    "timm:<name> (AdamW; a ViT with 4 px patches in 6 blocks)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo presets")
@@ -338,9 +367,11 @@ def _data_check_shards(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     if not args.protocol:
-        raise FastByolError("usage: fastbyol eval {linear,knn} CHECKPOINT --data DIR")
+        raise FastByolError("usage: fastbyol eval {linear,knn,finetune} CHECKPOINT --data DIR")
     if args.workers is not None and args.workers < 0:
         raise FastByolError(f"--workers {args.workers}: use 0 (decode in the main process) or more processes")
+    if args.protocol == "finetune":
+        return _finetune(args)
     if args.cache and args.no_cache:
         raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
     from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder, open_feature_cache
@@ -376,6 +407,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    if not 0.0 < args.labels_fraction <= 1.0:
+        raise FastByolError(f"--labels-fraction {args.labels_fraction}: use a fraction in (0, 1], e.g. 0.01 or 0.1")
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.linear_epochs < 0:
+        raise FastByolError("--epochs and --batch-size must be >= 1, --lr > 0 and --linear-epochs >= 0")
+    from fastbyol.engine.evaluate import finetune_encoder, load_checkpoint_encoder, open_feature_cache
+    from fastbyol.engine.trainer import resolve_device
+
+    loaded = load_checkpoint_encoder(args.checkpoint, args.arch)
+    size = args.size or loaded.cfg.data.image_size
+    device = resolve_device("auto")
+    name = "subset" if args.subset else f"{args.labels_fraction:g}"
+    out = Path(args.out) if args.out else loaded.run_dir / f"finetune-{name}-s{args.seed}"
+    cache = open_feature_cache(loaded.run_dir / "eval-cache", chosen=False) if args.linear_epochs else None
+    result = finetune_encoder(loaded.encoder, args.data, size, device, out, fraction=args.labels_fraction,
+                              seed=args.seed, subset_list=args.subset, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, linear_epochs=args.linear_epochs or None,
+                              workers=args.workers, cache=cache, encoder_id=loaded.identity)
+    r = result["finetune"]
+    print(f"fine-tune on {result['subset_images']} of {result['train_images']} labelled images "
+          f"({result['classes']} classes, {result['images_per_class']['min']}-{result['images_per_class']['max']} "
+          f"each; {r['epochs']} epochs, {r['steps']} steps): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
+    if "linear" in result:
+        lin = result["linear"]
+        print(f"linear probe on the same labels: top-1 {lin['top1']:.2f}%  top-5 {lin['top5']:.2f}% "
+              f"(fine-tuning {r['top1'] - lin['top1']:+.2f} points)")
+    print(f"fastbyol: subset, result and fine-tuned classifier in {out}", file=sys.stderr)
+    result.update({"checkpoint": args.checkpoint, "arch": loaded.cfg.model.arch, "data": args.data, "size": size})
+    if args.json:
+        from fastbyol.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from fastbyol.engine.evaluate import export_checkpoint
 
@@ -389,8 +455,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     methods = tuple(_csv_list("--method", args.method))
     datasets = tuple(_csv_list("--dataset", args.dataset))
+    if args.finetune_epochs < 0:
+        raise FastByolError(f"--finetune-epochs {args.finetune_epochs}: use 0 (no fine-tune columns) or more")
     result = run_demo(args.out, args.overrides, linear_epochs=args.linear_epochs, methods=methods, datasets=datasets,
-                      arch=args.arch)
+                      arch=args.arch, finetune_epochs=args.finetune_epochs)
     print(format_table(result))
     return 0
 

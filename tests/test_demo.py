@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastbyol.config import build_config
+from fastbyol.config import Config, build_config
 from fastbyol.data.builders import make_digits, make_shapes
-from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
+from fastbyol.engine.demo import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_FRACTION, FINETUNE_LR
+from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder, finetune_encoder
 from fastbyol.engine.trainer import start_run
 
 MARGIN = 10.0  # kNN-20 top-1 points
@@ -37,22 +38,50 @@ def test_simclr_on_shapes_beats_the_standard_random_network(tmp_path: Path) -> N
     assert learned > rand + 2 * MARGIN, f"simclr {learned:.1f}% does not beat torchvision's random init {rand:.1f}%"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["digits", "digits-simclr"])
-def test_pretraining_beats_its_own_random_start_on_digits(tmp_path: Path, preset: str) -> None:
-    data = tmp_path / "digits"
+def _pretrain_digits(out: Path, preset: str) -> tuple[Path, Config, torch.nn.Module]:
+    """One epoch of ``preset`` on the digits from Haiku's init (the paper presets' start)."""
+    data = out / "digits"
     make_digits(str(data))
-    cfg = build_config(preset, overrides=[f"data.path={data / 'train'}", f"run.out_dir={tmp_path}", "run.name=r",
+    cfg = build_config(preset, overrides=[f"data.path={data / 'train'}", f"run.out_dir={out}", "run.name=r",
                                           "run.epochs=1", "optim.warmup_epochs=0.25", "model.init=haiku",
                                           "run.progress=off"])
     trainer = start_run(cfg)
     trainer.train()
+    return data, cfg, trainer.pair.online.encoder
+
+
+@pytest.fixture(scope="module")
+def digits_byol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config, torch.nn.Module]:
+    return _pretrain_digits(tmp_path_factory.mktemp("digits-byol"), "digits")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["digits", "digits-simclr"])
+def test_pretraining_beats_its_own_random_start_on_digits(tmp_path: Path, preset: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    data, cfg, encoder = (request.getfixturevalue("digits_byol") if preset == "digits"
+                          else _pretrain_digits(tmp_path, preset))
     cpu = torch.device("cpu")
-    learned = evaluate_encoder(trainer.pair.online.encoder, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
+    learned = evaluate_encoder(encoder, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
     random_start = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), 32, cpu, init="haiku")
     rand = evaluate_encoder(random_start, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
     print(f"kNN-20 top-1: {preset} {learned:.1f}% vs its random start {rand:.1f}%")
     assert learned > rand + MARGIN, f"{preset} {learned:.1f}% does not beat its random start {rand:.1f}% by {MARGIN}"
+
+
+@pytest.mark.slow
+def test_finetuning_on_a_tenth_of_the_digits_beats_the_linear_probe(
+        digits_byol: tuple[Path, Config, torch.nn.Module], tmp_path: Path) -> None:
+    """The paper's semi-supervised protocol at the demo's budget (``demo.FINETUNE_*``): fine-tuning the encoder
+    on 10% of each class's labels against a linear probe of the same checkpoint on the same labels."""
+    data, cfg, encoder = digits_byol
+    result = finetune_encoder(encoder, str(data), 32, torch.device("cpu"), tmp_path / "ft", fraction=FINETUNE_FRACTION,
+                              seed=0, epochs=FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH, lr=FINETUNE_LR, workers=0)
+    tuned, linear = result["finetune"]["top1"], result["linear"]["top1"]
+    print(f"10% of the digits' labels: fine-tune {tuned:.1f}% vs linear probe {linear:.1f}% ({tuned - linear:+.1f})")
+    assert result["subset_images"] == 143 and result["images_per_class"] == {"min": 14, "max": 15}
+    assert (tmp_path / "ft" / "subset.txt").is_file() and (tmp_path / "ft" / "classifier.pt").is_file()
+    assert tuned > linear, f"fine-tuning {tuned:.1f}% falls {linear - tuned:.1f} points short of the linear probe"
 
 
 def test_demo_command_end_to_end_in_miniature(tmp_path: Path) -> None:
@@ -62,7 +91,7 @@ def test_demo_command_end_to_end_in_miniature(tmp_path: Path) -> None:
     from fastbyol.engine.demo import format_table, run_demo
 
     result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1,
-                      methods=("byol", "simclr"))
+                      methods=("byol", "simclr"), finetune_epochs=0)
     assert list(result["datasets"]) == ["shapes", "digits"]
     for name, table in result["datasets"].items():
         assert list(table["rows"]) == ["BYOL (online encoder)", "SimCLR (encoder)", "raw pixels",
@@ -77,6 +106,7 @@ def test_demo_command_end_to_end_in_miniature(tmp_path: Path) -> None:
     text = format_table(result)
     assert text.startswith("shapes\n") and "\ndigits\n" in text
     assert "kNN-20 top-1" in text and "random init, torchvision (BN cal.)" in text and "simclr 2 steps" in text
+    assert "fine-tune" not in text  # --finetune-epochs 0: no semi-supervised columns
 
 
 def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
@@ -90,11 +120,15 @@ def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
 def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path) -> None:
     """`fastbyol demo --arch timm:vit_tiny_patch16_224`, cut to 2 steps: the ViT with 4 px patches in 6 blocks,
     AdamW, and one random-init row (timm's own initialisation)."""
-    from fastbyol.engine.demo import run_demo
+    from fastbyol.engine.demo import format_table, run_demo
 
     result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1,
-                      datasets=("digits",), arch="timm:vit_tiny_patch16_224")
+                      datasets=("digits",), arch="timm:vit_tiny_patch16_224", finetune_epochs=1)
     table = result["datasets"]["digits"]
+    for row in table["rows"].values():  # the fine-tune columns: each row on the same 143 labelled images
+        assert row["semi"]["subset_images"] == 143 and row["semi"]["finetune"]["epochs"] == 1
+    assert "linear 10% top-1" in format_table(result) and "fine-tune 10%" in format_table(result)
+    assert (Path(table["run_dir"]) / "finetune-0.1" / "raw-pixels" / "subset.txt").is_file()
     assert table["arch"] == "timm:vit_tiny_patch16_224" and table["steps"] == 2
     assert list(table["rows"]) == ["BYOL (online encoder)", "raw pixels", "random init, timm (BN cal.)"]
     assert table["rows"]["BYOL (online encoder)"]["feature_dim"] == 192

@@ -122,6 +122,16 @@ def test_eval_cli_runs_and_rejects_another_architecture(tiny_checkpoint: Path, t
                 str(tmp_path / "lin.json"), cwd=tmp_path)
     assert proc.returncode == 0 and "linear probe (2 epochs, augmented views): top-1" in proc.stdout, proc.stderr
     assert json.loads((tmp_path / "lin.json").read_text())["linear"]["augmented"] == 1.0
+    proc = _cli("eval", "finetune", str(tiny_checkpoint), "--data", str(data), "--labels-fraction", "0.5",
+                "--epochs", "1", "--batch-size", "4", "--linear-epochs", "1", "--json", str(tmp_path / "ft.json"),
+                cwd=tmp_path)
+    assert proc.returncode == 0 and "fine-tune on 9 of 18 labelled images (3 classes, 3-3 each; 1 epochs, 2 steps): " \
+        "top-1" in proc.stdout and "linear probe on the same labels: top-1" in proc.stdout, proc.stderr
+    out = tiny_checkpoint / "finetune-0.5-s0"
+    assert json.loads((tmp_path / "ft.json").read_text())["subset"] == str(out / "subset.txt")
+    assert {p.name for p in out.iterdir()} == {"subset.txt", "result.json", "classifier.pt"}
+    proc = _cli("eval", "finetune", str(tiny_checkpoint), "--data", str(data), "--labels-fraction", "2", cwd=tmp_path)
+    assert proc.returncode == 2 and "--labels-fraction 2.0: use a fraction in (0, 1]" in proc.stderr
     proc = _cli("eval", "knn", str(tiny_checkpoint), "--data", str(data), "--arch", "resnet50", cwd=tmp_path)
     assert proc.returncode == 2 and "holds a resnet18 encoder, not resnet50" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

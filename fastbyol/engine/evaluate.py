@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import sys
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from fastbyol.config import Config, ModelConfig, config_from_dict
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.errors import FastByolError
+from fastbyol.eval import finetune as finetuning
 from fastbyol.eval.export import export_bytes, online_encoder_state
 from fastbyol.eval.features import (
     CenterViews,
@@ -165,18 +170,22 @@ PROGRESS_MIN_IMAGES = 5000
 def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device: torch.device, *,
                      knn_k: tuple[int, ...] = (20,), linear_epochs: int | None = 80, batch_size: int = 256,
                      augment: bool = False, workers: int | None = None, cache: FeatureCache | None = None,
-                     encoder_id: str | None = None, seed: int = 0) -> dict[str, Any]:
+                     encoder_id: str | None = None, seed: int = 0,
+                     train_files: ImageFiles | None = None) -> dict[str, Any]:
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
     (``augment``) on fresh crop + flip views every epoch (seeded by ``seed``), the spec's protocol.
 
     ``workers`` DataLoader processes decode the images (default ``default_workers(device)``). With a ``cache``, each
     split's features (per view) are read from it when the encoder (``encoder_id``: a checkpoint's
     ``CheckpointEncoder.identity``; default the encoder's ``state_fingerprint``), the images, ``size``, the
-    view and the device's precision match, and written to it otherwise."""
+    view and the device's precision match, and written to it otherwise. ``train_files`` (a labelled subset of
+    the training split, as fine-tuning's baseline) replaces the training split."""
     workers = default_workers(device) if workers is None else workers
     if workers < 0:
         raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
     splits = dict(zip(("train", "val"), split_files(data_root)))
+    if train_files is not None:
+        splits["train"] = train_files
     train, val = splits["train"], splits["val"]
     num_classes = max(max(train.labels), max(val.labels)) + 1
     encoder = encoder.to(device)
@@ -223,6 +232,62 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     if cache is not None:
         out["feature_cache"] = cache.summary()
     return out
+
+
+def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device: torch.device, out_dir: Path, *,
+                     fraction: float, seed: int = 0, subset_list: str | None = None,
+                     epochs: int = finetuning.DEFAULT_EPOCHS, batch_size: int = finetuning.DEFAULT_BATCH,
+                     lr: float = finetuning.DEFAULT_LR, linear_epochs: int | None = 80, workers: int | None = None,
+                     cache: FeatureCache | None = None, encoder_id: str | None = None) -> dict[str, Any]:
+    """The semi-supervised protocol (``fastbyol.eval.finetune``) on ``data_root``'s train/ and val/: the
+    labelled subset (``fraction`` of every class drawn with ``seed``, or the images ``subset_list`` names),
+    written first to ``out_dir/subset.txt``; a linear probe of the unchanged encoder on the same labels (the
+    baseline fine-tuning has to beat; ``linear_epochs`` None skips it); then fine-tuning. ``out_dir`` receives
+    ``result.json`` and ``classifier.pt`` (the fine-tuned encoder and head: a ``Classifier`` state_dict)."""
+    workers = default_workers(device) if workers is None else workers
+    if workers < 0:
+        raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
+    train, val = split_files(data_root)
+    root = str(Path(data_root) / "train")
+    indices = (finetuning.read_subset(subset_list, train, root) if subset_list
+               else finetuning.class_balanced_subset(train.labels, fraction, seed))
+    labelled = finetuning.subset_files(train, indices)
+    per_class = Counter(labelled.labels)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastByolError(f"cannot create {out_dir}: {e.strerror or e}: pass --out DIR on a writable disk") from None
+    how = f"from {subset_list}" if subset_list else f"labels fraction {fraction}, seed {seed}, class-balanced"
+    finetuning.write_subset(out_dir / "subset.txt", train, indices, root,
+                            f"fastbyol eval finetune subset of {root}: {len(indices)} of {len(train)} images, "
+                            f"{how}\n<path under {root}>\t<label>")
+    result: dict[str, Any] = {
+        "fraction": None if subset_list else fraction, "seed": seed, "subset_list": subset_list,
+        "subset": str(out_dir / "subset.txt"), "subset_images": len(indices), "train_images": len(train),
+        "val_images": len(val), "classes": len(per_class),
+        "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())}}
+    if linear_epochs:
+        result["linear"] = evaluate_encoder(encoder, data_root, size, device, knn_k=(), linear_epochs=linear_epochs,
+                                            workers=workers, cache=cache, encoder_id=encoder_id, seed=seed,
+                                            train_files=labelled)["linear"]
+    num_classes = max(max(train.labels), max(val.labels)) + 1
+    bar = ProgressBar(0, 0, enabled=sys.stderr.isatty())
+    model, result["finetune"] = finetuning.finetune(
+        encoder, labelled, val, num_classes, size, device, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None)
+    bar.close()
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    atomic_write_bytes(out_dir / "classifier.pt", buf.getvalue())
+    atomic_write_bytes(out_dir / "result.json", json.dumps(result, indent=2).encode())
+    return result
+
+
+def _bar_progress(bar: ProgressBar, batch_size: int) -> Callable[[int, int, float], None]:
+    def update(step: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.update(step, batch_size, loss, force=step == total)
+    return update
 
 
 def export_checkpoint(target: str, out: str) -> list[Path]:
