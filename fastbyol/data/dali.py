@@ -116,6 +116,14 @@ class EncodedImages(Protocol):
         ...
 
 
+class FedImages(Protocol):
+    """What ``find_undecodable`` reads of an external source: its images and the indices it handed DALI lately
+    (``_Feed``, and the evaluation's centre-view feed in ``fastbyol.eval.dali_features``)."""
+
+    images: EncodedImages
+    recent: collections.deque[int]
+
+
 def encoded_images(images: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray) -> EncodedImages:
     """A list of file paths as ``ImageFiles``; a reader as it is."""
     if isinstance(images, (list, tuple)):
@@ -341,7 +349,7 @@ class DaliSource:
                 del pipe
 
 
-def find_undecodable(feed: _Feed) -> list[tuple[str, str]]:
+def find_undecodable(feed: FedImages) -> list[tuple[str, str]]:
     """The images ``feed`` handed DALI lately that do not decode with PIL, newest first, with why: (name,
     reason)."""
     from fastbyol.data.check import check_bytes

@@ -3,7 +3,9 @@
 Test views (BYOL.md, "Evaluation protocol"): resize the shorter side to size * 256/224 (bicubic), then
 centre-crop size x size, ImageNet normalisation. Training views for the augmented linear protocol:
 random-resized crop + flip, seeded per (seed, epoch, image index), so any number of DataLoader workers gives
-the same views in the same order as one process.
+the same views in the same order as one process. Centre views can be decoded and resized by DALI instead
+(``resolve_loader``, ``fastbyol.eval.dali_features``; the default on a GPU with DALI installed), with the same
+geometry.
 
 Cache (``FeatureCache``): one file per (split, view), named by the digest of a ``FeatureKey`` (encoder, data,
 image size, view, precision, ``EVAL_VERSION``), so kNN and the linear probe of one checkpoint on one folder
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -36,12 +39,11 @@ from fastbyol.data.augment import ViewSpec, apply_view, crop_resize, normalize, 
 from fastbyol.data.folder import ImageFiles
 from fastbyol.data.stream import mix_seed
 from fastbyol.errors import FastByolError
+from fastbyol.eval.encode import center_geometry, encode_batches
 from fastbyol.files import atomic_write_bytes
 
 # Linear-evaluation training views: random-resized crop (as pretraining) + flip, nothing else.
 LINEAR_TRAIN_VIEW = ViewSpec(flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
-
-RESIZE_RATIO = 256 / 224
 
 EVAL_VERSION = 1
 """Part of every cache key: bump it when the views, the extraction or the cache file change, so older cache
@@ -49,11 +51,8 @@ files stop matching instead of being read as current."""
 
 
 def center_view(img: Image.Image, size: int) -> torch.Tensor:
-    w, h = img.size
-    short = round(size * RESIZE_RATIO)
-    scale = short / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
+    resized_w, resized_h, left, top = center_geometry(img.width, img.height, size)
+    img = img.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
     img = img.crop((left, top, left + size, top + size))
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return normalize(x.permute(2, 0, 1).float().div_(255.0))
@@ -78,40 +77,54 @@ class CenterViews(Dataset[tuple[torch.Tensor, int]]):
         return normalize(apply_view(crop_resize(img, params, self.size), params, LINEAR_TRAIN_VIEW)), label
 
 
+LOADERS = ("auto", "torch", "dali")
+"""Who decodes the evaluation images: ``resolve_loader`` turns 'auto' into one of the other two."""
+
+
+def resolve_loader(loader: str, device: torch.device, epoch: int | None = None) -> str:
+    """'torch' (PIL in DataLoader processes) or 'dali' (``fastbyol.eval.dali_features``) for the views of
+    ``epoch`` (None: centre views) on ``device``.
+
+    'auto' is DALI for centre views on a CUDA device when DALI is installed: there nvJPEG (and the GPU's
+    hardware JPEG decoder) and the GPU's resize keep up with the encoder, where PIL needs many processes.
+    Augmented training views (``--augment``) always take the torch path, whatever ``loader`` says: their
+    crops and flips are seeded per image in ``CenterViews``, and a second implementation would have to match
+    them decision for decision (as ``fastbyol.data.dali`` does for BYOL's views) to keep the protocol one.
+    'dali' without DALI installed is an error that says how to get it."""
+    if loader not in LOADERS:
+        raise FastByolError(f"loader {loader!r}: use one of {', '.join(LOADERS)}")
+    if epoch is not None or loader == "torch":
+        return "torch"
+    installed = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    if loader == "dali":
+        if not installed:
+            raise FastByolError("--loader dali needs nvidia-dali: pip install -e .[gpu], or --loader torch")
+        return "dali"
+    return "dali" if installed and device.type == "cuda" else "torch"
+
+
 def extract_features(encoder: torch.nn.Module, files: ImageFiles, size: int, device: torch.device,
                      batch_size: int = 256, workers: int = 0, epoch: int | None = None, seed: int = 0,
-                     progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: Callable[[int], None] | None = None, loader: str = "torch"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on the CPU, labels [N] int64) with the encoder in eval mode (running BN
     stats), of centre views, or of epoch ``epoch``'s augmented training views (seed ``seed``).
 
     ``workers`` DataLoader processes decode and transform the images while this process runs the encoder
     (bf16 autocast on CUDA, from pinned memory with non-blocking copies); the rows are in ``files``' order
-    whatever ``workers`` is, and equal bit for bit. ``progress(images_done)`` is called after each batch."""
-    was_training = encoder.training
-    encoder.eval()
+    whatever ``workers`` is, and equal bit for bit. ``progress(images_done)`` is called after each batch.
+    ``loader`` (``resolve_loader``): 'dali' decodes the centre views with DALI instead, on ``max(1, workers)``
+    CPU threads; its pixels differ from PIL's by a few levels, so a cache keys its features apart
+    (``view_name``)."""
+    if resolve_loader(loader, device, epoch) == "dali":
+        from fastbyol.eval.dali_features import extract_features_dali
+
+        return extract_features_dali(encoder, files, size, device, batch_size=batch_size,
+                                     num_threads=max(1, workers), progress=progress)
     cuda = device.type == "cuda"
-    loader = DataLoader(CenterViews(files, size, epoch, seed), batch_size=batch_size, num_workers=workers,
-                        shuffle=False, pin_memory=cuda)
-    features: torch.Tensor | None = None
-    labels = torch.empty(len(files), dtype=torch.int64)
-    done = 0
-    try:
-        for x, y in loader:
-            with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                f = encoder(x.to(device, non_blocking=True))
-            if features is None:  # one [N, D] buffer filled in place: no second copy from concatenating batches
-                features = torch.empty(len(files), f.shape[1], dtype=torch.float32)
-            # Device -> host copy: on CUDA a sync point per batch; the workers keep decoding meanwhile.
-            features[done:done + len(y)].copy_(f.flatten(1))
-            labels[done:done + len(y)].copy_(y)
-            done += len(y)
-            if progress is not None:
-                progress(done)
-    finally:
-        encoder.train(was_training)
-    if features is None:
-        raise FastByolError("no images to extract features from: the folder is empty")
-    return features, labels
+    views = DataLoader(CenterViews(files, size, epoch, seed), batch_size=batch_size, num_workers=workers,
+                       shuffle=False, pin_memory=cuda)
+    return encode_batches(encoder, views, len(files), device, progress)
 
 
 def default_workers(device: torch.device) -> int:
@@ -123,9 +136,13 @@ def default_workers(device: torch.device) -> int:
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def view_name(epoch: int | None, seed: int) -> str:
-    """'center', or 'augment-e<epoch>-s<seed>' for an augmented training epoch."""
-    return "center" if epoch is None else f"augment-e{epoch}-s{seed}"
+def view_name(epoch: int | None, seed: int, loader: str = "torch") -> str:
+    """'center' (decoded by PIL), 'center-dali' (by DALI: ``resolve_loader``'s answer), or
+    'augment-e<epoch>-s<seed>' for an augmented training epoch (PIL always). Part of the cache key and of the
+    file name; the PIL names are those of the cache files written before DALI could decode, which stay valid."""
+    if epoch is not None:
+        return f"augment-e{epoch}-s{seed}"
+    return "center-dali" if loader == "dali" else "center"
 
 
 def precision_name(device: torch.device) -> str:
@@ -176,7 +193,7 @@ class FeatureKey:
     size: int
     """Evaluation crop side in pixels."""
     view: str
-    """``view_name``: centre, or an augmented epoch with its seed."""
+    """``view_name``: centre (and which decoder: PIL or DALI), or an augmented epoch with its seed."""
     precision: str
     """``precision_name`` of the device the forward pass ran on."""
     version: int = EVAL_VERSION
