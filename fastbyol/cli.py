@@ -144,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="feature cache folder (default RUN_DIR/eval-cache): features of this checkpoint, data, "
                             "size and view are computed once, then read (N x D x 4 bytes per split and view)")
         p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+        p.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
+                       help="who decodes the centre views: dali (nvJPEG and GPU resize; CPU threads without a "
+                            "GPU), torch (PIL in DataLoader processes), or auto (default: dali on a GPU when "
+                            "nvidia-dali is installed, else torch); --augment's training views are always PIL's")
         if name == "linear":
             p.add_argument("--epochs", type=int, default=80, help="training epochs of the probe (spec: 80)")
             p.add_argument("--augment", action="store_true",
@@ -176,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
                          "RUN_DIR/finetune-<fraction>-s<seed>)")
     ft.add_argument("--workers", type=int, metavar="N",
                     help="DataLoader processes decoding images (default: min(8, CPUs) with a GPU; 0 on the CPU)")
+    ft.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
+                    help="who decodes the centre views (the probe's features, the validation logits): dali, torch "
+                         "(PIL) or auto (default: dali on a GPU when nvidia-dali is installed); training views: PIL")
     ft.add_argument("--json", help="also write the result to this JSON file")
 
     export = sub.add_parser("export", help="online encoder -> torchvision state_dict (.pth) and .safetensors")
@@ -386,13 +393,13 @@ def _eval(args: argparse.Namespace) -> int:
     if args.protocol == "linear":
         result = evaluate_encoder(loaded.encoder, args.data, size, device, knn_k=(), linear_epochs=args.epochs,
                                   augment=args.augment, workers=args.workers, cache=cache,
-                                  encoder_id=loaded.identity)
+                                  encoder_id=loaded.identity, loader=args.loader)
         r = result["linear"]
         how = "augmented views" if args.augment else "centre-view features"
         print(f"linear probe ({args.epochs} epochs, {how}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     else:
         result = evaluate_encoder(loaded.encoder, args.data, size, device, knn_k=tuple(args.k), linear_epochs=None,
-                                  workers=args.workers, cache=cache, encoder_id=loaded.identity)
+                                  workers=args.workers, cache=cache, encoder_id=loaded.identity, loader=args.loader)
         for k in args.k:
             r = result[f"knn{k}"]
             print(f"kNN k={k}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
@@ -424,7 +431,7 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune_encoder(loaded.encoder, args.data, size, device, out, fraction=args.labels_fraction,
                               seed=args.seed, subset_list=args.subset, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, linear_epochs=args.linear_epochs or None,
-                              workers=args.workers, cache=cache, encoder_id=loaded.identity)
+                              workers=args.workers, cache=cache, encoder_id=loaded.identity, loader=args.loader)
     r = result["finetune"]
     print(f"fine-tune on {result['subset_images']} of {result['train_images']} labelled images "
           f"({result['classes']} classes, {result['images_per_class']['min']}-{result['images_per_class']['max']} "

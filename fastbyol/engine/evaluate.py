@@ -28,6 +28,7 @@ from fastbyol.eval.features import (
     default_workers,
     extract_features,
     precision_name,
+    resolve_loader,
     state_fingerprint,
     view_name,
 )
@@ -171,7 +172,7 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                      knn_k: tuple[int, ...] = (20,), linear_epochs: int | None = 80, batch_size: int = 256,
                      augment: bool = False, workers: int | None = None, cache: FeatureCache | None = None,
                      encoder_id: str | None = None, seed: int = 0,
-                     train_files: ImageFiles | None = None) -> dict[str, Any]:
+                     train_files: ImageFiles | None = None, loader: str = "auto") -> dict[str, Any]:
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
     (``augment``) on fresh crop + flip views every epoch (seeded by ``seed``), the spec's protocol.
 
@@ -179,7 +180,8 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     split's features (per view) are read from it when the encoder (``encoder_id``: a checkpoint's
     ``CheckpointEncoder.identity``; default the encoder's ``state_fingerprint``), the images, ``size``, the
     view and the device's precision match, and written to it otherwise. ``train_files`` (a labelled subset of
-    the training split, as fine-tuning's baseline) replaces the training split."""
+    the training split, as fine-tuning's baseline) replaces the training split. ``loader`` ('auto', 'torch',
+    'dali': ``resolve_loader``) decodes the centre views; augmented views are always PIL's."""
     workers = default_workers(device) if workers is None else workers
     if workers < 0:
         raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
@@ -195,15 +197,17 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
 
     def features(split: str, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         files = splits[split]
+        decoder = resolve_loader(loader, device, epoch)  # the cache keys DALI's pixels apart from PIL's
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             bar = ProgressBar(len(files), 0, enabled=len(files) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
             if bar.enabled:
-                print(f"fastbyol: {split} features ({view_name(epoch, seed)} views) of {len(files)} images, "
-                      f"{workers} workers", file=sys.stderr, flush=True)
+                how = f"DALI, {max(1, workers)} threads" if decoder == "dali" else f"{workers} workers"
+                print(f"fastbyol: {split} features ({view_name(epoch, seed, decoder)} views) of {len(files)} "
+                      f"images, {how}", file=sys.stderr, flush=True)
             try:
                 return extract_features(encoder, files, size, device, batch_size=batch_size, workers=workers,
-                                        epoch=epoch, seed=seed,
+                                        epoch=epoch, seed=seed, loader=decoder,
                                         progress=lambda done: bar.update(done, 1, None, force=done == len(files)))
             finally:
                 bar.close()
@@ -213,12 +217,13 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
         if split not in fingerprints:  # one stat per image, once per split
             fingerprints[split] = data_fingerprint(files, str(Path(data_root) / split))
         key = FeatureKey(encoder=encoder_id, data=fingerprints[split], split=split, size=size,
-                         view=view_name(epoch, seed), precision=precision_name(device))
+                         view=view_name(epoch, seed, decoder), precision=precision_name(device))
         return cache.features(key, compute)
 
     train_f, train_y = features("train")
     val_f, val_y = features("val")
-    out: dict[str, Any] = {"train_images": len(train), "val_images": len(val), "feature_dim": train_f.shape[1]}
+    out: dict[str, Any] = {"train_images": len(train), "val_images": len(val), "feature_dim": train_f.shape[1],
+                           "loader": resolve_loader(loader, device)}
     for k in knn_k:
         out[f"knn{k}"] = knn_accuracy(train_f, train_y, val_f, val_y, k, num_classes)
     if linear_epochs:
@@ -238,12 +243,14 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                      fraction: float, seed: int = 0, subset_list: str | None = None,
                      epochs: int = finetuning.DEFAULT_EPOCHS, batch_size: int = finetuning.DEFAULT_BATCH,
                      lr: float = finetuning.DEFAULT_LR, linear_epochs: int | None = 80, workers: int | None = None,
-                     cache: FeatureCache | None = None, encoder_id: str | None = None) -> dict[str, Any]:
+                     cache: FeatureCache | None = None, encoder_id: str | None = None, loader: str = "auto"
+                     ) -> dict[str, Any]:
     """The semi-supervised protocol (``fastbyol.eval.finetune``) on ``data_root``'s train/ and val/: the
     labelled subset (``fraction`` of every class drawn with ``seed``, or the images ``subset_list`` names),
     written first to ``out_dir/subset.txt``; a linear probe of the unchanged encoder on the same labels (the
     baseline fine-tuning has to beat; ``linear_epochs`` None skips it); then fine-tuning. ``out_dir`` receives
-    ``result.json`` and ``classifier.pt`` (the fine-tuned encoder and head: a ``Classifier`` state_dict)."""
+    ``result.json`` and ``classifier.pt`` (the fine-tuned encoder and head: a ``Classifier`` state_dict).
+    ``loader`` decodes the centre views (the probe's features, the validation logits): ``resolve_loader``."""
     workers = default_workers(device) if workers is None else workers
     if workers < 0:
         raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
@@ -265,16 +272,17 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
         "fraction": None if subset_list else fraction, "seed": seed, "subset_list": subset_list,
         "subset": str(out_dir / "subset.txt"), "subset_images": len(indices), "train_images": len(train),
         "val_images": len(val), "classes": len(per_class),
-        "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())}}
+        "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())},
+        "loader": resolve_loader(loader, device)}  # resolved before the fine-tuning: a missing DALI stops it now
     if linear_epochs:
         result["linear"] = evaluate_encoder(encoder, data_root, size, device, knn_k=(), linear_epochs=linear_epochs,
                                             workers=workers, cache=cache, encoder_id=encoder_id, seed=seed,
-                                            train_files=labelled)["linear"]
+                                            train_files=labelled, loader=loader)["linear"]
     num_classes = max(max(train.labels), max(val.labels)) + 1
     bar = ProgressBar(0, 0, enabled=sys.stderr.isatty())
     model, result["finetune"] = finetuning.finetune(
         encoder, labelled, val, num_classes, size, device, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None)
+        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None, loader=loader)
     bar.close()
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)

@@ -132,7 +132,8 @@ def feature_dim(encoder: torch.nn.Module, size: int, device: torch.device) -> in
 def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_classes: int, size: int,
              device: torch.device, *, epochs: int = DEFAULT_EPOCHS, batch_size: int = DEFAULT_BATCH,
              lr: float = DEFAULT_LR, seed: int = 0, workers: int = 0,
-             progress: Callable[[int, int, float], None] | None = None) -> tuple[Classifier, dict[str, Any]]:
+             progress: Callable[[int, int, float], None] | None = None, loader: str = "torch"
+             ) -> tuple[Classifier, dict[str, Any]]:
     """Fine-tune a copy of ``encoder`` (the argument is left as it was) with a new linear head on ``train``
     (the labelled subset); return the classifier and its top-1/top-5 % on ``val``'s centre views.
 
@@ -141,7 +142,7 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
     number of ``workers`` gives the same run. A last partial batch is dropped when the subset holds more than
     one batch (a batch of one image has no BatchNorm statistics). bf16 autocast on CUDA.
     ``progress(step, total_steps, loss)`` is called after every step (reading the loss there is a host sync:
-    pass None in timed runs)."""
+    pass None in timed runs). ``loader`` decodes the validation images (``extract_features``)."""
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise FastByolError(f"fine-tuning needs epochs >= 1, batch size >= 1 and lr > 0 (got {epochs}, "
                             f"{batch_size}, {lr})")
@@ -159,10 +160,10 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
     model.train()
     loss = torch.zeros((), device=device)
     for epoch in range(epochs):
-        loader = DataLoader(CenterViews(train, size, epoch=epoch, seed=seed), batch_size=batch_size,
-                            shuffle=True, drop_last=drop_last, num_workers=workers, pin_memory=cuda,
-                            generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
-        for x, y in loader:
+        views = DataLoader(CenterViews(train, size, epoch=epoch, seed=seed), batch_size=batch_size,
+                           shuffle=True, drop_last=drop_last, num_workers=workers, pin_memory=cuda,
+                           generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
+        for x, y in views:
             for group in opt.param_groups:
                 group["lr"] = 0.5 * peak_lr * (1 + math.cos(math.pi * step / total))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -174,7 +175,8 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
             step += 1
             if progress is not None:
                 progress(step, total, float(loss))
-    scores, labels = extract_features(model, val, size, device, batch_size=min(batch_size, 256), workers=workers)
+    scores, labels = extract_features(model, val, size, device, batch_size=min(batch_size, 256), workers=workers,
+                                      loader=loader)
     result = {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5),
               "final_loss": float(loss.detach()), "epochs": epochs, "steps": step, "batch_size": batch_size,
               "lr_at_1024": lr, "lr": peak_lr, "train_images": len(train), "val_images": len(val)}
