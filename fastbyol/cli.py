@@ -168,9 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int, default=0, help="draws the subset, the order and the views (default 0)")
     ft.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs over the subset (paper: 30 or 50)")
     ft.add_argument("--batch-size", type=int, default=1024, help="images per step (paper: 1024)")
-    ft.add_argument("--lr", type=float, default=0.02,
-                    help="learning rate at batch 1024, scaled linearly with --batch-size (paper's grid: 0.005, "
-                         "0.01, 0.02, 0.05, 0.1); cosine decay, Nesterov momentum 0.9, no weight decay")
+    ft.add_argument("--lr", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1], metavar="LR",
+                    help="learning rates at batch 1024, scaled linearly with --batch-size; each is fine-tuned and the "
+                         "best top-1 on held-out training images (up to 10,000, outside the subset) is kept (default: "
+                         "the paper's grid 0.005 0.01 0.02 0.05 0.1); cosine decay, Nesterov 0.9, no weight decay")
     ft.add_argument("--linear-epochs", type=int, default=80,
                     help="epochs of the baseline linear probe on the same labels (0: skip it)")
     ft.add_argument("--size", type=int, help="crop size (default: the run's data.image_size)")
@@ -417,8 +418,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     if not 0.0 < args.labels_fraction <= 1.0:
         raise FastByolError(f"--labels-fraction {args.labels_fraction}: use a fraction in (0, 1], e.g. 0.01 or 0.1")
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0 or args.linear_epochs < 0:
-        raise FastByolError("--epochs and --batch-size must be >= 1, --lr > 0 and --linear-epochs >= 0")
+    if args.epochs < 1 or args.batch_size < 1 or not all(lr > 0 for lr in args.lr) or args.linear_epochs < 0:
+        raise FastByolError("--epochs and --batch-size must be >= 1, each --lr > 0 and --linear-epochs >= 0")
     from fastbyol.engine.evaluate import finetune_encoder, load_checkpoint_encoder, open_feature_cache
     from fastbyol.engine.trainer import resolve_device
 
@@ -430,10 +431,15 @@ def _finetune(args: argparse.Namespace) -> int:
     cache = open_feature_cache(loaded.run_dir / "eval-cache", chosen=False) if args.linear_epochs else None
     result = finetune_encoder(loaded.encoder, args.data, size, device, out, fraction=args.labels_fraction,
                               seed=args.seed, subset_list=args.subset, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, linear_epochs=args.linear_epochs or None,
+                              batch_size=args.batch_size, lrs=tuple(args.lr), linear_epochs=args.linear_epochs or None,
                               workers=args.workers, cache=cache, encoder_id=loaded.identity, loader=args.loader)
     r = result["finetune"]
-    print(f"fine-tune on {result['subset_images']} of {result['train_images']} labelled images "
+    for line in result["sweep"] if len(result["sweep"]) > 1 else []:
+        chosen = "  <- chosen" if line["lr_at_1024"] == r["lr_at_1024"] else ""
+        print(f"lr {line['lr_at_1024']:g} at batch 1024: held-out top-1 {line['holdout_top1']:.2f}% "
+              f"(of {result['holdout_images']}), validation top-1 {line['top1']:.2f}%{chosen}")
+    print(f"fine-tune (lr {r['lr_at_1024']:g}) on {result['subset_images']} of {result['train_images']} labelled "
+          f"images "
           f"({result['classes']} classes, {result['images_per_class']['min']}-{result['images_per_class']['max']} "
           f"each; {r['epochs']} epochs, {r['steps']} steps): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%")
     if "linear" in result:

@@ -15,7 +15,7 @@ import torch
 
 from fastbyol.config import Config, build_config
 from fastbyol.data.builders import make_digits, make_shapes
-from fastbyol.engine.demo import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_FRACTION, FINETUNE_LR
+from fastbyol.engine.demo import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_FRACTION, FINETUNE_LRS
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder, finetune_encoder
 from fastbyol.engine.trainer import start_run
 
@@ -76,10 +76,15 @@ def test_finetuning_on_a_tenth_of_the_digits_beats_the_linear_probe(
     on 10% of each class's labels against a linear probe of the same checkpoint on the same labels."""
     data, cfg, encoder = digits_byol
     result = finetune_encoder(encoder, str(data), 32, torch.device("cpu"), tmp_path / "ft", fraction=FINETUNE_FRACTION,
-                              seed=0, epochs=FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH, lr=FINETUNE_LR, workers=0)
+                              seed=0, epochs=FINETUNE_EPOCHS, batch_size=FINETUNE_BATCH, lrs=FINETUNE_LRS, workers=0)
     tuned, linear = result["finetune"]["top1"], result["linear"]["top1"]
-    print(f"10% of the digits' labels: fine-tune {tuned:.1f}% vs linear probe {linear:.1f}% ({tuned - linear:+.1f})")
+    print(f"10% of the digits' labels: fine-tune {tuned:.1f}% vs linear probe {linear:.1f}% ({tuned - linear:+.1f}); "
+          f"sweep {result['sweep']}")
     assert result["subset_images"] == 143 and result["images_per_class"] == {"min": 14, "max": 15}
+    assert result["holdout_images"] == 1438 - 143  # every other training image: fewer than 10,000
+    assert [line["lr_at_1024"] for line in result["sweep"]] == list(FINETUNE_LRS)
+    best = max(result["sweep"], key=lambda line: line["holdout_top1"])  # chosen on held-out images, not on val
+    assert result["finetune"]["lr_at_1024"] == best["lr_at_1024"] and result["finetune"]["top1"] == best["top1"]
     assert (tmp_path / "ft" / "subset.txt").is_file() and (tmp_path / "ft" / "classifier.pt").is_file()
     assert tuned > linear, f"fine-tuning {tuned:.1f}% falls {linear - tuned:.1f} points short of the linear probe"
 
@@ -127,7 +132,7 @@ def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path) -> None:
     table = result["datasets"]["digits"]
     for row in table["rows"].values():  # the fine-tune columns: each row on the same 143 labelled images
         assert row["semi"]["subset_images"] == 143 and row["semi"]["finetune"]["epochs"] == 1
-    assert "linear 10% top-1" in format_table(result) and "fine-tune 10%" in format_table(result)
+    assert "linear top-1    linear 10% fine-tune 10%" in format_table(result)
     assert (Path(table["run_dir"]) / "finetune-0.1" / "raw-pixels" / "subset.txt").is_file()
     assert table["arch"] == "timm:vit_tiny_patch16_224" and table["steps"] == 2
     assert list(table["rows"]) == ["BYOL (online encoder)", "raw pixels", "random init, timm (BN cal.)"]

@@ -123,10 +123,12 @@ def test_eval_cli_runs_and_rejects_another_architecture(tiny_checkpoint: Path, t
     assert proc.returncode == 0 and "linear probe (2 epochs, augmented views): top-1" in proc.stdout, proc.stderr
     assert json.loads((tmp_path / "lin.json").read_text())["linear"]["augmented"] == 1.0
     proc = _cli("eval", "finetune", str(tiny_checkpoint), "--data", str(data), "--labels-fraction", "0.5",
-                "--epochs", "1", "--batch-size", "4", "--linear-epochs", "1", "--json", str(tmp_path / "ft.json"),
-                cwd=tmp_path)
-    assert proc.returncode == 0 and "fine-tune on 9 of 18 labelled images (3 classes, 3-3 each; 1 epochs, 2 steps): " \
-        "top-1" in proc.stdout and "linear probe on the same labels: top-1" in proc.stdout, proc.stderr
+                "--epochs", "1", "--batch-size", "4", "--lr", "0.1", "0.5", "--linear-epochs", "1", "--json",
+                str(tmp_path / "ft.json"), cwd=tmp_path)
+    assert proc.returncode == 0 and "labelled images (3 classes, 3-3 each; 1 epochs, 2 steps): top-1" in proc.stdout \
+        and "linear probe on the same labels: top-1" in proc.stdout, proc.stderr
+    assert "lr 0.1 at batch 1024: held-out top-1" in proc.stdout and "(of 9)" in proc.stdout
+    assert proc.stdout.count("<- chosen") == 1
     out = tiny_checkpoint / "finetune-0.5-s0"
     assert json.loads((tmp_path / "ft.json").read_text())["subset"] == str(out / "subset.txt")
     assert {p.name for p in out.iterdir()} == {"subset.txt", "result.json", "classifier.pt"}

@@ -17,8 +17,10 @@ from fastbyol.eval.finetune import (
     Classifier,
     class_balanced_subset,
     finetune,
+    holdout_subset,
     read_subset,
     subset_files,
+    sweep,
     write_subset,
 )
 
@@ -52,6 +54,23 @@ def test_subset_is_fixed_by_its_seed() -> None:
     assert keep0 == [i for i in class_balanced_subset(without_3, 0.1, 0) if without_3[i] == 0]
     with pytest.raises(FastByolError, match=r"use a fraction in \(0, 1\]"):
         class_balanced_subset(labels, 0.0, 0)
+
+
+def test_holdout_is_balanced_outside_the_subset_and_the_sweep_chooses_by_it() -> None:
+    labels = _labels()
+    labelled = class_balanced_subset(labels, 0.1, seed=0)
+    held = holdout_subset(labels, labelled, seed=0, max_images=500)
+    assert not set(held) & set(labelled) and held == sorted(set(held))
+    counts, rest = Counter(labels[i] for i in held), Counter(labels) - Counter(labels[i] for i in labelled)
+    share = 500 / sum(rest.values())
+    assert all(counts[c] == max(1, round(share * n)) for c, n in rest.items() if n), (counts, rest)
+    assert holdout_subset(labels, labelled, 0, 500) == held != holdout_subset(labels, labelled, 1, 500)
+    model = Classifier(torch.nn.Flatten(), 3, 2)
+    runs = {0.1: {"holdout_top1": 50.0, "top1": 90.0}, 0.2: {"holdout_top1": 70.0, "top1": 60.0},
+            0.4: {"holdout_top1": 70.0, "top1": 99.0}}
+    _, chosen, lines = sweep([0.1, 0.2, 0.4], lambda lr: (model, runs[lr]))
+    assert chosen is runs[0.2]  # the best held-out top-1, the first of equals; never the best validation top-1
+    assert [line["lr_at_1024"] for line in lines] == [0.1, 0.2, 0.4]
 
 
 def test_written_subset_reads_back_and_lists_name_files(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import itertools
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,14 +242,18 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
 def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device: torch.device, out_dir: Path, *,
                      fraction: float, seed: int = 0, subset_list: str | None = None,
                      epochs: int = finetuning.DEFAULT_EPOCHS, batch_size: int = finetuning.DEFAULT_BATCH,
-                     lr: float = finetuning.DEFAULT_LR, linear_epochs: int | None = 80, workers: int | None = None,
+                     lrs: Sequence[float] = finetuning.LR_GRID, linear_epochs: int | None = 80,
+                     workers: int | None = None,
                      cache: FeatureCache | None = None, encoder_id: str | None = None, loader: str = "auto"
                      ) -> dict[str, Any]:
     """The semi-supervised protocol (``fastbyol.eval.finetune``) on ``data_root``'s train/ and val/: the
     labelled subset (``fraction`` of every class drawn with ``seed``, or the images ``subset_list`` names),
     written first to ``out_dir/subset.txt``; a linear probe of the unchanged encoder on the same labels (the
-    baseline fine-tuning has to beat; ``linear_epochs`` None skips it); then fine-tuning. ``out_dir`` receives
-    ``result.json`` and ``classifier.pt`` (the fine-tuned encoder and head: a ``Classifier`` state_dict).
+    baseline fine-tuning has to beat; ``linear_epochs`` None skips it); then fine-tuning at each of ``lrs`` (at
+    batch 1024), keeping the one with the best top-1 on a class-balanced held-out part of the other training
+    images (``holdout_subset``), as the paper chose its hyperparameters. ``out_dir`` receives ``result.json``
+    (the chosen rate's validation top-1/top-5 and the sweep) and ``classifier.pt`` (the chosen fine-tuned encoder
+    and head: a ``Classifier`` state_dict).
     ``loader`` decodes the centre views (the probe's features, the validation logits): ``resolve_loader``."""
     workers = default_workers(device) if workers is None else workers
     if workers < 0:
@@ -260,6 +264,14 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                else finetuning.class_balanced_subset(train.labels, fraction, seed))
     labelled = finetuning.subset_files(train, indices)
     per_class = Counter(labelled.labels)
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise FastByolError(f"learning rates {list(lrs)}: give one or more, each > 0 (the paper's: 0.005 0.01 0.02 "
+                            "0.05 0.1)")
+    held = finetuning.holdout_subset(train.labels, indices, seed) if len(lrs) > 1 else []
+    if len(lrs) > 1 and not held:
+        raise FastByolError("the labelled subset is the whole training split: no held-out images are left to choose "
+                            "the learning rate by; pass a single --lr")
+    holdout = finetuning.subset_files(train, held) if held else None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -273,16 +285,19 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
         "subset": str(out_dir / "subset.txt"), "subset_images": len(indices), "train_images": len(train),
         "val_images": len(val), "classes": len(per_class),
         "images_per_class": {"min": min(per_class.values()), "max": max(per_class.values())},
+        "holdout_images": len(held),
         "loader": resolve_loader(loader, device)}  # resolved before the fine-tuning: a missing DALI stops it now
+    loader = result["loader"]
     if linear_epochs:
         result["linear"] = evaluate_encoder(encoder, data_root, size, device, knn_k=(), linear_epochs=linear_epochs,
                                             workers=workers, cache=cache, encoder_id=encoder_id, seed=seed,
                                             train_files=labelled, loader=loader)["linear"]
     num_classes = max(max(train.labels), max(val.labels)) + 1
     bar = ProgressBar(0, 0, enabled=sys.stderr.isatty())
-    model, result["finetune"] = finetuning.finetune(
+    model, result["finetune"], result["sweep"] = finetuning.sweep(lrs, lambda lr: finetuning.finetune(
         encoder, labelled, val, num_classes, size, device, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None, loader=loader)
+        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None, loader=loader,
+        holdout=holdout))
     bar.close()
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)

@@ -12,8 +12,9 @@ images per class):
     schedule   batch 1024, 30 or 50 epochs, learning rate from {0.005, 0.01, 0.02, 0.05, 0.1}: the paper
                sweeps both on a held-out part of the training set and reports the best
 
-The defaults here are batch 1024, 30 epochs and 0.02 at batch 1024, scaled linearly for other batch sizes
-(``lr * batch / 1024``); ``fastbyol eval finetune --epochs --lr --batch-size`` set them to run the sweep.
+The defaults here are the paper's: batch 1024, 30 epochs, and the learning rate chosen from that grid (at batch
+1024, scaled linearly for other batch sizes: ``lr * batch / 1024``) by the top-1 on a held-out part of the other
+training images (``holdout_subset``, ``sweep``); ``fastbyol eval finetune --epochs --lr --batch-size`` change them.
 The subset is drawn per class from a seed (``class_balanced_subset``) and written out beside the result, or
 read from a list (``read_subset``: SimCLR's published ``1percent.txt`` / ``10percent.txt`` name ImageNet
 training files one per line), so a number can be reproduced.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,13 @@ from fastbyol.eval.knn import topk_accuracy
 MOMENTUM = 0.9
 DEFAULT_EPOCHS = 30
 DEFAULT_BATCH = 1024
+LR_GRID = (0.005, 0.01, 0.02, 0.05, 0.1)
+"""The paper's learning rates at batch 1024; the default sweep, each fine-tuned and the best on a held-out part of
+the training set kept."""
 DEFAULT_LR = 0.02
-"""At batch 1024 (the paper's batch), from its grid {0.005, 0.01, 0.02, 0.05, 0.1}."""
+"""One learning rate of the grid, for a single fine-tuning (``finetune``)."""
+HOLDOUT_IMAGES = 10_000
+"""The held-out set's size at most (the paper's local validation set: ~10k ImageNet training images)."""
 REFERENCE_BATCH = 1024
 FRACTIONS = (0.01, 0.1, 1.0)
 """The paper's label fractions; any fraction in (0, 1] is accepted."""
@@ -61,6 +67,24 @@ def class_balanced_subset(labels: list[int], fraction: float, seed: int) -> list
     for label, members in sorted(by_class.items()):
         take = max(1, round(fraction * len(members)))
         order = torch.randperm(len(members), generator=torch.Generator().manual_seed(mix_seed(seed, label)))
+        chosen.extend(members[j] for j in order[:take].tolist())
+    return sorted(chosen)
+
+
+def holdout_subset(labels: list[int], labelled: list[int], seed: int, max_images: int = HOLDOUT_IMAGES) -> list[int]:
+    """Indices (sorted) of a class-balanced held-out set for choosing the learning rate, drawn from the training
+    images outside ``labelled``: the same share of every class's remaining images, ``max_images`` in all at
+    most (the paper held out about 10,000 ImageNet training images), each class with at least one left."""
+    taken = set(labelled)
+    rest: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        if i not in taken:
+            rest.setdefault(label, []).append(i)
+    share = min(1.0, max_images / max(1, sum(len(m) for m in rest.values())))
+    chosen: list[int] = []
+    for label, members in sorted(rest.items()):
+        take = max(1, round(share * len(members)))
+        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(mix_seed(seed, label, 2)))
         chosen.extend(members[j] for j in order[:take].tolist())
     return sorted(chosen)
 
@@ -132,8 +156,8 @@ def feature_dim(encoder: torch.nn.Module, size: int, device: torch.device) -> in
 def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_classes: int, size: int,
              device: torch.device, *, epochs: int = DEFAULT_EPOCHS, batch_size: int = DEFAULT_BATCH,
              lr: float = DEFAULT_LR, seed: int = 0, workers: int = 0,
-             progress: Callable[[int, int, float], None] | None = None, loader: str = "torch"
-             ) -> tuple[Classifier, dict[str, Any]]:
+             progress: Callable[[int, int, float], None] | None = None, loader: str = "torch",
+             holdout: ImageFiles | None = None) -> tuple[Classifier, dict[str, Any]]:
     """Fine-tune a copy of ``encoder`` (the argument is left as it was) with a new linear head on ``train``
     (the labelled subset); return the classifier and its top-1/top-5 % on ``val``'s centre views.
 
@@ -142,7 +166,8 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
     number of ``workers`` gives the same run. A last partial batch is dropped when the subset holds more than
     one batch (a batch of one image has no BatchNorm statistics). bf16 autocast on CUDA.
     ``progress(step, total_steps, loss)`` is called after every step (reading the loss there is a host sync:
-    pass None in timed runs). ``loader`` decodes the validation images (``extract_features``)."""
+    pass None in timed runs). ``loader`` decodes the validation images (``extract_features``). With a ``holdout``
+    set (training images outside the subset), its top-1 is reported too (``holdout_top1``), to choose ``lr`` by."""
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise FastByolError(f"fine-tuning needs epochs >= 1, batch size >= 1 and lr > 0 (got {epochs}, "
                             f"{batch_size}, {lr})")
@@ -175,9 +200,32 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
             step += 1
             if progress is not None:
                 progress(step, total, float(loss))
-    scores, labels = extract_features(model, val, size, device, batch_size=min(batch_size, 256), workers=workers,
-                                      loader=loader)
-    result = {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5),
-              "final_loss": float(loss.detach()), "epochs": epochs, "steps": step, "batch_size": batch_size,
-              "lr_at_1024": lr, "lr": peak_lr, "train_images": len(train), "val_images": len(val)}
+    def accuracy(files: ImageFiles) -> tuple[float, float]:
+        scores, labels = extract_features(model, files, size, device, batch_size=min(batch_size, 256),
+                                          workers=workers, loader=loader)
+        return topk_accuracy(scores, labels, 1), topk_accuracy(scores, labels, 5)
+
+    top1, top5 = accuracy(val)
+    result = {"top1": top1, "top5": top5, "final_loss": float(loss.detach()), "epochs": epochs, "steps": step,
+              "batch_size": batch_size, "lr_at_1024": lr, "lr": peak_lr, "train_images": len(train),
+              "val_images": len(val)}
+    if holdout is not None:
+        result["holdout_top1"], result["holdout_images"] = accuracy(holdout)[0], len(holdout)
     return model, result
+
+
+def sweep(lrs: Sequence[float], run: Callable[[float], tuple[Classifier, dict[str, Any]]]
+          ) -> tuple[Classifier, dict[str, Any], list[dict[str, float]]]:
+    """``run(lr)`` for each learning rate; the classifier and result with the best held-out top-1 (the first of
+    equals), and one line per rate (lr, held-out and validation top-1). The choice never reads the validation
+    split: its numbers are reported for the chosen rate, and listed for the others."""
+    best: tuple[Classifier, dict[str, Any]] | None = None
+    lines = []
+    for lr in lrs:
+        model, result = run(lr)
+        lines.append({"lr_at_1024": lr, "holdout_top1": result.get("holdout_top1", float("nan")),
+                      "top1": result["top1"]})
+        if best is None or result.get("holdout_top1", 0.0) > best[1].get("holdout_top1", 0.0):
+            best = (model, result)
+    assert best is not None, "sweep() needs at least one learning rate"
+    return best[0], best[1], lines
