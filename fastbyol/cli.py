@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="byol", help="byol, simclr, or byol,simclr (side by side)")
     demo.add_argument("--dataset", default="shapes,digits", help="shapes, digits, or shapes,digits (default)")
     demo.add_argument("--linear-epochs", type=int, default=80)
-    demo.add_argument("--finetune-epochs", type=int, default=15,
+    demo.add_argument("--finetune-epochs", type=int, default=30,
                       help="epochs of the fine-tune columns (every encoder fine-tuned on 10%% of the labels); 0 skips "
                            "them")
     demo.add_argument("--arch", default=None, help="encoder instead of the presets' ResNet-18: a torchvision name or "

@@ -120,6 +120,9 @@ def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
 
     with pytest.raises(FastByolError, match="--dataset cifar: use shapes, digits or shapes,digits"):
         run_demo(str(tmp_path), [], datasets=("cifar",))
+    from fastbyol.cli import _parser
+
+    assert _parser().parse_args(["demo"]).finetune_epochs == FINETUNE_EPOCHS  # the command runs what run_demo does
 
 
 def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path) -> None:
