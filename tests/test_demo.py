@@ -125,11 +125,13 @@ def test_demo_rejects_an_unknown_dataset(tmp_path: Path) -> None:
     assert _parser().parse_args(["demo"]).finetune_epochs == FINETUNE_EPOCHS  # the command runs what run_demo does
 
 
-def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path) -> None:
+def test_demo_takes_a_timm_vit_with_its_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fastbyol demo --arch timm:vit_tiny_patch16_224`, cut to 2 steps: the ViT with 4 px patches in 6 blocks,
     AdamW, and one random-init row (timm's own initialisation)."""
+    from fastbyol.engine import demo
     from fastbyol.engine.demo import format_table, run_demo
 
+    monkeypatch.setattr(demo, "FINETUNE_LRS", (1.0,))  # one rate, no held-out pass: the sweep has its own tests
     result = run_demo(str(tmp_path), ["run.max_steps=2", "run.progress=off"], linear_epochs=1,
                       datasets=("digits",), arch="timm:vit_tiny_patch16_224", finetune_epochs=1)
     table = result["datasets"]["digits"]
