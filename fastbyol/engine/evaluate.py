@@ -148,6 +148,18 @@ def split_files(data_root: str) -> tuple[ImageFiles, ImageFiles]:
     return train, val
 
 
+def _workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader processes for evaluation: ``workers``, or ``default_workers(device)`` when None."""
+    workers = default_workers(device) if workers is None else workers
+    if workers < 0:
+        raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
+    return workers
+
+
+def _num_classes(train: ImageFiles, val: ImageFiles) -> int:
+    return max(max(train.labels), max(val.labels)) + 1
+
+
 def open_feature_cache(folder: Path | str, chosen: bool) -> FeatureCache | None:
     """The feature cache in ``folder`` (created). A folder the user ``chose`` (``--cache``) that cannot be
     created is an error; the default one (``RUN_DIR/eval-cache``, e.g. in a read-only run) turns the cache
@@ -172,31 +184,28 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                      knn_k: tuple[int, ...] = (20,), linear_epochs: int | None = 80, batch_size: int = 256,
                      augment: bool = False, workers: int | None = None, cache: FeatureCache | None = None,
                      encoder_id: str | None = None, seed: int = 0,
-                     train_files: ImageFiles | None = None, loader: str = "auto") -> dict[str, Any]:
+                     splits: tuple[ImageFiles, ImageFiles] | None = None, loader: str = "auto") -> dict[str, Any]:
     """kNN (cosine, each k) and/or the linear probe: on features precomputed once from centre views, or
     (``augment``) on fresh crop + flip views every epoch (seeded by ``seed``), the spec's protocol.
 
     ``workers`` DataLoader processes decode the images (default ``default_workers(device)``). With a ``cache``, each
     split's features (per view) are read from it when the encoder (``encoder_id``: a checkpoint's
     ``CheckpointEncoder.identity``; default the encoder's ``state_fingerprint``), the images, ``size``, the
-    view and the device's precision match, and written to it otherwise. ``train_files`` (a labelled subset of
-    the training split, as fine-tuning's baseline) replaces the training split. ``loader`` ('auto', 'torch',
+    view and the device's precision match, and written to it otherwise. ``splits``: the (train, val) images of
+    ``data_root`` when the caller has them already (default ``split_files(data_root)``; fine-tuning's baseline
+    passes its labelled subset as train). ``loader`` ('auto', 'torch',
     'dali': ``resolve_loader``) decodes the centre views; augmented views are always PIL's."""
-    workers = default_workers(device) if workers is None else workers
-    if workers < 0:
-        raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
-    splits = dict(zip(("train", "val"), split_files(data_root)))
-    if train_files is not None:
-        splits["train"] = train_files
-    train, val = splits["train"], splits["val"]
-    num_classes = max(max(train.labels), max(val.labels)) + 1
+    workers = _workers(workers, device)
+    train, val = splits or split_files(data_root)
+    splits_by_name = {"train": train, "val": val}
+    num_classes = _num_classes(train, val)
     encoder = encoder.to(device)
     fingerprints: dict[str, str] = {}
     if cache is not None and encoder_id is None:
         encoder_id = state_fingerprint(encoder)
 
     def features(split: str, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        files = splits[split]
+        files = splits_by_name[split]
         decoder = resolve_loader(loader, device, epoch)  # the cache keys DALI's pixels apart from PIL's
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,9 +264,7 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     (the chosen rate's validation top-1/top-5 and the sweep) and ``classifier.pt`` (the chosen fine-tuned encoder
     and head: a ``Classifier`` state_dict).
     ``loader`` decodes the centre views (the probe's features, the validation logits): ``resolve_loader``."""
-    workers = default_workers(device) if workers is None else workers
-    if workers < 0:
-        raise FastByolError(f"workers {workers}: use 0 (decode in this process) or more DataLoader processes")
+    workers = _workers(workers, device)
     train, val = split_files(data_root)
     root = str(Path(data_root) / "train")
     indices = (finetuning.read_subset(subset_list, train, root) if subset_list
@@ -291,8 +298,8 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     if linear_epochs:
         result["linear"] = evaluate_encoder(encoder, data_root, size, device, knn_k=(), linear_epochs=linear_epochs,
                                             workers=workers, cache=cache, encoder_id=encoder_id, seed=seed,
-                                            train_files=labelled, loader=loader)["linear"]
-    num_classes = max(max(train.labels), max(val.labels)) + 1
+                                            splits=(labelled, val), loader=loader)["linear"]
+    num_classes = _num_classes(train, val)
     bar = ProgressBar(0, 0, enabled=sys.stderr.isatty())
     model, result["finetune"], result["sweep"] = finetuning.sweep(lrs, lambda lr: finetuning.finetune(
         encoder, labelled, val, num_classes, size, device, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
