@@ -156,6 +156,22 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (20 200)")
 
+    cv = ev.add_parser("curve", help="learning curves: kNN and linear probe of every checkpoint run.keep_epochs kept, "
+                                     "one line per run, beside the raw pixels and the random network")
+    cv.add_argument("runs", nargs="+", metavar="RUN",
+                    help="run directories trained with run.keep_epochs=..., or folders of encoders trained elsewhere "
+                         "(curve.json beside epoch-<e>.pth, e.g. benchmarks/public_byol.py's)")
+    cv.add_argument("--data", required=True, help="image folder with train/ and val/ sub-folders")
+    cv.add_argument("--out", metavar="DIR",
+                    help="folder for results.json, curve.csv, curve.md, curve.png and the feature cache (default, for "
+                         "one run: RUN/curve); an interrupted evaluation resumes from it")
+    cv.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    cv.add_argument("--linear-epochs", type=int, default=80, help="epochs of each linear probe (default 80)")
+    cv.add_argument("--baseline-seeds", type=int, default=2,
+                    help="random networks drawn for the baseline (the best is the line to pass; default 2; 0: none)")
+    cv.add_argument("--workers", type=int, metavar="N",
+                    help="DataLoader processes decoding images (default: min(8, CPUs) with a GPU; 0 on the CPU)")
+
     ft = ev.add_parser("finetune", help="the paper's semi-supervised protocol: fine-tune the encoder and a linear "
                                         "head on a class-balanced fraction of the labels")
     ft.add_argument("checkpoint", help="checkpoint file or run directory (newest valid checkpoint)")
@@ -375,11 +391,13 @@ def _data_check_shards(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     if not args.protocol:
-        raise FastByolError("usage: fastbyol eval {linear,knn,finetune} CHECKPOINT --data DIR")
+        raise FastByolError("usage: fastbyol eval {linear,knn,finetune,curve} CHECKPOINT --data DIR")
     if args.workers is not None and args.workers < 0:
         raise FastByolError(f"--workers {args.workers}: use 0 (decode in the main process) or more processes")
     if args.protocol == "finetune":
         return _finetune(args)
+    if args.protocol == "curve":
+        return _curve(args)
     if args.cache and args.no_cache:
         raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
     from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder, open_feature_cache
@@ -412,6 +430,23 @@ def _eval(args: argparse.Namespace) -> int:
         from fastbyol.files import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    if len(args.runs) > 1 and not args.out:
+        raise FastByolError("several runs: pass --out DIR for their common curve (each fastbyol run's own points "
+                            "also go to RUN/curve)")
+    from fastbyol.engine.curve import evaluate_curve
+    from fastbyol.engine.trainer import resolve_device
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "curve"
+    results = evaluate_curve(args.runs, args.data, out, resolve_device("auto"), k=args.k,
+                             linear_epochs=args.linear_epochs, baseline_seeds=args.baseline_seeds,
+                             workers=args.workers)
+    print((out / "curve.md").read_text(), end="")
+    print(f"fastbyol curve: {len(results['points'])} checkpoints, {len(results['baselines'])} baselines; "
+          f"{out / 'curve.png'}, {out / 'curve.csv'}", file=sys.stderr)
     return 0
 
 

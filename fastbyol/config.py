@@ -286,6 +286,11 @@ class RunConfig:
     after every step in one process, at the log cadence across ranks (rank 0's clock decides)."""
     keep_last: int = resumable(3)
     """Checkpoints kept in the run directory (older ones are deleted)."""
+    keep_epochs: list[float] = resumable([])
+    """Epochs whose checkpoint is kept for good, beside run.keep_last's rolling ones, for learning curves
+    (`fastbyol eval curve`): run.keep_epochs=1,3,10,30,100,200 writes <run dir>/checkpoints/epoch-<e>.pt at the
+    first step that completes epoch e (a hard link to that step's checkpoint where the file system allows).
+    Epochs past the end of the run are never reached."""
     out_dir: str = "runs"
     """Parent of run directories."""
     name: str = ""
@@ -354,6 +359,10 @@ class RunConfig:
         _in_range(f"{prefix}.ckpt_minutes", self.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)",
                   low_ok=True)
         _positive_int(f"{prefix}.keep_last", self.keep_last)
+        for epoch in self.keep_epochs:
+            if not (math.isfinite(epoch) and epoch > 0):
+                raise ConfigError(f"{prefix}.keep_epochs has {epoch:g}: give positive epochs, e.g. "
+                                  f"{prefix}.keep_epochs=1,3,10,30,100")
         if not self.out_dir:
             raise ConfigError(f"{prefix}.out_dir is empty: set {prefix}.out_dir=runs (or any writable folder)")
         if "/" in self.name or self.name in (".", ".."):

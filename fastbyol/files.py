@@ -41,3 +41,27 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_link(source: Path | str, path: Path | str) -> None:
+    """``path`` becomes a second name of the complete file ``source`` (a hard link made under a temp name and
+    renamed over ``path``, so a reader never sees a partial file); where the file system has no hard links
+    (or ``source`` is on another one), a copy written by ``atomic_write_bytes``."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:
+        atomic_write_bytes(path, source.read_bytes())
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

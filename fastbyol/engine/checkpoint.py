@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from fastbyol.errors import FastByolError
-from fastbyol.files import atomic_write_bytes
+from fastbyol.files import atomic_link, atomic_write_bytes
 
 MAGIC = b"FBYOLCK1"
 _HEADER = len(MAGIC) + 64
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_EPOCH_NAME = re.compile(r"^epoch-(\d+(?:\.\d+)?)\.pt$")
 
 
 class CheckpointError(FastByolError):
@@ -39,6 +40,35 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
     return sorted(found, reverse=True)
+
+
+def epoch_label(epoch: float) -> str:
+    """``10`` for 10.0, ``0.5`` for 0.5: how a kept epoch is written in file names and tables."""
+    return str(int(epoch)) if float(epoch).is_integer() else repr(float(epoch))
+
+
+def epoch_checkpoint_name(epoch: float) -> str:
+    return f"epoch-{epoch_label(epoch)}.pt"
+
+
+def list_epoch_checkpoints(ckpt_dir: Path) -> list[tuple[float, Path]]:
+    """(epoch, path) of the checkpoints ``run.keep_epochs`` kept, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(float(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _EPOCH_NAME.match(p.name))]
+    return sorted(found)
+
+
+def keep_epoch(path: Path, epoch: float) -> Path:
+    """Keep the complete checkpoint ``path`` for good as ``epoch-<epoch>.pt`` beside it (``run.keep_epochs``):
+    ``keep_last``'s pruning never touches that name."""
+    kept = path.parent / epoch_checkpoint_name(epoch)
+    try:
+        atomic_link(path, kept)
+    except OSError as e:
+        raise CheckpointError(f"could not keep {path} as {kept}: {e.strerror or e}; free disk space or fix the run "
+                              "directory's permissions, then --resume") from None
+    return kept
 
 
 def save(state: dict[str, Any], ckpt_dir: Path, step: int, keep_last: int) -> Path:

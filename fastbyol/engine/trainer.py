@@ -250,6 +250,18 @@ class _RowSinks:
             self.wandb.close(failed=error is not None, preempted=isinstance(error, RunStopped))
 
 
+
+def keep_steps_for(epochs: list[float], images_per_epoch: int, batch_size: int,
+                   total_steps: int) -> dict[int, list[float]]:
+    """step -> the run.keep_epochs it completes: epoch e at the first step whose images reach e epochs
+    (``ceil(e * N / batch)``); epochs past the run's last step are left out."""
+    steps: dict[int, list[float]] = {}
+    for epoch in sorted(set(epochs)):
+        step = max(1, math.ceil(epoch * images_per_epoch / batch_size - 1e-9))
+        if step <= total_steps:
+            steps.setdefault(step, []).append(epoch)
+    return steps
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
                  ctx: DistContext | None = None, lock: RunLock | None = None, parts: UserParts | None = None
@@ -305,6 +317,8 @@ class Trainer:
         peak_lr = cfg.optim.base_lr * self.batch_size / 256
         self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
         self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
+        self.keep_steps = keep_steps_for(cfg.run.keep_epochs, self.images_per_epoch, self.batch_size,
+                                         self.total_steps)
 
     def _build_pair(self, probe_classes: int, encoder: nn.Module | None) -> Network:
         """The method's network (around the user's ``encoder`` if given) on the device, in training mode, with
@@ -377,6 +391,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "step": self.step,
             "position": self.position,
+            "epoch": self.position / self.images_per_epoch,
             "skipped": all_reduce_sum_int(self.ctx, self.skipped, self.device),
             "nonfinite_skipped": self.nonfinite_skipped,
             "model": self.updater.model_state(),
@@ -496,10 +511,15 @@ class Trainer:
         before the end raises ``RunStopped`` once the checkpoint is written (after SLURM's SIGUSR1, rank 0 has
         requeued the job by then)."""
         stop, requeue, time_due = self._stop_or_time_due(self._last_ckpt_time)
-        if not (self.step % self.cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due):
+        kept_epochs = self.keep_steps.get(self.step, [])
+        if not (self.step % self.cfg.run.ckpt_every == 0 or self.step == end_step or stop or time_due
+                or kept_epochs):
             return
         self._check_nonfinite()  # never write the weights of a bad step
         path = self.save_checkpoint()
+        if self.ctx.main:
+            for epoch in kept_epochs:  # run.keep_epochs: a second name that keep_last's pruning leaves alone
+                checkpoint.keep_epoch(path, epoch)
         self._last_ckpt_time = self.clock()
         if stop and self.step < end_step:
             then = f"continue with fastbyol train --resume {self.run_dir}"

@@ -52,7 +52,7 @@ _GPU_FIGURES: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
 )
 _TRAINING_PLOTS = ("loss", "probe_top1", "proj_std", "schedules", "throughput", "data_wait", "phases")
 # Every PNG name a report may write: a re-run removes those it no longer makes, so out_dir matches the page.
-PLOT_NAMES = _TRAINING_PLOTS + tuple(f[0] for f in _GPU_FIGURES)
+PLOT_NAMES = _TRAINING_PLOTS + tuple(f[0] for f in _GPU_FIGURES) + ("curve",)
 
 
 @dataclass
@@ -401,6 +401,52 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
     return plots
 
 
+def curve_plot(series: dict[str, list[tuple[float, float, float]]], baselines: dict[str, tuple[float, float]],
+               k: int, subtitle: str) -> Plot:
+    """Learning curves (``fastbyol eval curve``): kNN-``k`` and linear-probe top-1 against the epoch, one line per
+    run (``series``: label -> [(epoch, knn, linear)]), each baseline (label -> (knn, linear)) a horizontal line."""
+    fig, axes = _figure(2, height=4.2)
+    epochs = [e for points in series.values() for e, _, _ in points]
+    log_x = bool(epochs) and min(epochs) > 0 and max(epochs) / min(epochs) >= 20  # 1, 3, 10, 30, 100: even spacing
+    for panel, (ax, title) in enumerate(zip(axes, (f"kNN-{k} top-1", "linear probe top-1"))):
+        for i, (label, points) in enumerate(series.items()):
+            ax.plot([p[0] for p in points], [p[1 + panel] for p in points], marker="o", markersize=4,
+                    color=f"C{i}", label=label)
+        for j, (label, values) in enumerate(baselines.items()):
+            ax.axhline(values[panel], linestyle=("--", ":", "-.")[j % 3], color="grey", label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(title=title, xlabel="epoch" + (" (log scale)" if log_x else ""), ylabel="top-1 (%)")
+        ax.set_ylim(0, 100)
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.suptitle(f"Learning curves: {subtitle}")
+    return _plot("curve", "Learning curve", f"Plots of kNN-{k} and linear-probe top-1 accuracy in percent against the "
+                 "epoch for " + ", ".join(series) + ", with the baselines as horizontal lines", fig)
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        raise ValueError("not a PNG")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def curve_section(run_dir: Path) -> tuple[Plot | None, str]:
+    """The learning curve ``fastbyol eval curve`` wrote to RUN/curve/ (its PNG and markdown table), or (None, '')."""
+    png_path, table_path = run_dir / "curve" / "curve.png", run_dir / "curve" / "curve.md"
+    if not png_path.is_file():
+        return None, ""
+    png = png_path.read_bytes()
+    try:
+        width, height = _png_size(png)
+    except ValueError:
+        return None, f'<p class="note">{_e(str(png_path))} is not a PNG: run fastbyol eval curve again</p>'
+    plot = Plot("curve", "Learning curve", "Plot of the run's kNN and linear-probe accuracy against the epoch, with "
+                "the baselines (fastbyol eval curve)", png, width, height)
+    table = table_path.read_text(encoding="utf-8", errors="replace") if table_path.is_file() else ""
+    return plot, (f"<details open><summary>curve.md</summary><pre>{_e(table)}</pre></details>" if table else "")
+
+
 def gpu_plots(timeline: Timeline, from_samples: bool, power_limits: dict[int, float]) -> list[Plot]:
     xlabel = "seconds since the first sample" if from_samples else "step"
     source = "gpu_samples.jsonl" if from_samples else "per log interval, metrics.jsonl"
@@ -595,7 +641,8 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
 
     plots = training_plots(rows)
     gpu = gpu_plots(timeline, from_samples, power_limits) if timeline else []
-    all_plots = plots + gpu
+    curve, curve_table = curve_section(run_dir)
+    all_plots = plots + gpu + ([curve] if curve is not None else [])
 
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else None
@@ -625,6 +672,10 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
     parts += ["<h2>Summary (last log step)</h2>", _summary_table(rows), "<h2>Training</h2>"]
     parts += [_figure_html(p) for p in plots] or ["<p>No plottable field in metrics.jsonl.</p>"]
+
+    if curve is not None or curve_table:
+        parts.append("<h2>Learning curve</h2>")
+        parts += ([_figure_html(curve)] if curve is not None else []) + [curve_table]
 
     parts.append("<h2>GPUs</h2>")
     if devices:
