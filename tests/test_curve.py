@@ -156,3 +156,12 @@ def test_curve_errors_name_the_fix(curve_run: Path, data: Path, tmp_path: Path) 
         evaluate_curve([str(curve_run)], str(data), tmp_path / "o", torch.device("cpu"), k=0)
     with pytest.raises(FastByolError, match="larger than the 24 training images"):
         evaluate_curve([str(curve_run)], str(data), tmp_path / "o", torch.device("cpu"), k=25)
+
+
+def test_cli_curve_errors_are_one_line(curve_run: Path, data: Path, tmp_path: Path) -> None:
+    from test_cli import assert_one_line_error, fastbyol
+
+    assert_one_line_error(fastbyol("eval", "curve", str(curve_run), str(curve_run), "--data", str(data), cwd=tmp_path),
+                          "pass --out DIR")
+    assert_one_line_error(fastbyol("eval", "curve", str(tmp_path), "--data", str(data), cwd=tmp_path),
+                          "neither a fastbyol run directory")
