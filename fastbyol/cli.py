@@ -27,9 +27,11 @@ EXIT_USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fastbyol import __version__
     from fastbyol.config import describe_keys, preset_names
 
     parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, exact BYOL pretraining.")
+    parser.add_argument("--version", action="version", version=f"fastbyol {__version__}")
     # The deepspeed launcher inserts --local_rank=N before the command (LOCAL_RANK is in the environment).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -276,6 +278,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"fastbyol: done: step {summary['step']}/{summary['total_steps']}, {logged}"
           f"{summary['img_per_s']:.1f} img/s, {summary['wall_s']:.1f} s; run directory {summary['run_dir']}",
           file=sys.stderr)
+    if summary["step"] < summary["total_steps"]:
+        print(f"fastbyol: stopped at run.max_steps={trainer.cfg.run.max_steps} of the run's {summary['total_steps']} "
+              f"steps: continue with fastbyol train --resume {summary['run_dir']} run.max_steps=0 (or a larger "
+              "run.max_steps)", file=sys.stderr)
     return 0
 
 
@@ -400,6 +406,10 @@ def _eval(args: argparse.Namespace) -> int:
         return _curve(args)
     if args.cache and args.no_cache:
         raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
+    if args.protocol == "knn" and any(k < 1 for k in args.k):
+        raise FastByolError(f"--k {' '.join(map(str, args.k))}: each neighbour count must be >= 1, e.g. --k 20 200")
+    if args.protocol == "linear" and args.epochs < 1:
+        raise FastByolError(f"--epochs {args.epochs}: the probe needs >= 1 epoch, e.g. --epochs 80")
     from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder, open_feature_cache
     from fastbyol.engine.trainer import resolve_device
 
@@ -511,7 +521,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_command(argv: Sequence[str]) -> str | None:
+    """A one-line error for a mistyped subcommand (argparse lists the choices but suggests none), or None."""
+    import difflib
+
+    if not argv or argv[0].startswith("-") or argv[0] in COMMANDS:  # options first (--local_rank=N): argparse's
+        return None
+    near = difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return (f"unknown command {argv[0]!r}: {hint}(the commands: {', '.join(COMMANDS)}; fastbyol --help says what "
+            "each does)")
+
+
+COMMANDS = ("train", "bench", "report", "doctor", "presets", "data", "eval", "export", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_command(argv)
+    if unknown is not None:
+        print(f"fastbyol: error: {unknown}", file=sys.stderr)
+        return EXIT_USER_ERROR
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come on either side of options (argparse takes only the first run of them).

@@ -27,7 +27,8 @@ def test_roundtrip_and_keep_last(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])
-def test_damaged_checkpoint_is_rejected_and_auto_falls_back(tmp_path: Path, damage: str) -> None:
+def test_damaged_checkpoint_is_rejected_and_auto_falls_back(tmp_path: Path, damage: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "run" / "checkpoints"
     checkpoint.save(_state(1), d, 1, keep_last=3)
     newest = checkpoint.save(_state(2), d, 2, keep_last=3)
@@ -39,6 +40,17 @@ def test_damaged_checkpoint_is_rejected_and_auto_falls_back(tmp_path: Path, dama
     assert str(newest) in str(e.value) and "\n" not in str(e.value)
     run_dir, state = checkpoint.resolve_resume(str(tmp_path / "run"))
     assert run_dir == tmp_path / "run" and state["step"] == 1
+    # The fallback is said, once: which file was damaged and which step the run goes back to.
+    warning = capsys.readouterr().err
+    assert warning.count("warning:") == 1 and str(newest) in warning and "ckpt-00000001.pt (step 1)" in warning
+    # Every file damaged: one line that says so without advising an earlier checkpoint that does not exist.
+    first = d / checkpoint.checkpoint_name(1)
+    first.write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resolve_resume(str(tmp_path / "run"))
+    message = str(e.value)
+    assert "every checkpoint" in message and "2 files" in message and "earlier checkpoint" not in message
+    assert "start a new run" in message and "\n" not in message
 
 
 def test_failed_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

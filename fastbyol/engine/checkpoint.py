@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,11 @@ _EPOCH_NAME = re.compile(r"^epoch-(\d+(?:\.\d+)?)\.pt$")
 
 
 class CheckpointError(FastByolError):
-    """A checkpoint could not be written or read."""
+    """A checkpoint could not be written or read; ``reason`` is what is wrong with the file, without the advice."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def checkpoint_name(step: int) -> str:
@@ -101,12 +106,12 @@ def load(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if len(blob) < _HEADER or not blob.startswith(MAGIC):
-        raise CheckpointError(f"{path} is not a fastbyol checkpoint (or is truncated to {len(blob)} bytes): "
-                              "resume from an earlier checkpoint in the same folder")
+        reason = f"{path} is not a fastbyol checkpoint (or is truncated to {len(blob)} bytes)"
+        raise CheckpointError(f"{reason}: resume from an earlier checkpoint in the same folder", reason)
     payload = blob[_HEADER:]
     if hashlib.sha256(payload).hexdigest().encode() != blob[len(MAGIC):_HEADER]:
-        raise CheckpointError(f"checkpoint {path} is truncated or damaged (checksum mismatch): "
-                              "resume from an earlier checkpoint in the same folder")
+        reason = f"checkpoint {path} is truncated or damaged (checksum mismatch)"
+        raise CheckpointError(f"{reason}: resume from an earlier checkpoint in the same folder", reason)
     state: dict[str, Any] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     return state
 
@@ -123,11 +128,17 @@ def resolve_resume(target: str) -> tuple[Path, dict[str, Any]]:
         candidates = list_checkpoints(ckpt_dir)
         if not candidates:
             raise CheckpointError(f"no checkpoints in {ckpt_dir}: nothing to resume; start a new run")
-        errors = []
-        for _, path in candidates:
+        errors: list[str] = []
+        for step, path in candidates:
             try:
-                return p, load(path)
+                state = load(path)
             except CheckpointError as e:
-                errors.append(str(e))
-        raise CheckpointError(f"every checkpoint in {ckpt_dir} is damaged (newest: {errors[0]})")
+                errors.append(e.reason)
+                continue
+            if errors:  # the steps after this one are lost: say so, once, before training them again
+                print(f"fastbyol: warning: {len(errors)} newer checkpoint(s) damaged ({errors[0]}): resuming from "
+                      f"{path.name} (step {step}); the steps after it are trained again", file=sys.stderr, flush=True)
+            return p, state
+        raise CheckpointError(f"every checkpoint in {ckpt_dir} is damaged ({len(errors)} files; newest: {errors[0]}): "
+                              "nothing to resume from; restore the run directory from a copy, or start a new run")
     raise CheckpointError(f"--resume {target}: no such checkpoint file or run directory")

@@ -197,6 +197,10 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
     'dali': ``resolve_loader``) decodes the centre views; augmented views are always PIL's."""
     workers = _workers(workers, device)
     train, val = splits or split_files(data_root)
+    for k in knn_k:
+        if not 1 <= k <= len(train):
+            raise FastByolError(f"--k {k}: kNN needs 1 <= k <= the {len(train)} training images of {data_root}: pass "
+                                "a k in that range, e.g. --k 20")
     splits_by_name = {"train": train, "val": val}
     num_classes = _num_classes(train, val)
     encoder = encoder.to(device)

@@ -1,0 +1,61 @@
+"""Guardrails a newcomer trips on (issue 29), through the real CLI: each bad input is one line with the fix and
+exit code 2; each silent stop says how to go on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_cli import assert_one_line_error, fastbyol
+
+from fastbyol import __version__
+from fastbyol.cli import COMMANDS, _parser
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = fastbyol("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"fastbyol {__version__}"
+
+
+@pytest.mark.parametrize(("typed", "suggested"), [("trian", "train"), ("evl", "eval"), ("preset", "presets")])
+def test_mistyped_command_suggests_the_nearest(tmp_path: Path, typed: str, suggested: str) -> None:
+    assert_one_line_error(fastbyol(typed, cwd=tmp_path), f"did you mean {suggested}?")
+
+
+def test_command_list_matches_the_parser() -> None:
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    assert tuple(sub.choices) == COMMANDS  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["knn", "--k", "0"], "--k 0"), (["knn", "--k", "20", "-3"], "--k 20 -3"),
+                                              (["linear", "--epochs", "0"], "--epochs 0")])
+def test_eval_arguments_are_checked_before_any_work(tmp_path: Path, args: list[str], needle: str) -> None:
+    # No checkpoint, no data: the argument is refused first, in one line.
+    proc = fastbyol("eval", args[0], str(tmp_path / "no-run"), "--data", str(tmp_path / "no-data"), *args[1:],
+                    cwd=tmp_path)
+    assert_one_line_error(proc, needle)
+
+
+def test_max_steps_stop_says_how_to_continue(tmp_path: Path) -> None:
+    proc = fastbyol("train", "--preset", "smoke", f"run.out_dir={tmp_path}", "run.name=r", "data.num_images=32",
+                    "optim.batch_size=8", "data.image_size=16", "model.small_stem=true", "model.proj_hidden=32",
+                    "model.proj_dim=16", "data.workers=0", "run.progress=off", "run.telemetry=off", "run.max_steps=2",
+                    "run.kernels=off", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    hint = [line for line in proc.stderr.splitlines() if "run.max_steps=2" in line]
+    assert hint and f"--resume {tmp_path / 'r'} run.max_steps=0" in hint[0]
+
+
+def test_knn_k_larger_than_the_training_split_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from fastbyol.data.builders import make_synthetic
+    from fastbyol.engine.evaluate import evaluate_encoder
+    from fastbyol.errors import FastByolError
+    from fastbyol.eval.baselines import RawPixels
+
+    make_synthetic(str(tmp_path / "d"), num_classes=2, train_per_class=3, val_per_class=1, size=16)
+    with pytest.raises(FastByolError, match="1 <= k <= the 6 training images"):
+        evaluate_encoder(RawPixels(), str(tmp_path / "d"), 16, torch.device("cpu"), knn_k=(7,), linear_epochs=None)
+    assert evaluate_encoder(RawPixels(), str(tmp_path / "d"), 16, torch.device("cpu"), knn_k=(6,),
+                            linear_epochs=None)["knn6"]["top1"] >= 0
