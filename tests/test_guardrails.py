@@ -59,3 +59,38 @@ def test_knn_k_larger_than_the_training_split_is_refused(tmp_path: Path) -> None
         evaluate_encoder(RawPixels(), str(tmp_path / "d"), 16, torch.device("cpu"), knn_k=(7,), linear_epochs=None)
     assert evaluate_encoder(RawPixels(), str(tmp_path / "d"), 16, torch.device("cpu"), knn_k=(6,),
                             linear_epochs=None)["knn6"]["top1"] >= 0
+
+
+def test_link_loops_in_the_data_folder_are_skipped_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fastbyol.data.builders import make_synthetic
+
+    make_synthetic(str(tmp_path / "d"), num_classes=2, train_per_class=3, val_per_class=1, size=16)
+    train = tmp_path / "d" / "train"
+    a = sorted(p for p in train.iterdir() if p.is_dir())[0]
+    os.symlink("../" + a.name, a / "self")  # the two loops: each would make the walk grow exponentially
+    os.symlink("..", a / "up")
+    # A subprocess with a deadline: a walk that follows the loops never ends.
+    code = ("from fastbyol.data.folder import scan_image_folder; "
+            f"p, l, c = scan_image_folder({str(train)!r}); print(len(p), len(c))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["6", "2"]  # every image once, two classes
+    warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "2 folder link(s)" in warnings[0] and str(a / "self") in warnings[0]
+    proc = fastbyol("data", "check", str(train), cwd=tmp_path)
+    assert proc.returncode == 0 and "2 folder link(s)" in proc.stderr, proc.stderr
+
+
+def test_a_dataset_root_is_not_read_as_classes(tmp_path: Path) -> None:
+    from fastbyol.data.builders import make_synthetic
+
+    make_synthetic(str(tmp_path / "d"), num_classes=2, train_per_class=2, val_per_class=1, size=16)
+    root = tmp_path / "d"
+    assert_one_line_error(fastbyol("train", "--preset", "smoke", "data.source=folder", f"data.path={root}",
+                                   f"run.out_dir={tmp_path}", cwd=tmp_path), f"data.path={root / 'train'}")
+    assert not list(tmp_path.glob("smoke*"))  # no run directory left behind
+    assert_one_line_error(fastbyol("data", "check", str(root), cwd=tmp_path), "holds train/ and val/ splits")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from typing import IO
 
 from PIL import Image, ImageFile
@@ -41,12 +42,29 @@ def scan_image_folder(path: str, what: str = "data.path") -> tuple[list[str], li
     if not os.path.isdir(path):
         raise FastByolError(f"data path {path} is not a folder: set {what} to the folder that holds the "
                             "images (one sub-folder per class)")
+    _refuse_split_root(path, what)
     found: list[tuple[str, str]] = []  # (path, class)
+    seen = {_dir_key(path)}  # every folder walked, by (device, inode): a link back to one is not walked again
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            key = _dir_key(os.path.join(dirpath, d))
+            if key is None or key in seen:  # a link loop (or a second link to a folder already read)
+                skipped.append(os.path.join(dirpath, d))
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
         rel = os.path.relpath(dirpath, path)
         cls = ROOT_CLASS if rel == os.curdir else rel.split(os.sep, 1)[0]
         found += [(os.path.join(dirpath, name), cls) for name in filenames if _is_image_name(name)]
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"fastbyol: warning: {len(skipped)} folder link(s) under {path} lead to a folder already read (a link "
+              f"loop or a duplicate) and were skipped: {', '.join(skipped[:3])}{more}", file=sys.stderr, flush=True)
     if not found:
         raise FastByolError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}, any case) found in {path} or its "
                             f"sub-folders: put the images there (one sub-folder per class) or fix {what}")
@@ -56,6 +74,28 @@ def scan_image_folder(path: str, what: str = "data.path") -> tuple[list[str], li
     classes = ([ROOT_CLASS] if ROOT_CLASS in names else []) + sorted(names - {ROOT_CLASS})
     label_of = {cls: i for i, cls in enumerate(classes)}
     return [p for p, _ in found], [label_of[cls] for _, cls in found], classes
+
+
+def _dir_key(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``path`` leads to (following links); None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _refuse_split_root(path: str, what: str) -> None:
+    """A dataset root (``train/`` and ``val/`` beside each other, as ``fastbyol data make`` writes) is not a folder
+    of classes: read as one, its validation images would train the network as a second "class"."""
+    try:
+        entries = {e.name for e in os.scandir(path) if e.is_dir()}
+    except OSError:
+        return
+    if {"train", "val"} <= entries:
+        train = os.path.join(path, "train")
+        raise FastByolError(f"{path} holds train/ and val/ splits, not classes: set {what}={train} (reading both "
+                            "would pretrain on the validation images)")
 
 
 def load_rgb(path: str) -> Image.Image:
