@@ -24,6 +24,8 @@ config keys (default of the base config; presets change some):
 """
 
 EXIT_USER_ERROR = 2
+EXIT_FOUND_BAD = 1
+"""`data check` found unreadable files (and left them out of the clean list it wrote)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--val-per-class", type=int, default=50)
     shapes.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
     check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list "
-                                           "(a folder of shards: check their sizes and sha256 against the index)")
+                                           "(a folder of shards: check their sizes and sha256 against the index); "
+                                           "exit 0 if all are good, 1 if some were left out of the list")
     check.add_argument("dir", help="image folder (one sub-folder per class), or the OUT_DIR of `data pack`")
     check.add_argument("--out", metavar="FILE",
                        help="clean list, lines '<relative path> <label>' (default DIR/fastbyol-filelist.txt)")
@@ -278,6 +281,11 @@ def _train(args: argparse.Namespace) -> int:
     print(f"fastbyol: done: step {summary['step']}/{summary['total_steps']}, {logged}"
           f"{summary['img_per_s']:.1f} img/s, {summary['wall_s']:.1f} s; run directory {summary['run_dir']}",
           file=sys.stderr)
+    skipped = int(last.get("skipped_images", 0)) if last else 0
+    if skipped:
+        print(f"fastbyol: {skipped} image(s) could not be decoded and were skipped (each replaced by the next image): "
+              f"listed in {Path(summary['run_dir']) / 'skipped.txt'}; `fastbyol data check --full` writes a clean list "
+              "for data.file_list", file=sys.stderr)
     if summary["step"] < summary["total_steps"]:
         print(f"fastbyol: stopped at run.max_steps={trainer.cfg.run.max_steps} of the run's {summary['total_steps']} "
               f"steps: continue with fastbyol train --resume {summary['run_dir']} run.max_steps=0 (or a larger "
@@ -363,8 +371,10 @@ def _data_check(args: argparse.Namespace) -> int:
     report = check_folder(args.dir, workers=args.workers, full=args.full)
     out = args.out or str(Path(args.dir) / DEFAULT_LIST_NAME)
     write_file_list(report, out)
-    print(format_report(report, out))  # bad files are left out of the list, not an error: exit 0
-    return 0
+    print(format_report(report, out))
+    # Bad files were left out of the list, which is usable; exit 1 still tells a script (a job's gate) that the
+    # folder is not clean, as grep and fsck do. 2 stays the usage error's.
+    return EXIT_FOUND_BAD if report.bad else 0
 
 
 def _data_pack(args: argparse.Namespace) -> int:

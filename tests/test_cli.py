@@ -69,6 +69,7 @@ def test_corrupt_jpeg_is_skipped_counted_and_listed(tmp_path: Path) -> None:
 
     rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
     assert rows[-1]["skipped_images"] == 2  # seen once per epoch, two epochs
+    assert "2 image(s) could not be decoded and were skipped" in proc.stderr  # the run's last words say so too
 
 
 def _tiny_run(tmp_path: Path, name: str, *extra: str) -> Path:

@@ -154,9 +154,9 @@ def fastbyol(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-def test_cli_summary_and_exit_zero_with_bad_files(folder: Path, tmp_path: Path) -> None:
+def test_cli_summary_and_exit_one_with_bad_files(folder: Path, tmp_path: Path) -> None:
     proc = fastbyol("data", "check", str(folder), "--workers", "2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a gate for scripts: the folder is not clean (the list still is)
     out = proc.stdout.splitlines()
     listed = folder / DEFAULT_LIST_NAME
     assert out[0].startswith("checked 9 files in ")
@@ -165,7 +165,7 @@ def test_cli_summary_and_exit_zero_with_bad_files(folder: Path, tmp_path: Path) 
     assert read_file_list(str(folder), str(listed))[1] == [label for _, label in GOOD]
 
     proc = fastbyol("data", "check", str(folder), "--full", "--out", str(tmp_path / "full.txt"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     assert "5 good, 4 bad" in proc.stdout and "b/trunc.jpg: " in proc.stdout
 
 
