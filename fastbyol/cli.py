@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what this machine has (torch/CUDA/GPU, DALI, Triton, DeepSpeed, NVML) "
                                   "and which paths fastbyol will take").add_argument(
         "--json", action="store_true", help="machine-readable output")
-    sub.add_parser("presets", help="list the named presets and what they set")
+    presets = sub.add_parser("presets", help="list the named presets, one line each (--json: every key they set)")
+    presets.add_argument("--json", action="store_true", help="print each preset's settings as JSON")
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", metavar="ACTION")
     make = data.add_parser("make", help="build an image folder with train/ and val/ splits").add_subparsers(
@@ -332,12 +333,17 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _presets() -> int:
-    from fastbyol.config import PRESETS
+def _presets(as_json: bool) -> int:
+    from fastbyol.config import PRESET_DESCRIPTIONS, PRESETS
 
+    if as_json:
+        print(json.dumps({name: PRESETS[name] for name in sorted(PRESETS)}, indent=2))
+        return 0
+    width = max(len(name) for name in PRESETS)
     for name in sorted(PRESETS):
-        flat = json.dumps(PRESETS[name], separators=(",", ":"))
-        print(f"{name}\n  {flat}")
+        print(f"{name:{width}s}  {PRESET_DESCRIPTIONS.get(name, '')}")
+    print("fastbyol presets --json: every key each one sets; fastbyol train --preset NAME --print-config: the "
+          "resolved config", file=sys.stderr)
     return 0
 
 
@@ -566,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             return _doctor(args)
         if args.command == "presets":
-            return _presets()
+            return _presets(args.json)
         commands = {"data": _data, "eval": _eval, "export": _export, "demo": _demo, "bench": _bench,
                     "report": _report}
         if args.command in commands:

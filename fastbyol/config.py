@@ -664,6 +664,26 @@ PRESETS["shapes-simclr"] = {**PRESETS["shapes"], "method": "simclr",
                             "optim": {**PRESETS["shapes"]["optim"], "base_lr": 10.0, "weight_decay": 1e-6}}
 
 
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "byol-r50-1000ep": "the paper: ResNet-50, 224 px, batch 4096, base lr 0.2, wd 1.5e-6, tau 0.996, 1000 epochs",
+    "byol-r50-300ep": "the official 300-epoch config: base lr 0.3, wd 1e-6, tau 0.99",
+    "byol-r50-100ep": "the official 100-epoch config: base lr 0.45, wd 1e-6, tau 0.99",
+    "byol-r50-40ep": "the official 40-epoch config: base lr 0.45, wd 1e-6, tau 0.97",
+    "byol-vits16-300ep": "BYOL with ViT-S/16 as MoCo v3 ran it: AdamW, base lr 1e-4, wd 0.03, 40 warm-up epochs",
+    "byol-vitb16-100ep": "BYOL with ViT-B/16 as MoCo v3 ran it: AdamW, base lr 1e-4, wd 0.03, 40 warm-up epochs",
+    "byol-convnext-t-300ep": "ConvNeXt-T, the ConvNeXt paper's AdamW: lr 4e-3 at batch 4096, wd 0.05, drop path 0.1",
+    "synthetic-r50": "ResNet-50 step on random tensors made on the device: throughput without an input pipeline",
+    "smoke": "ResNet-18 on 64 px embedded procedural images, batch 32, 16 steps: a minute on a CPU",
+    "shapes": "the demo's BYOL: ResNet-18, 32 px silhouettes (fastbyol data make shapes), batch 64, 10 epochs",
+    "shapes-simclr": "the demo's SimCLR on the shapes: the shapes preset with method=simclr, base lr 10",
+    "digits": "the demo's sanity row: ResNet-18, 32 px handwritten digits (fastbyol data make digits), 10 epochs",
+    "digits-simclr": "the digits preset with method=simclr, base lr 1.0",
+    "simclr-r50-1000ep": "SimCLR's ImageNet recipe: ResNet-50, batch 4096, base lr 0.3, temperature 0.1, 1000 epochs",
+    "simclr-r50-100ep": "SimCLR's ImageNet recipe at 100 epochs",
+}
+"""One line per preset: what `fastbyol presets` prints beside each name (tests/test_config.py: one for each)."""
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 

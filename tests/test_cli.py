@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fastbyol.config import PRESETS
 from fastbyol.engine import checkpoint
 
 TINY = ["optim.batch_size=4", "data.workers=0", "data.image_size=16", "model.small_stem=true",
@@ -125,3 +127,7 @@ def test_help_doctor_presets(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "tau_base: 0.97" in proc.stdout and "base_lr: 0.45" in proc.stdout
     proc = fastbyol("presets", cwd=tmp_path)
     assert proc.returncode == 0 and "byol-r50-1000ep" in proc.stdout and "smoke" in proc.stdout
+    lines = proc.stdout.splitlines()  # a table: one line per preset, name then what it is
+    assert len(lines) == len(PRESETS) and all(line.split()[0] in PRESETS and len(line.split()) > 3 for line in lines)
+    proc = fastbyol("presets", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == PRESETS

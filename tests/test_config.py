@@ -153,3 +153,10 @@ def test_resumable_keys_come_from_field_metadata() -> None:
         section, name = key.split(".")
         cls = type(getattr(Config(), section))
         assert next(f for f in dataclasses.fields(cls) if f.name == name).metadata == RESUMABLE
+
+
+def test_every_preset_has_a_one_line_description() -> None:
+    from fastbyol.config import PRESET_DESCRIPTIONS, PRESETS
+
+    assert set(PRESET_DESCRIPTIONS) == set(PRESETS)
+    assert all(0 < len(text) <= 100 and "\n" not in text for text in PRESET_DESCRIPTIONS.values())
