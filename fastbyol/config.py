@@ -415,8 +415,13 @@ class Config:
     def validate(self) -> Config:
         """Every section's own checks, then those that span sections; returns self."""
         _check_choices(self, "")
-        for name in _sections():
-            getattr(self, name).validate(name)
+        errors: list[ConfigError] = []
+        for name in _sections():  # every section's first error, all at once
+            try:
+                getattr(self, name).validate(name)
+            except ConfigError as e:
+                errors.append(e)
+        raise_all(errors)
         d, o, r = self.data, self.optim, self.run
         if self.method == "simclr" and r.engine == "deepspeed":
             raise ConfigError("method=simclr does not run under run.engine=deepspeed yet: use run.engine=auto "
@@ -834,6 +839,14 @@ def load_yaml(path: str) -> dict[str, Any]:
     return tree
 
 
+def raise_all(errors: list[ConfigError]) -> None:
+    """One ConfigError carrying every message (one line each joined by '; '), or nothing when there is none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigError(f"{len(errors)} config errors: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
+
+
 def build_config(preset: str | None = None, yaml_path: str | None = None,
                  overrides: list[str] | None = None) -> Config:
     """Preset (or the file's ``preset:``), then the YAML file, then ``key=value`` overrides; validated."""
@@ -849,8 +862,13 @@ def build_config(preset: str | None = None, yaml_path: str | None = None,
         set_key(cfg, key, value)
     for key, value in _flatten(tree).items():
         set_key(cfg, key, value)
-    for text in overrides or []:
-        set_key(cfg, *parse_override(text))
+    errors: list[ConfigError] = []
+    for text in overrides or []:  # every bad override at once, then every section's first error
+        try:
+            set_key(cfg, *parse_override(text))
+        except ConfigError as e:
+            errors.append(e)
+    raise_all(errors)
     return cfg.validate()
 
 

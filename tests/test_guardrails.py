@@ -94,3 +94,20 @@ def test_a_dataset_root_is_not_read_as_classes(tmp_path: Path) -> None:
                                    f"run.out_dir={tmp_path}", cwd=tmp_path), f"data.path={root / 'train'}")
     assert not list(tmp_path.glob("smoke*"))  # no run directory left behind
     assert_one_line_error(fastbyol("data", "check", str(root), cwd=tmp_path), "holds train/ and val/ splits")
+
+
+def test_every_config_error_is_reported_at_once(tmp_path: Path) -> None:
+    from fastbyol.config import ConfigError, build_config
+
+    # Two bad overrides: both named.
+    with pytest.raises(ConfigError) as e:
+        build_config("smoke", overrides=["optim.batch_sise=8", "run.log_every=x"])
+    assert "2 config errors" in str(e.value) and "batch_sise" in str(e.value) and "run.log_every" in str(e.value)
+    # Valid keys with bad values in three sections: each section's error named, in one line.
+    with pytest.raises(ConfigError) as e:
+        build_config("smoke", overrides=["optim.batch_size=0", "run.log_every=0", "data.image_size=8"])
+    message = str(e.value)
+    assert "3 config errors" in message and "\n" not in message
+    assert all(key in message for key in ("optim.batch_size", "run.log_every", "data.image_size"))
+    assert_one_line_error(fastbyol("train", "--preset", "smoke", "optim.batch_size=0", "run.log_every=0",
+                                   cwd=tmp_path), "2 config errors")
