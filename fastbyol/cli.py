@@ -258,6 +258,9 @@ def _train(args: argparse.Namespace) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
+        from fastbyol.engine.preflight import preflight
+
+        preflight(cfg)  # data, output folder, free space: one line in well under a second, before torch
         from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
 
         trainer = start_run(cfg)

@@ -111,3 +111,59 @@ def test_every_config_error_is_reported_at_once(tmp_path: Path) -> None:
     assert all(key in message for key in ("optim.batch_size", "run.log_every", "data.image_size"))
     assert_one_line_error(fastbyol("train", "--preset", "smoke", "optim.batch_size=0", "run.log_every=0",
                                    cwd=tmp_path), "2 config errors")
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "no-images"])
+def test_a_bad_data_path_fails_before_torch_is_imported(tmp_path: Path, kind: str) -> None:
+    import subprocess
+    import sys
+
+    target = tmp_path / "data"
+    if kind == "file":
+        target.write_text("not a folder")
+    elif kind in ("empty", "no-images"):
+        (target / "a").mkdir(parents=True)
+        if kind == "no-images":
+            (target / "a" / "notes.txt").write_text("x")
+    code = ("import sys; from fastbyol.cli import main; "
+            f"rc = main(['train', '--preset', 'smoke', 'data.source=folder', 'data.path={target}', "
+            f"'run.out_dir={tmp_path / 'runs'}']); print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stderr  # exit 2, and torch never started
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastbyol: error:")]
+    assert len(errors) == 1 and str(target) in errors[0] and "data.path" in errors[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_too_little_disk_for_the_checkpoints_fails_before_training(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from fastbyol.config import build_config
+    from fastbyol.engine import preflight
+    from fastbyol.errors import FastByolError
+
+    cfg = build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.keep_last=2"])
+    size = preflight.checkpoint_bytes(cfg)
+    assert size is not None and 130e6 < size < 150e6  # ResNet-18 + the smoke heads: online, momentum, target
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 40, 0, 2 << 20))  # a 2 MB file system
+    with pytest.raises(FastByolError, match=r"has 2.0 MiB free, but the run keeps up to 3 checkpoints"):
+        preflight.preflight(cfg)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 40, 0, 3 * size + (1 << 30)))
+    preflight.preflight(cfg)  # exactly enough
+
+
+def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> None:
+    from fastbyol.config import build_config
+    from fastbyol.engine import checkpoint, preflight
+    from fastbyol.engine.trainer import start_run
+
+    cfg = build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=r", "data.num_images=8",
+                                           "optim.batch_size=8", "data.image_size=16", "data.workers=0",
+                                           "run.progress=off", "run.telemetry=off", "run.kernels=off"])
+    start_run(cfg).train()
+    (_, path), = checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")
+    estimate = preflight.checkpoint_bytes(cfg)
+    assert estimate is not None and abs(path.stat().st_size - estimate) < 0.01 * estimate

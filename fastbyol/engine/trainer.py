@@ -53,6 +53,7 @@ from fastbyol.engine.distributed import (
 )
 from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.preempt import StopRequest
+from fastbyol.engine.preflight import check_output, preflight
 from fastbyol.engine.runlock import RunLock
 from fastbyol.engine.update import build_update
 from fastbyol.errors import FastByolError, RunStopped
@@ -741,6 +742,7 @@ def _trainer(cfg: Config, run_dir: Path, ctx: DistContext, lock: RunLock | None,
 def start_run(cfg: Config, parts: UserParts | None = None) -> Trainer:
     device = resolve_device(cfg.run.device)  # fail on a missing GPU before anything is written
     check_batch_split(cfg, launched_world_size())
+    preflight(cfg)  # the CLI ran it before importing torch; the Python API's runs get it here
     ctx = init_distributed(cfg.run.engine, device)
     existed = (Path(cfg.run.out_dir) / (cfg.run.name or "\0")).exists()
 
@@ -770,6 +772,7 @@ def resume_run(target: str, overrides: list[str], parts: UserParts | None = None
         set_key(cfg, key, value)
     cfg.validate()
     check_batch_split(cfg, launched_world_size())
+    check_output(cfg, run_dir)
     ctx = init_distributed(cfg.run.engine, resolve_device(cfg.run.device))
     _, lock = _claim(ctx, lambda: (run_dir, _locked(run_dir, cfg)))
     return _trainer(cfg, run_dir, ctx, lock, resume=state, parts=parts)
