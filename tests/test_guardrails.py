@@ -167,3 +167,57 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> N
     (_, path), = checkpoint.list_checkpoints(tmp_path / "r" / "checkpoints")
     estimate = preflight.checkpoint_bytes(cfg)
     assert estimate is not None and abs(path.stat().st_size - estimate) < 0.01 * estimate
+
+
+def _run_logged(args: list[str], log: Path, cwd: Path) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``fastbyol ARGS`` with stdout and stderr to ``log`` (not a terminal), progress every second, and return
+    its exit code and each line with the time (s since start) it appeared in the file."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "FASTBYOL_PROGRESS_SECONDS": "1", "OMP_NUM_THREADS": "1"}
+    seen: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "fastbyol", *args], stdout=f, stderr=f, cwd=cwd, env=env)
+        done = False
+        while not done:
+            done = proc.poll() is not None
+            lines = log.read_text().splitlines()
+            complete = lines if done else lines[:-1]  # the last may be half-written
+            seen += [(time.monotonic() - t0, line) for line in complete[len(seen):]]
+            time.sleep(0.1)
+    return proc.returncode, seen
+
+
+def _gaps(lines: list[tuple[float, str]]) -> list[float]:
+    return [b[0] - a[0] for a, b in zip(lines, lines[1:])]
+
+
+def test_long_commands_write_a_line_every_interval_to_a_log_file(tmp_path: Path) -> None:
+    from fastbyol.config import build_config
+    from fastbyol.data.builders import make_synthetic
+    from fastbyol.engine.trainer import start_run
+
+    start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=r", "data.num_images=8",
+                                               "optim.batch_size=8", "data.image_size=16", "data.workers=0",
+                                               "run.progress=off", "run.telemetry=off", "run.kernels=off"])).train()
+    make_synthetic(str(tmp_path / "d"), num_classes=2, train_per_class=8, val_per_class=2, size=16)
+    rc, lines = _run_logged(["eval", "finetune", str(tmp_path / "r"), "--data", str(tmp_path / "d"),
+                             "--labels-fraction", "1", "--epochs", "25", "--batch-size", "4", "--lr", "0.1",
+                             "--linear-epochs", "1"], tmp_path / "finetune.log", tmp_path)
+    assert rc == 0, lines
+    progress = [(t, line) for t, line in lines if line.startswith("fastbyol: fine-tune at lr 0.1: [")]
+    # 100 steps: a line at least every second while it runs (slack for one slow step), and one at the end.
+    assert len(progress) >= 2 and progress[-1][1].split("] ")[1].startswith("100/100"), lines
+    assert max(_gaps(progress)) < 5.0, progress
+    assert not [line for _, line in lines if "Warning" in line], lines  # no third-party warning in the log
+    rc, lines = _run_logged(["bench", "--quick", "--batch", "4", "--steps", "40", "--rounds", "1", "--warmup", "1",
+                             "--telemetry", "off", "--out", str(tmp_path / "bench"), "data.image_size=16",
+                             "data.workers=0"], tmp_path / "bench.log", tmp_path)
+    assert rc == 0, lines
+    bench = [(t, line) for t, line in lines if line.startswith("fastbyol bench: ")]
+    assert bench and bench[-1][1].split("] ")[1].startswith("41/41"), lines
+    assert not bench[1:] or max(_gaps(bench)) < 5.0, bench

@@ -32,6 +32,7 @@ from fastbyol.engine.trainer import Trainer, cuda_uuids, start_run
 from fastbyol.errors import FastByolError
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.results import environment, quantile, time_calls, write_results
+from fastbyol.telemetry.sinks import ProgressBar
 from fastbyol.telemetry.throughput import throughput_fields
 
 AXES = ("method", "batch", "compile", "kernels", "channels_last", "data", "telemetry")
@@ -87,6 +88,13 @@ def _held_step(trainer: Trainer, batches: Iterator[Batch]) -> None:
     trainer.step = step
 
 
+def _counted_step(trainer: Trainer, batches: Iterator[Batch], bar: ProgressBar, done: list[int]) -> None:
+    """``_held_step``, then the case's progress line (one per PLAIN_EVERY_S off a terminal, and the last)."""
+    _held_step(trainer, batches)
+    done[0] += 1
+    bar.update(done[0], 1, None, force=done[0] == bar.total)
+
+
 def _case_overrides(sweep: Sweep, case: dict[str, Any], out_dir: Path, name: str, folder: str) -> list[str]:
     overrides = [*sweep.overrides, f"method={case['method']}", f"run.out_dir={out_dir}", f"run.name={name}",
                  "run.progress=off",
@@ -135,13 +143,17 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
     trainer = start_run(cfg)
     batches = _batches(trainer, case["data"])
     trainer.step = trainer.total_steps // 2  # past warm-up: the cost does not depend on lr or tau
+    modes = list(case["telemetry"])
+    per_block = max(1, sweep.steps // sweep.rounds)
+    # A line per PLAIN_EVERY_S off a terminal (a perf_counter read per step otherwise: nothing next to a step).
+    bar = ProgressBar(sweep.warmup + sweep.rounds * len(modes) * per_block, 0, enabled=True,
+                      label=f"fastbyol bench: {name}", unit="step")
+    step = partial(_counted_step, trainer, batches, bar, [0])
     for _ in range(sweep.warmup):
-        _held_step(trainer, batches)
+        step()
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    modes = list(case["telemetry"])
-    per_block = max(1, sweep.steps // sweep.rounds)
     times: dict[str, list[float]] = {m: [] for m in modes}
     walls: dict[str, float] = {m: 0.0 for m in modes}
     phases: dict[str, dict[str, float]] = {m: {} for m in modes}
@@ -154,7 +166,7 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
             try:
                 # The step counter is held at one mid-run step: every timed step applies the same lr and
                 # tau, and a short data set never runs past the schedules' end.
-                block, wall = time_calls(partial(_held_step, trainer, batches), trainer.device, per_block)
+                block, wall = time_calls(step, trainer.device, per_block)
             finally:
                 if sampler is not None:
                     sampler.set_step(trainer.step)
@@ -202,7 +214,7 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
     if "on" in by_mode and "off" in by_mode:
         overhead = 100.0 * (by_mode["on"]["median_ms"] / by_mode["off"]["median_ms"] - 1.0)
         by_mode["on"]["telemetry_overhead_pct"] = overhead
-    del trainer, batches
+    del trainer, batches, step
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows

@@ -213,8 +213,11 @@ def evaluate_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
         decoder = resolve_loader(loader, device, epoch)  # the cache keys DALI's pixels apart from PIL's
 
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            bar = ProgressBar(len(files), 0, enabled=len(files) >= PROGRESS_MIN_IMAGES and sys.stderr.isatty())
-            if bar.enabled:
+            # A terminal gets a live bar for large splits; a log file a line every PLAIN_EVERY_S and one at the end.
+            tty = sys.stderr.isatty()
+            bar = ProgressBar(len(files), 0, enabled=not tty or len(files) >= PROGRESS_MIN_IMAGES,
+                              label=f"fastbyol: {split} features ({view_name(epoch, seed, decoder)} views)")
+            if bar.enabled and tty:
                 how = f"DALI, {max(1, workers)} threads" if decoder == "dali" else f"{workers} workers"
                 print(f"fastbyol: {split} features ({view_name(epoch, seed, decoder)} views) of {len(files)} "
                       f"images, {how}", file=sys.stderr, flush=True)
@@ -304,12 +307,17 @@ def finetune_encoder(encoder: torch.nn.Module, data_root: str, size: int, device
                                             workers=workers, cache=cache, encoder_id=encoder_id, seed=seed,
                                             splits=(labelled, val), loader=loader)["linear"]
     num_classes = _num_classes(train, val)
-    bar = ProgressBar(0, 0, enabled=sys.stderr.isatty())
-    model, result["finetune"], result["sweep"] = finetuning.sweep(lrs, lambda lr: finetuning.finetune(
-        encoder, labelled, val, num_classes, size, device, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        workers=workers, progress=_bar_progress(bar, batch_size) if bar.enabled else None, loader=loader,
-        holdout=holdout))
-    bar.close()
+
+    def run(lr: float) -> tuple[finetuning.Classifier, dict[str, Any]]:
+        bar = ProgressBar(0, 0, enabled=True, label=f"fastbyol: fine-tune at lr {lr:g}")  # a line per 30 s off a tty
+        try:
+            return finetuning.finetune(encoder, labelled, val, num_classes, size, device, epochs=epochs,
+                                       batch_size=batch_size, lr=lr, seed=seed, workers=workers,
+                                       progress=_bar_progress(bar, batch_size), loader=loader, holdout=holdout)
+        finally:
+            bar.close()
+
+    model, result["finetune"], result["sweep"] = finetuning.sweep(lrs, run)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     atomic_write_bytes(out_dir / "classifier.pt", buf.getvalue())

@@ -199,7 +199,7 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
             opt.step()
             step += 1
             if progress is not None:
-                progress(step, total, float(loss))
+                progress(step, total, float(loss.detach()))
     def accuracy(files: ImageFiles) -> tuple[float, float]:
         scores, labels = extract_features(model, files, size, device, batch_size=min(batch_size, 256),
                                           workers=workers, loader=loader)

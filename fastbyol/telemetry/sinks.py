@@ -110,26 +110,45 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+PLAIN_EVERY_S = 30.0
+"""Off a terminal (a log file under sbatch, nohup, CI), a progress line at least this often, so a log shows the
+work is alive; ``FASTBYOL_PROGRESS_SECONDS`` sets another interval (the tests use 1)."""
+
+
+def plain_every_s() -> float:
+    try:
+        return float(os.environ.get("FASTBYOL_PROGRESS_SECONDS", PLAIN_EVERY_S))
+    except ValueError:
+        return PLAIN_EVERY_S
+
+
 class ProgressBar:
-    """One console line: steps done, img/s, ETA, last logged loss. Redrawn in place on a terminal,
-    printed at the log cadence otherwise (CI logs)."""
+    """One console line: what (``label``), steps done, images/s, ETA, last loss. Redrawn in place on a terminal;
+    off one (CI logs, sbatch), a plain line when ``force``d (training's log cadence, the end of a phase) and at
+    least every ``plain_every_s()`` seconds: the one progress convention of every long command."""
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool, stream: IO[str] | None = None,
-                 width: int = 24) -> None:
+                 width: int = 24, label: str = "", unit: str = "img") -> None:
         self.total, self.start = total_steps, start_step
         self.stream = stream or sys.stderr
         self.enabled, self.width = enabled, width
+        self.label, self.unit = label, unit
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
         self._last_draw = 0.0
+        self._last_line = self.t0
+        self.every_s = plain_every_s()
 
     def update(self, step: int, images_per_step: int, loss: float | None, force: bool = False) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if not force and (not self.tty or now - self._last_draw < 0.2):
-            return
-        self._last_draw = now
+        if not force:
+            if self.tty and now - self._last_draw < 0.2:
+                return
+            if not self.tty and now - self._last_line < self.every_s:
+                return
+        self._last_draw = self._last_line = now
         done = step - self.start
         elapsed = now - self.t0
         img_per_s = done * images_per_step / elapsed if elapsed > 0 else 0.0
@@ -137,8 +156,9 @@ class ProgressBar:
         filled = int(self.width * step / max(self.total, 1))
         bar = "#" * filled + "." * (self.width - filled)
         loss_text = f" loss {loss:.4f}" if loss is not None else ""
-        line = (f"[{bar}] {step}/{self.total} {100 * step / max(self.total, 1):5.1f}% "
-                f"{img_per_s:8.1f} img/s ETA {format_duration(eta)}{loss_text}")
+        label = f"{self.label}: " if self.label else ""
+        line = (f"{label}[{bar}] {step}/{self.total} {100 * step / max(self.total, 1):5.1f}% "
+                f"{img_per_s:8.1f} {self.unit}/s ETA {format_duration(eta)}{loss_text}")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
