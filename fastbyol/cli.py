@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastbyol.errors import FastByolError, RunStopped
 
@@ -454,12 +455,22 @@ def _eval(args: argparse.Namespace) -> int:
     if cache is not None:
         print(f"fastbyol: feature cache {cache.root}: {cache.read} read, {cache.computed} computed",
               file=sys.stderr)
-    result.update({"checkpoint": args.checkpoint, "arch": cfg.model.arch, "data": args.data, "size": size})
+    _save_eval(args, loaded, result, size)
+    return 0
+
+
+def _save_eval(args: argparse.Namespace, loaded: Any, result: dict[str, Any], size: int) -> None:
+    """The result with the checkpoint it read (file, step, epoch), to --json and to RUN/eval/ for the report."""
+    from fastbyol.engine.evaluate import record_eval
+
+    result.update({"checkpoint": args.checkpoint, "checkpoint_file": str(loaded.path), "step": loaded.step,
+                   "epoch": loaded.epoch, "arch": loaded.cfg.model.arch, "data": args.data, "size": size,
+                   "protocol": args.protocol})
+    record_eval(loaded.run_dir, result)
     if args.json:
         from fastbyol.files import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
-    return 0
 
 
 def _curve(args: argparse.Namespace) -> int:
@@ -511,11 +522,7 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"linear probe on the same labels: top-1 {lin['top1']:.2f}%  top-5 {lin['top5']:.2f}% "
               f"(fine-tuning {r['top1'] - lin['top1']:+.2f} points)")
     print(f"fastbyol: subset, result and fine-tuned classifier in {out}", file=sys.stderr)
-    result.update({"checkpoint": args.checkpoint, "arch": loaded.cfg.model.arch, "data": args.data, "size": size})
-    if args.json:
-        from fastbyol.files import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.json), json.dumps(result, indent=2).encode())
+    _save_eval(args, loaded, result, size)
     return 0
 
 

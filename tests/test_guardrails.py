@@ -221,3 +221,28 @@ def test_long_commands_write_a_line_every_interval_to_a_log_file(tmp_path: Path)
     bench = [(t, line) for t, line in lines if line.startswith("fastbyol bench: ")]
     assert bench and bench[-1][1].split("] ")[1].startswith("41/41"), lines
     assert not bench[1:] or max(_gaps(bench)) < 5.0, bench
+
+
+def test_eval_results_name_the_checkpoint_and_go_to_the_report(tmp_path: Path) -> None:
+    import json
+
+    from fastbyol.config import build_config
+    from fastbyol.data.builders import make_synthetic
+    from fastbyol.engine.trainer import start_run
+    from fastbyol.telemetry.report import build_report
+
+    start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", "run.name=r", "data.num_images=16",
+                                               "optim.batch_size=8", "data.image_size=16", "data.workers=0",
+                                               "run.progress=off", "run.telemetry=off", "run.kernels=off",
+                                               "run.log_every=1"])).train()
+    make_synthetic(str(tmp_path / "d"), num_classes=2, train_per_class=4, val_per_class=2, size=16)
+    run = tmp_path / "r"
+    proc = fastbyol("eval", "knn", str(run), "--data", str(tmp_path / "d"), "--k", "3", "--json",
+                    str(tmp_path / "knn.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "knn.json").read_text())
+    assert result["step"] == 2 and result["epoch"] == 1.0 and result["checkpoint_file"].endswith("ckpt-00000002.pt")
+    kept = json.loads((run / "eval" / "knn-step2.json").read_text())
+    assert kept["knn3"] == result["knn3"] and kept["protocol"] == "knn" and kept["date"]
+    page = build_report(run).read_text(encoding="utf-8")
+    assert '<table id="eval-results">' in page and f"kNN-3 {result['knn3']['top1']:.4g}"[:9] in page

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,12 @@ class CheckpointEncoder:
     identity: str
     """``checkpoint sha256:<hex>`` from the file's header (what ``checkpoint.load`` verified), or the
     encoder's ``state_fingerprint`` where the loaded file cannot be named again."""
+    step: int = -1
+    """The optimizer step the checkpoint was saved at (-1: not recorded)."""
+    epoch: float | None = None
+    """Its epoch (checkpoints written before run.keep_epochs existed do not record it)."""
+    path: Path | None = None
+    """The checkpoint file read (a run directory resolves to its newest valid one)."""
 
 
 def load_checkpoint_encoder(target: str, expect_arch: str | None = None) -> CheckpointEncoder:
@@ -68,7 +75,8 @@ def load_checkpoint_encoder(target: str, expect_arch: str | None = None) -> Chec
     # A run directory resolves to its newest valid ckpt-<step>.pt; the state names the step it was saved at.
     path = Path(target) if Path(target).is_file() else run_dir / "checkpoints" / checkpoint.checkpoint_name(
         int(state.get("step", -1)))
-    return CheckpointEncoder(encoder, cfg, run_dir, _checkpoint_digest(path) or state_fingerprint(encoder))
+    return CheckpointEncoder(encoder, cfg, run_dir, _checkpoint_digest(path) or state_fingerprint(encoder),
+                             step=int(state.get("step", -1)), epoch=state.get("epoch"), path=path)
 
 
 def _encoder_with(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Encoder:
@@ -330,6 +338,26 @@ def _bar_progress(bar: ProgressBar, batch_size: int) -> Callable[[int, int, floa
         bar.total = total
         bar.update(step, batch_size, loss, force=step == total)
     return update
+
+
+def record_eval(run_dir: Path, result: dict[str, Any]) -> Path | None:
+    """Keep an eval command's result in RUN/eval/<protocol>-step<step>[-<n>].json, where ``fastbyol report RUN``
+    lists it; a run directory that cannot be written gets one warning line (the result was printed anyway)."""
+    folder = Path(run_dir) / "eval"
+    stem = f"{result.get('protocol', 'eval')}-step{result.get('step', -1)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        n, path = 1, folder / f"{stem}.json"
+        while path.exists():  # another data set or setting at the same step: kept beside it
+            n += 1
+            path = folder / f"{stem}-{n}.json"
+        result = {**result, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_bytes(path, json.dumps(result, indent=2, default=str).encode())
+    except OSError as e:
+        print(f"fastbyol: warning: cannot keep the result in {folder} ({e.strerror or e}): the run's report will not "
+              "list it (--json FILE writes it elsewhere)", file=sys.stderr)
+        return None
+    return path
 
 
 def export_checkpoint(target: str, out: str) -> list[Path]:

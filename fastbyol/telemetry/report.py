@@ -447,6 +447,44 @@ def curve_section(run_dir: Path) -> tuple[Plot | None, str]:
     return plot, (f"<details open><summary>curve.md</summary><pre>{_e(table)}</pre></details>" if table else "")
 
 
+def _eval_summary(result: dict[str, Any]) -> str:
+    """'kNN-20 41.2 / 80.0; kNN-200 ...' (top-1 / top-5 %) of one eval result file."""
+    parts = []
+    for key in sorted(k for k in result if re.fullmatch(r"knn\d+", k)):
+        r = result[key]
+        parts.append(f"kNN-{key[3:]} {_value_text(r.get('top1'))} / {_value_text(r.get('top5'))}")
+    for key, name in (("finetune", "fine-tune"), ("linear", "linear")):
+        r = result.get(key)
+        if isinstance(r, dict) and "top1" in r:
+            parts.append(f"{name} {_value_text(r.get('top1'))} / {_value_text(r.get('top5'))}")
+    return "; ".join(parts)
+
+
+def eval_section(run_dir: Path) -> str:
+    """A table of the results ``fastbyol eval knn|linear|finetune`` kept in RUN/eval/ (oldest first), or ''."""
+    rows = []
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(result, dict):
+            continue
+        rows.append((str(result.get("date", "")), result, path.name))
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("protocol", "step", "epoch", "data", "top-1 / top-5 (%)", "date", "file"))
+    body = []
+    for date, r, name in sorted(rows, key=lambda row: row[0]):
+        protocol = str(r.get("protocol", ""))
+        if protocol == "finetune" and r.get("fraction") is not None:
+            protocol += f" ({r['fraction']:g} of the labels)"
+        cells = [protocol, _value_text(r.get("step")), _value_text(r.get("epoch")), str(r.get("data", "")),
+                 _eval_summary(r), date, name]
+        body.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    return f'<table id="eval-results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
 def gpu_plots(timeline: Timeline, from_samples: bool, power_limits: dict[int, float]) -> list[Plot]:
     xlabel = "seconds since the first sample" if from_samples else "step"
     source = "gpu_samples.jsonl" if from_samples else "per log interval, metrics.jsonl"
@@ -673,6 +711,9 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
     parts += ["<h2>Summary (last log step)</h2>", _summary_table(rows), "<h2>Training</h2>"]
     parts += [_figure_html(p) for p in plots] or ["<p>No plottable field in metrics.jsonl.</p>"]
 
+    evals = eval_section(run_dir)
+    if evals:
+        parts += ["<h2>Evaluations</h2>", evals]
     if curve is not None or curve_table:
         parts.append("<h2>Learning curve</h2>")
         parts += ([_figure_html(curve)] if curve is not None else []) + [curve_table]
