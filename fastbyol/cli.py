@@ -267,6 +267,8 @@ def _train(args: argparse.Namespace) -> int:
         trainer = start_run(cfg)
         ctx = trainer.ctx
         ranks = f" x {ctx.world} ranks ({ctx.engine}, {ctx.backend})" if ctx.enabled else ""
+        if trainer.ctx.main and trainer.device.type == "cpu":
+            _busy_cpu_hint()
         if trainer.ctx.main:
             print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}{ranks}"
                   f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
@@ -335,6 +337,23 @@ def _doctor(args: argparse.Namespace) -> int:
     report = inspect_machine()
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
+
+
+def _busy_cpu_hint() -> None:
+    """A CPU run on a machine already busy: torch's threads (one per core) then wait on each other and on the other
+    jobs at every operator (benchmarks/NOTES.md: two 2-thread runs on 2 cores went at 5-13 img/s each, two 1-thread
+    runs at 37-40). Say so once, with the fix; nothing changes by itself."""
+    import os
+
+    import torch
+
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = torch.get_num_threads()
+    if threads > 1 and load >= cpus:
+        print(f"fastbyol: note: the load average ({load:.1f}) is at or above the {cpus} CPUs and torch uses {threads} "
+              "threads: if other jobs share these cores, OMP_NUM_THREADS=1 (one per job) is likely faster",
+              file=sys.stderr)
 
 
 def _presets(as_json: bool) -> int:

@@ -246,3 +246,20 @@ def test_eval_results_name_the_checkpoint_and_go_to_the_report(tmp_path: Path) -
     assert kept["knn3"] == result["knn3"] and kept["protocol"] == "knn" and kept["date"]
     page = build_report(run).read_text(encoding="utf-8")
     assert '<table id="eval-results">' in page and f"kNN-3 {result['knn3']['top1']:.4g}"[:9] in page
+
+
+def test_a_busy_cpu_gets_a_thread_hint(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    import torch
+
+    from fastbyol.cli import _busy_cpu_hint
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    _busy_cpu_hint()
+    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    _busy_cpu_hint()
+    assert capsys.readouterr().err == ""
