@@ -566,6 +566,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(e: FastByolError) -> str:
+    """The error's own message. A DataLoader worker's error comes back to the main process as the same type whose
+    message is "Caught ... in DataLoader worker process N" and the worker's whole traceback: its last line is the
+    message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(f"{type(e).__name__}: ", 1)[-1]
+    return " ".join(text.split())
+
+
 def _unknown_command(argv: Sequence[str]) -> str | None:
     """A one-line error for a mistyped subcommand (argparse lists the choices but suggests none), or None."""
     import difflib
@@ -609,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_USER_ERROR
     except FastByolError as e:
-        print(f"fastbyol: error: {e}", file=sys.stderr)
+        print(f"fastbyol: error: {error_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunStopped as e:
         print(f"fastbyol: {e}", file=sys.stderr)

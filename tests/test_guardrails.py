@@ -263,3 +263,15 @@ def test_a_busy_cpu_gets_a_thread_hint(monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     _busy_cpu_hint()
     assert capsys.readouterr().err == ""
+
+
+def test_an_all_unreadable_folder_is_one_line_not_a_worker_traceback(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(8):
+            (tmp_path / "d" / cls / f"{i}.jpg").write_text("not an image")
+    proc = fastbyol("train", "--preset", "smoke", "data.source=folder", f"data.path={tmp_path / 'd'}",
+                    f"run.out_dir={tmp_path / 'runs'}", "optim.batch_size=4", "data.image_size=16", "data.workers=1",
+                    "run.telemetry=off", cwd=tmp_path)
+    assert_one_line_error(proc, "unreadable images in a row")
+    assert "fastbyol data check --full" in proc.stderr and "Original Traceback" not in proc.stderr

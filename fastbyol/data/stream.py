@@ -57,7 +57,8 @@ class StreamOrder:
                 skipped.append(str(e))
         raise FastByolError(
             f"{MAX_CONSECUTIVE_BAD} unreadable images in a row near stream position {position} "
-            f"(last: {skipped[-1]}): check the data folder")
+            f"(last: {skipped[-1]}): run `fastbyol data check --full` on the data folder and train on the clean list "
+            "it writes (data.file_list)")
 
 
 def shard_positions(start: int, micro_batch: int, num_batches: int, rank: int = 0, world: int = 1
