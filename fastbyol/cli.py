@@ -396,8 +396,18 @@ def _data(args: argparse.Namespace) -> int:
 
 def _data_check(args: argparse.Namespace) -> int:
     from fastbyol.data.check import DEFAULT_LIST_NAME, check_folder, format_report, write_file_list
+    from fastbyol.telemetry.sinks import ProgressBar
 
-    report = check_folder(args.dir, workers=args.workers, full=args.full)
+    bar = ProgressBar(0, 0, enabled=True, label="fastbyol: data check", unit="file")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done, 1, None, force=done == total)
+
+    try:
+        report = check_folder(args.dir, workers=args.workers, full=args.full, progress=progress)
+    finally:
+        bar.close()
     out = args.out or str(Path(args.dir) / DEFAULT_LIST_NAME)
     write_file_list(report, out)
     print(format_report(report, out))

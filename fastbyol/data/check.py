@@ -21,6 +21,7 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
@@ -116,7 +117,8 @@ def _check_files(paths: list[str], full: bool) -> list[str | None]:
     return [check_file(p, full) for p in paths]
 
 
-def check_folder(root: str, workers: int | None = None, full: bool = False) -> CheckReport:
+def check_folder(root: str, workers: int | None = None, full: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> CheckReport:
     """Check every image ``scan_image_folder(root)`` finds, ``workers`` threads at a time.
 
     Threads, not processes: PIL releases the GIL while it reads and decodes, and the work is mostly
@@ -133,9 +135,13 @@ def check_folder(root: str, workers: int | None = None, full: bool = False) -> C
     paths, labels, classes = scan_image_folder(root)
     per_task = max(1, min(_MAX_FILES_PER_TASK, math.ceil(len(paths) / (4 * workers))))
     chunks = [paths[i:i + per_task] for i in range(0, len(paths), per_task)]
+    reasons: list[str | None] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # map() yields in submission order, so the results line up with `paths`.
-        reasons = [r for chunk in pool.map(_check_files, chunks, [full] * len(chunks)) for r in chunk]
+        for chunk in pool.map(_check_files, chunks, [full] * len(chunks)):
+            reasons += chunk
+            if progress is not None:
+                progress(len(reasons), len(paths))
     good: list[tuple[str, int]] = []
     bad: list[tuple[str, str]] = []
     for path, label, reason in zip(paths, labels, reasons, strict=True):
