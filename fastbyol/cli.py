@@ -278,6 +278,10 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         summary = trainer.train()
+    except FastByolError:
+        if trainer.step == 0 and trainer.ctx.main:  # failed before its first step (the data): nothing to keep
+            _remove_if_empty(trainer.run_dir)
+        raise
     finally:
         shutdown(trainer.ctx)
     if not trainer.ctx.main:
@@ -337,6 +341,17 @@ def _doctor(args: argparse.Namespace) -> int:
     report = inspect_machine()
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before its first step (e.g. every image unreadable) leaves no run directory behind: it
+    holds nothing to resume, only its config and an empty log."""
+    import shutil
+
+    from fastbyol.engine.checkpoint import list_checkpoints
+
+    if not list_checkpoints(run_dir / "checkpoints"):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _busy_cpu_hint() -> None:

@@ -275,3 +275,4 @@ def test_an_all_unreadable_folder_is_one_line_not_a_worker_traceback(tmp_path: P
                     "run.telemetry=off", cwd=tmp_path)
     assert_one_line_error(proc, "unreadable images in a row")
     assert "fastbyol data check --full" in proc.stderr and "Original Traceback" not in proc.stderr
+    assert not list((tmp_path / "runs").iterdir())  # nothing to resume: no run directory left behind
