@@ -440,7 +440,19 @@ def _data_pack(args: argparse.Namespace) -> int:
         print(f"fastbyol: {shard.name}: {shard.samples} images, {format_bytes(shard.bytes)} ({done}/{total})",
               file=sys.stderr, flush=True)
 
-    report = pack_folder(args.src, args.out, shard_size, file_list=args.file_list, progress=progress)
+    from fastbyol.telemetry.sinks import ProgressBar
+
+    bar = ProgressBar(0, 0, enabled=True, label="fastbyol: data pack", unit="image")
+
+    def per_image(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done, 1, None)  # a line per 30 s off a terminal; the shards' own lines say the rest
+
+    try:
+        report = pack_folder(args.src, args.out, shard_size, file_list=args.file_list, progress=progress,
+                             per_image=per_image)
+    finally:
+        bar.close()
     print(f"fastbyol: packed {report.samples} images ({len(report.classes)} classes) from {args.src} into "
           f"{len(report.shards)} shards ({format_bytes(report.bytes)}) in {args.out} in {report.seconds:.1f} s; "
           f"train with data.source=shards data.path={args.out}")

@@ -203,12 +203,14 @@ def _read_source(path: str) -> bytes:
 
 
 def pack_folder(src: str, out: str, shard_size: int, file_list: str = "",
-                progress: Callable[[ShardInfo, int, int], None] | None = None) -> PackReport:
+                progress: Callable[[ShardInfo, int, int], None] | None = None,
+                per_image: Callable[[int, int], None] | None = None) -> PackReport:
     """Write the images of ``src`` (its sorted scan, or the ``data check`` list ``file_list``) into tar shards
     of at most ``shard_size`` bytes under ``out`` (a shard holds at least one image), then the index.
 
     The bytes of every file go in unchanged and undecoded. ``progress(shard, images done, images)`` is called
-    after each shard. On any failure the shards this call wrote are removed: nothing half-done stays behind."""
+    after each shard, ``per_image(images done, images)`` after each image (for a time-based progress line). On any
+    failure the shards this call wrote are removed: nothing half-done stays behind."""
     start = time.perf_counter()
     what = "SRC (`fastbyol data pack SRC OUT_DIR`)"
     if not os.path.isdir(src):
@@ -249,6 +251,8 @@ def pack_folder(src: str, out: str, shard_size: int, file_list: str = "",
             offset[i] = writer.add(f"{key}.{member_extension(path)}", data)
             writer.add(f"{key}.cls", cls)
             writer.samples += 1
+            if per_image:
+                per_image(i + 1, n)
         assert writer is not None  # n >= 1: the scan and the list refuse empty folders
         done.append(writer.finish())
         writer = None
