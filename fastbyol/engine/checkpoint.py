@@ -39,12 +39,16 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path), newest first."""
+def _named(ckpt_dir: Path, pattern: re.Pattern[str]) -> list[tuple[str, Path]]:
+    """(the number in the name, path) of the files in ``ckpt_dir`` whose name ``pattern`` matches."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found, reverse=True)
+    return [(m.group(1), p) for p in ckpt_dir.iterdir() if (m := pattern.match(p.name))]
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path), newest first."""
+    return sorted(((int(n), p) for n, p in _named(ckpt_dir, _NAME)), reverse=True)
 
 
 def epoch_label(epoch: float) -> str:
@@ -58,10 +62,7 @@ def epoch_checkpoint_name(epoch: float) -> str:
 
 def list_epoch_checkpoints(ckpt_dir: Path) -> list[tuple[float, Path]]:
     """(epoch, path) of the checkpoints ``run.keep_epochs`` kept, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(float(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _EPOCH_NAME.match(p.name))]
-    return sorted(found)
+    return sorted((float(n), p) for n, p in _named(ckpt_dir, _EPOCH_NAME))
 
 
 def keep_epoch(path: Path, epoch: float) -> Path:
