@@ -96,3 +96,31 @@ def test_torchvision_init_is_torchvisions_random_network(small_stem: bool) -> No
         assert float(conv.weight.std()) == pytest.approx(math.sqrt(2.0 / fan_out), rel=0.1), name
     with pytest.raises(ValueError, match="unknown init"):
         Encoder("resnet18", init="xavier")
+
+
+def test_haiku_init_matches_the_official_formula() -> None:
+    """init=haiku as the official network starts (Haiku's defaults): every convolution and Linear drawn from
+    TruncatedNormal(1/sqrt(fan_in)), a unit normal cut at +-2 and scaled without correction, so std 0.8796/sqrt(fan_in)
+    and no value beyond 2/sqrt(fan_in); Linear biases zero; the online probe too (issue 30, differences 1 and 5)."""
+    import math
+
+    from fastbyol.model.backbone import TRUNCATED_UNIT_STD
+
+    torch.manual_seed(0)
+    pair = ByolPair(ModelConfig(arch="resnet18", proj_hidden=512, proj_dim=128), probe_classes=1000)
+    layers = [("stem conv", pair.online.encoder.net.conv1), ("3x3 conv", pair.online.encoder.net.layer3[0].conv2),
+              ("1x1 shortcut", pair.online.encoder.net.layer3[0].downsample[0]),
+              ("projector", pair.online.projector[0]), ("predictor", pair.predictor[3]), ("probe", pair.probe)]
+    for name, layer in layers:
+        w = layer.weight.detach()
+        fan_in = w[0].numel()
+        scale = 1.0 / math.sqrt(fan_in)
+        assert float(w.std()) == pytest.approx(TRUNCATED_UNIT_STD * scale, rel=0.03), name
+        assert float(w.abs().max()) <= 2 * scale + 1e-7, name
+        if getattr(layer, "bias", None) is not None:
+            assert float(layer.bias.abs().max()) == 0.0, name
+    # The demo presets' torchvision init keeps torch's default probe (kaiming-uniform weights, non-zero bias).
+    torch.manual_seed(0)
+    standard = ByolPair(ModelConfig(arch="resnet18", init="torchvision", proj_hidden=512, proj_dim=128),
+                        probe_classes=10)
+    assert standard.probe is not None and float(standard.probe.bias.abs().max()) > 0

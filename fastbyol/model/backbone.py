@@ -2,13 +2,14 @@
 
 torchvision's ResNets, with two choices taken from the official BYOL code (``utils/networks.py``, a
 copy of Haiku's ResNet): the last BatchNorm of every residual block starts at zero scale
-(``zero_init_residual``) and convolutions use Haiku's default init (truncated normal, fan-in,
-variance 1). Or any timm model (``model.arch=timm:<name>``), created by ``timm.create_model`` with
-``num_classes=0`` (its global-pooled features; a ViT's class token), its ``img_size`` set to the run's image
-size where the model takes one, and timm's own initialisation. Or a module of the user's, given to the Python API
-(``fastbyol.train(model=...)``, ``model.arch=custom:<module>.<class>``), kept as it is: its own initialisation
-and BatchNorm settings, its width found by one forward. Module names stay the library's (under ``net.``), so the
-encoder exports as a torchvision, timm or the user's own state_dict.
+(``zero_init_residual``) and convolutions use Haiku's default init (``TruncatedNormal(1 / sqrt(fan_in))``: a
+unit normal cut at +-2 and scaled, so a std of 0.88 / sqrt(fan_in)). Or any timm model
+(``model.arch=timm:<name>``), created by ``timm.create_model`` with ``num_classes=0`` (its global-pooled
+features; a ViT's class token), its ``img_size`` set to the run's image size where the model takes one, and
+timm's own initialisation. Or a module of the user's, given to the Python API (``fastbyol.train(model=...)``,
+``model.arch=custom:<module>.<class>``), kept as it is: its own initialisation and BatchNorm settings, its width
+found by one forward. Module names stay the library's (under ``net.``), so the encoder exports as a
+torchvision, timm or the user's own state_dict.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from fastbyol.config import CUSTOM_PREFIX, INITS, TIMM_PREFIX, ModelConfig
 from fastbyol.errors import FastByolError
 
-# Haiku's VarianceScaling(truncated_normal) divides by the std of a unit normal truncated at +-2.
-_TRUNC_STD_CORRECTION = 0.87962566103423978
+TRUNCATED_UNIT_STD = 0.87962566103423978
+"""The std of a unit normal truncated at +-2: what Haiku's ``TruncatedNormal(stddev=s)`` draws is ``s`` times it (no
+correction, unlike ``VarianceScaling(distribution="truncated_normal")``)."""
 
 
 def _resnet200(weights: None = None, **kwargs: bool) -> ResNet:
@@ -47,9 +49,10 @@ _BUILDERS = {
 
 
 def haiku_conv_init_(conv: nn.Conv2d) -> None:
-    """Haiku Conv2D default: truncated normal (+-2 std), std = sqrt(1 / fan_in) / 0.8796."""
+    """Haiku's ``ConvND`` default (the official network's): ``TruncatedNormal(stddev=1 / sqrt(fan_in))``, a unit
+    normal truncated at +-2 then scaled, with no correction, so the weights' std is 0.8796 / sqrt(fan_in)."""
     fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-    std = math.sqrt(1.0 / fan_in) / _TRUNC_STD_CORRECTION
+    std = 1.0 / math.sqrt(fan_in)
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
 

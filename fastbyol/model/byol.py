@@ -18,7 +18,7 @@ from torch import nn
 from fastbyol.config import ModelConfig
 from fastbyol.model.backbone import Encoder
 from fastbyol.model.flat import flatten_params_
-from fastbyol.model.heads import MLP
+from fastbyol.model.heads import MLP, probe_head
 
 
 class ByolOutputs(NamedTuple):
@@ -68,7 +68,7 @@ class ByolPair(nn.Module):
             torch.manual_seed(seed + 1_000_003)
             self.target = Tower(cfg, encoder=copy.deepcopy(encoder))
             # The official code's online classifier: a linear layer on stop_gradient(embedding).
-            self.probe = nn.Linear(self.online.encoder.feature_dim, probe_classes) if probe_classes else None
+            self.probe = probe_head(self.online.encoder.feature_dim, probe_classes, cfg.init)
         if cfg.target_init == "copy":
             self.target.load_state_dict(self.online.state_dict())
         for p in self.target.parameters():

@@ -17,10 +17,22 @@ from torch import nn
 
 
 def haiku_linear_init_(linear: nn.Linear) -> None:
+    """Haiku's ``Linear`` default: ``TruncatedNormal(1 / sqrt(fan_in))`` (std 0.8796 / sqrt(fan_in)), zero bias."""
     std = 1.0 / math.sqrt(linear.in_features)
     nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
+
+
+def probe_head(features: int, classes: int, init: str) -> nn.Linear | None:
+    """The online linear probe on stop_gradient(embedding) (None without classes); with the paper's ``init``
+    ('haiku') it starts as the official one does: Haiku's default Linear."""
+    if not classes:
+        return None
+    probe = nn.Linear(features, classes)
+    if init == "haiku":
+        haiku_linear_init_(probe)
+    return probe
 
 
 class HaikuSequential(nn.Sequential):

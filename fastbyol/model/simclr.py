@@ -19,7 +19,7 @@ from fastbyol.config import ModelConfig, SimclrConfig
 from fastbyol.model.backbone import Encoder
 from fastbyol.model.byol import Tower
 from fastbyol.model.flat import flatten_params_
-from fastbyol.model.heads import SimclrProjector
+from fastbyol.model.heads import SimclrProjector, probe_head
 
 
 class SimclrOutputs(NamedTuple):
@@ -41,7 +41,7 @@ class SimclrNet(nn.Module):
             torch.manual_seed(seed)
             self.online = Tower(cfg, lambda width: SimclrProjector(width, head.proj_hidden, head.proj_dim,
                                                                    cfg.bn_momentum, cfg.bn_eps), encoder)
-            self.probe = nn.Linear(self.online.encoder.feature_dim, probe_classes) if probe_classes else None
+            self.probe = probe_head(self.online.encoder.feature_dim, probe_classes, cfg.init)
 
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: the network and (when on) the probe."""
