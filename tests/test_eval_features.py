@@ -171,18 +171,28 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_on_a_terminal_for_large_sets_only(tiny_checkpoint: Path, data: Path,  # noqa: F811
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_bar_on_a_terminal_for_large_sets_and_a_line_per_phase_in_a_log(  # noqa: F811
+        tiny_checkpoint: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     from fastbyol.engine import evaluate
 
-    for terminal, threshold, shown in ((True, 12, True), (True, 13, False), (False, 1, False)):
-        stream = _Terminal() if terminal else io.StringIO()
+    # A terminal: a live bar (with its header) for splits of at least PROGRESS_MIN_IMAGES images only.
+    for threshold, shown in ((12, True), (13, False)):
+        stream = _Terminal()
         monkeypatch.setattr(sys, "stderr", stream)
         monkeypatch.setattr(evaluate, "PROGRESS_MIN_IMAGES", threshold)
         _evaluate(tiny_checkpoint, data, None, knn_k=(), linear_epochs=None)
         text = stream.getvalue()
         assert ("train features (center views) of 12 images, 0 workers" in text and "12/12" in text) == shown, text
         assert ("val features" in text) is False  # 6 validation images: under every threshold here
+    # A log file (not a terminal), whatever the size: one plain line at the end of each split (and one per 30 s).
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(evaluate, "PROGRESS_MIN_IMAGES", 10_000)
+    _evaluate(tiny_checkpoint, data, None, knn_k=(), linear_epochs=None)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(": [")[0] for line in lines] == ["fastbyol: train features (center views)",
+                                                         "fastbyol: val features (center views)"], lines
+    assert "12/12" in lines[0] and "6/6" in lines[1] and "\r" not in stream.getvalue()
 
 
 def test_default_workers_follow_the_device() -> None:
