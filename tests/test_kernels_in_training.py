@@ -71,9 +71,9 @@ def test_kernels_on_equals_kernels_off_step_by_step(tmp_path: Path) -> None:
 
 def test_kernels_on_follows_kernels_off_over_10_free_steps(tmp_path: Path) -> None:
     """The two paths left to run free. Rounding differs (the kernels sum in another order) and batch-4
-    BatchNorm plus LARS amplify it step by step: measured, the loss rows agree to 1e-5 for 11 steps and
-    drift to ~5e-3 by step 20, so 10 steps are held to 1e-5 (a bug shows at the first steps, as the
-    step-by-step test above pins)."""
+    BatchNorm plus LARS amplify it step by step: measured, the loss rows (~4.1) agreed to 1e-5 for 11 steps and
+    drifted to ~5e-3 by step 20; from the official init (issue 30) they differ by 1.3e-5 at step 8. So 10 steps are
+    held to 5e-6 of the loss, ~2e-5 (a bug shows at the first steps, as the step-by-step test above pins)."""
     losses = {}
     for kernels in ("off", "on"):
         t = start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={kernels}",
@@ -82,7 +82,7 @@ def test_kernels_on_follows_kernels_off_over_10_free_steps(tmp_path: Path) -> No
         losses[kernels] = [r["loss"] for r in read_metrics(tmp_path / kernels / "metrics.jsonl")]
     assert len(losses["on"]) == STEPS
     for step, (a, b) in enumerate(zip(losses["off"], losses["on"])):
-        assert abs(a - b) <= 1e-5, (step, a, b)
+        assert abs(a - b) <= 5e-6 * abs(a), (step, a, b)
 
 
 def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

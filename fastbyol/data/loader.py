@@ -9,7 +9,6 @@ at position ``step * batch_size`` continues the stream bitwise.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -74,11 +73,6 @@ def collate_views(samples: list[Sample]) -> Batch:
 def _worker_init(_: int) -> None:
     # Each worker augments one sample at a time; intra-op threads would only fight over the cores.
     torch.set_num_threads(1)
-    # A stop signal sent to the whole process group (SLURM's scancel and preemption, `kill -- -PGID`, Ctrl-C in a
-    # terminal) reaches the workers too: they leave it to the main process, which finishes its step, writes the
-    # checkpoint and shuts them down. A worker that died of it would end the run in a traceback, unsaved.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _views(cfg: DataConfig) -> tuple[ViewSpec, ViewSpec]:
