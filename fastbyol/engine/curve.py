@@ -34,6 +34,7 @@ from fastbyol.config import ModelConfig, check_arch
 from fastbyol.engine import checkpoint
 from fastbyol.engine.evaluate import (
     calibrated_random_encoder,
+    checkpoint_digest,
     evaluate_encoder,
     load_checkpoint_encoder,
     open_feature_cache,
@@ -124,16 +125,13 @@ def _exported_run(target: str) -> CurveRun:
 def _file_identity(point: CurvePoint) -> str:
     """What the point's result depends on: a fastbyol checkpoint's verified payload digest (its header), or an
     exported file's SHA-256."""
-    if not point.exported:
-        with point.path.open("rb") as f:
-            header = f.read(len(checkpoint.MAGIC) + 64)
-        if header.startswith(checkpoint.MAGIC) and len(header) == len(checkpoint.MAGIC) + 64:
-            return "checkpoint sha256:" + header[len(checkpoint.MAGIC):].decode("ascii", "replace")
-    digest = hashlib.sha256()
+    if not point.exported and (digest := checkpoint_digest(point.path)) is not None:
+        return digest
+    sha = hashlib.sha256()
     with point.path.open("rb") as f:
         while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return f"file sha256:{digest.hexdigest()}"
+            sha.update(chunk)
+    return f"file sha256:{sha.hexdigest()}"
 
 
 def _load_point(point: CurvePoint, run: CurveRun) -> tuple[torch.nn.Module, ModelConfig, int, dict[str, Any]]:

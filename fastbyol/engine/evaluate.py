@@ -75,7 +75,7 @@ def load_checkpoint_encoder(target: str, expect_arch: str | None = None) -> Chec
     # A run directory resolves to its newest valid ckpt-<step>.pt; the state names the step it was saved at.
     path = Path(target) if Path(target).is_file() else run_dir / "checkpoints" / checkpoint.checkpoint_name(
         int(state.get("step", -1)))
-    return CheckpointEncoder(encoder, cfg, run_dir, _checkpoint_digest(path) or state_fingerprint(encoder),
+    return CheckpointEncoder(encoder, cfg, run_dir, checkpoint_digest(path) or state_fingerprint(encoder),
                              step=int(state.get("step", -1)), epoch=state.get("epoch"), path=path)
 
 
@@ -95,7 +95,7 @@ def _encoder_with(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> Encoder
     return encoder
 
 
-def _checkpoint_digest(path: Path) -> str | None:
+def checkpoint_digest(path: Path) -> str | None:
     """``checkpoint sha256:<hex>`` from a checkpoint file's header: the SHA-256 of its payload, verified when
     it was loaded; None if the file is gone (a newer checkpoint replaced it meanwhile) or not one."""
     magic = checkpoint.MAGIC
