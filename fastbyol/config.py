@@ -151,6 +151,10 @@ class DataConfig:
     grayscale p 0.2) or 'strong' (0.8, 0.8, 0.8, any hue, grayscale p 0.5; the shapes demo's)."""
     crop_area_min: float = 0.08
     """Smallest random crop, as a fraction of the image area (spec: 0.08)."""
+    invert_p: float = 0.0
+    """Probability of inverting each view (x -> 1 - x) after its other augmentations (spec: 0, not in the
+    official code). For sets where which of foreground and background is brighter is fixed per image (the
+    shapes), BYOL's own augmentations all keep that cue shared by the two views; inversion removes it."""
     loader: Literal["auto", "dali", "torch"] = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
     JPEG, PNG, ..., or their shards), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto'
@@ -160,6 +164,7 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         _check_choices(self, prefix)
         _in_range(f"{prefix}.crop_area_min", self.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
+        _in_range(f"{prefix}.invert_p", self.invert_p, 0.0, 1.0, "a probability in [0, 1], e.g. 0.5", low_ok=True)
         if self.source == "folder" and not self.path:
             raise ConfigError(
                 f"{prefix}.path is empty but {prefix}.source=folder: set {prefix}.path=/path/to/train_images "

@@ -156,6 +156,28 @@ def test_number_of_draws_is_fixed() -> None:
     assert all(torch.equal(states[0], s) for s in states[1:])
 
 
+def test_inversion_is_drawn_only_when_asked_and_inverts_the_finished_view() -> None:
+    # data.invert_p=0 (the spec) leaves the official stream alone: same draws, same decisions, no inversion.
+    plain, inverting = (A.TwoViewTransform(32, *A.view_pair("byol", "strong", 0.3, p)) for p in (0.0, 0.5))
+    assert not any(p.invert for s in range(200) for p in plain.params(32, 32, s))
+    assert plain.params(32, 32, 3) == A.TwoViewTransform(32, *A.view_pair("byol", "strong", 0.3)).params(32, 32, 3)
+    # At 0.5 each view inverts independently, half the time; the rest of its decisions are the plain ones.
+    pairs = [inverting.params(32, 32, s) for s in range(4000)]
+    assert _within_sigmas(sum(p1.invert for p1, _ in pairs), len(pairs), 0.5)
+    assert _within_sigmas(sum(p1.invert and p2.invert for p1, p2 in pairs), len(pairs), 0.25)
+    p1 = inverting.params(32, 32, 9)[0]
+    assert dataclasses.replace(p1, invert=False) == plain.params(32, 32, 9)[0]
+    # An inverted view is 1 - the view it would have been, after every other op and the clip.
+    x = torch.rand(3, 32, 32) * 1.4 - 0.2
+    spec = A.view_pair("byol", "strong", 0.3, 0.5)[1]
+    for p in (p1, dataclasses.replace(p1, solarize=True, gray=True)):
+        want = 1 - A.apply_view(x, dataclasses.replace(p, invert=False), spec)
+        torch.testing.assert_close(A.apply_view(x, dataclasses.replace(p, invert=True), spec), want)
+    from fastbyol.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="data.invert_p=1.5 is out of range"):
+        build_config("shapes", overrides=["data.invert_p=1.5"])
+
+
 def test_transform_params_same_seed_same_and_views_independent() -> None:
     transform = A.TwoViewTransform(32)
     assert transform.params(375, 500, seed=11) == transform.params(375, 500, seed=11)

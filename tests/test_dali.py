@@ -92,6 +92,8 @@ OPS = {
     "gray": (dict(jitter=False, gray=True), 0.015),
     "blur": (dict(jitter=False, blur=True, sigma=1.5), 0.015),
     "solarize": (dict(jitter=False, solarize=True), 0.015),
+    "invert": (dict(jitter=False, invert=True), 0.015),
+    "solarize-invert": (dict(jitter=False, solarize=True, invert=True), 0.015),
 }
 
 

@@ -78,6 +78,10 @@ class ViewSpec:
     """Crop aspect ratio upper bound."""
     solarize_threshold: float = 0.5
     """Values at or above it are inverted (official ``_solarize_single_image``)."""
+    invert_p: float = 0.0
+    """Probability of inverting the whole view (x -> 1 - x) after solarisation; not in the official code (0
+    there). For sets whose foreground and background brightness is a per-image constant (the demo's shapes),
+    inversion is the one augmentation that stops 'which is brighter' being shared by the two views."""
 
 
 # Official augment_config: the two views differ only in blur and solarize probabilities.
@@ -95,9 +99,12 @@ COLOUR_JITTER: dict[str, dict[str, float]] = {
 }
 
 
-def view_pair(views: str, colour_jitter: str = "byol", crop_area_min: float = 0.08) -> tuple[ViewSpec, ViewSpec]:
-    """The two views' specs for ``data.views``, ``data.colour_jitter`` and ``data.crop_area_min``."""
-    first, second = (dataclasses.replace(spec, area_min=crop_area_min, **COLOUR_JITTER[colour_jitter])
+def view_pair(views: str, colour_jitter: str = "byol", crop_area_min: float = 0.08,
+              invert_p: float = 0.0) -> tuple[ViewSpec, ViewSpec]:
+    """The two views' specs for ``data.views``, ``data.colour_jitter``, ``data.crop_area_min`` and
+    ``data.invert_p``."""
+    first, second = (dataclasses.replace(spec, area_min=crop_area_min, invert_p=invert_p,
+                                         **COLOUR_JITTER[colour_jitter])
                      for spec in VIEW_PAIRS[views])
     return first, second
 
@@ -123,6 +130,7 @@ class ViewParams:
     blur: bool
     sigma: float
     solarize: bool
+    invert: bool = False
 
 
 # Layout of the one vector of uniforms a view consumes (a fixed count: the stream never depends on
@@ -131,6 +139,7 @@ _U_AREA, _U_ASPECT, _U_TOP, _U_LEFT, _U_FLIP, _U_JITTER = range(6)
 _U_ORDER = 6  # 4 keys whose argsort is the jitter order (a uniform permutation)
 _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(10, 18)
 _NUM_UNIFORMS = 18
+_U_INVERT = 18  # drawn only when the spec's invert_p > 0, so the official stream is unchanged by the option
 
 
 def _randint(u: float, high: int) -> int:
@@ -142,10 +151,10 @@ def sample_view_params(gen: torch.Generator, height: int, width: int, spec: View
     """Draws one view's decisions for a ``height`` x ``width`` source image from ``gen`` only.
 
     One ``torch.rand`` call of a fixed length (float64), so the generator advances by the same amount
-    whatever the spec and the outcome. The crop is the official ``_decode_and_random_crop``: a single
+    whatever the outcome (one uniform more when ``spec.invert_p`` > 0). The crop is the official ``_decode_and_random_crop``: a single
     attempt, sides rounded (half to even, like ``tf.round``) then clamped to the image, no retry.
     """
-    u = torch.rand(_NUM_UNIFORMS, generator=gen, dtype=torch.float64).tolist()
+    u = torch.rand(_NUM_UNIFORMS + (spec.invert_p > 0), generator=gen, dtype=torch.float64).tolist()
 
     area = (spec.area_min + (spec.area_max - spec.area_min) * u[_U_AREA]) * height * width
     log_lo, log_hi = math.log(spec.ratio_min), math.log(spec.ratio_max)
@@ -170,6 +179,7 @@ def sample_view_params(gen: torch.Generator, height: int, width: int, spec: View
         blur=u[_U_BLUR] < spec.blur_p,
         sigma=spec.sigma_min + (spec.sigma_max - spec.sigma_min) * u[_U_SIGMA],
         solarize=u[_U_SOLAR] < spec.solarize_p,
+        invert=spec.invert_p > 0 and u[_U_INVERT] < spec.invert_p,
     )
 
 
@@ -354,7 +364,8 @@ def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Tensor:
-    """Everything after the crop, in the official order: flip, colour, blur, solarize, clip.
+    """Everything after the crop, in the official order: flip, colour, blur, solarize, clip (then the
+    inversion, where ``spec.invert_p`` > 0; not in the official code).
 
     ``x`` is [3, H, W] float in [0, 1]; returns [3, H, W] in [0, 1], not normalised. A jitter op whose
     strength in ``spec`` is 0 is skipped, as the official ``if brightness > 0`` guards do.
@@ -384,7 +395,8 @@ def apply_view(x: torch.Tensor, params: ViewParams, spec: ViewSpec) -> torch.Ten
         x = gaussian_blur(x, params.sigma, blur_taps(x.shape[-1]))
     if params.solarize:
         x = solarize(x, spec.solarize_threshold)
-    return x.clamp_(0.0, 1.0)
+    x = x.clamp_(0.0, 1.0)
+    return x.neg_().add_(1.0) if params.invert else x
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -61,14 +61,16 @@ from fastbyol.errors import FastByolError
 RECENT_IMAGES = 4096  # > (prefetch queue + 2) x micro-batch for any sensible setting
 # One view's decisions as a float vector, in this order.
 VIEW_VECTOR = ("top", "left", "height", "width", "flip", "jitter", "order0", "order1", "order2", "order3",
-               "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma", "solarize")
+               "brightness", "contrast", "saturation", "hue", "gray", "blur", "sigma", "solarize",
+               "invert")
 _I = {name: i for i, name in enumerate(VIEW_VECTOR)}
 
 
 def view_vector(p: ViewParams) -> np.ndarray:
     """``ViewParams`` -> the float32 vector the pipeline reads (layout ``VIEW_VECTOR``)."""
     return np.array([*p.crop, p.flip, p.jitter, *p.jitter_order, p.brightness_delta, p.contrast_factor,
-                     p.saturation_factor, p.hue_delta, p.gray, p.blur, p.sigma, p.solarize], dtype=np.float32)
+                     p.saturation_factor, p.hue_delta, p.gray, p.blur, p.sigma, p.solarize, p.invert],
+                    dtype=np.float32)
 
 
 def blur_filters(p: ViewParams, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,6 +247,8 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
     if p[_I["solarize"]] > 0.5:  # x < 0.5 ? x : 1 - x, as 0.5 - |x - 0.5|
         x = 0.5 - dmath.abs(x - 0.5)
     x = dmath.clamp(x, 0.0, 1.0)
+    if p[_I["invert"]] > 0.5:  # data.invert_p (not in the official code)
+        x = 1.0 - x
     return fn.crop_mirror_normalize(x, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), dtype=types.FLOAT,
                                     output_layout="HWC")
 

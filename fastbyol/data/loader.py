@@ -76,7 +76,7 @@ def _worker_init(_: int) -> None:
 
 
 def _views(cfg: DataConfig) -> tuple[ViewSpec, ViewSpec]:
-    return view_pair(cfg.views, cfg.colour_jitter, cfg.crop_area_min)
+    return view_pair(cfg.views, cfg.colour_jitter, cfg.crop_area_min, cfg.invert_p)
 
 
 class TorchVisionSource:
