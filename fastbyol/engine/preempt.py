@@ -7,6 +7,12 @@ in the queue (``scontrol requeue``), so it continues by itself with ``--resume a
 since ``scancel`` sends it too. A second signal of any kind takes the default action at once (the process
 ends; the last checkpoint on disk is intact, since every checkpoint is written atomically). Handlers can only
 be installed from the main thread; elsewhere (a run inside a worker thread) the flag is simply never set.
+
+A signal sent to the whole process group (``scancel``, ``kill -- -PGID``, Ctrl-C in a terminal) also reaches the
+DataLoader's worker processes, which die of it. torch's SIGCHLD handler would then raise "DataLoader worker ...
+killed by signal" in the middle of the step; so once a stop is flagged, SIGCHLD goes back to its default (nothing)
+until ``restore``, the step finishes on the batch it has, and a fetch that finds the workers gone stops the run
+there with its checkpoint (the trainer's ``FetchStopped``).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        if signal.SIGCHLD not in self._previous:  # the loader's workers may be dying of this signal too
+            self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         print(f"fastbyol: {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 

@@ -82,6 +82,11 @@ class NonFiniteStop(FastByolError):
     """The run stopped on a non-finite loss or gradient (run.nonfinite=stop, or past the skip limit)."""
 
 
+class FetchStopped(Exception):
+    """A fetch failed after a stop signal (its process group's signal killed the loader's workers): the loop
+    writes the stop checkpoint of the last finished step (``_checkpoint_if_due`` raises ``RunStopped``)."""
+
+
 def check_batch_split(cfg: Config, world: int) -> None:
     """The global batch must split evenly into ranks x micro-batches."""
     parts = world * cfg.optim.accum_steps
@@ -461,7 +466,11 @@ class Trainer:
             with rows:  # closed with how the session ended (W&B: done, failed or preempted)
                 while self.step < end_step:
                     self._profile_start_if_due()
-                    self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
+                    try:
+                        self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
+                    except FetchStopped:  # the stop signal took the loader's workers: stop before this step
+                        self._checkpoint_if_due(end_step)  # a stop before the end: raises RunStopped
+                        raise
                     self._profile_stop_if_due()
                     rows.after_step()  # log
                     self._checkpoint_if_due(end_step)  # checkpoint
@@ -556,7 +565,14 @@ class Trainer:
         for micro in range(accum):
             t_wait = time.perf_counter()
             with self.phases.host_range("data_wait"):
-                batch = next(batches)  # fetch
+                try:
+                    batch = next(batches)  # fetch
+                except Exception:
+                    # A stop signal sent to the process group killed the loader's workers: nothing of this step
+                    # has touched the weights, so the run stops at the last finished one with its checkpoint.
+                    if self.stop.requested and not self.ctx.enabled:
+                        raise FetchStopped from None
+                    raise
             self.meter.data_wait_s += time.perf_counter() - t_wait
             with self.updater.grad_sync(micro == accum - 1):
                 self.forward_backward_step(batch, 1.0 / accum, micro == accum - 1)  # forward/backward
