@@ -244,10 +244,16 @@ class OptimConfig:
 class ByolConfig:
     tau_base: float = 0.996
     """Target decay at step 0; it rises to 1 with a cosine over the run."""
+    predictor_lr_mult: float = 1.0
+    """The predictor's learning rate as a multiple of the rest's (1 in the paper). Tian, Chen and Ganguli
+    (2021, arXiv 2102.06810, 'Understanding self-supervised learning dynamics without contrastive pairs')
+    find a faster predictor keeps BYOL's weak feature directions from dying out. The fused LARS kernel and
+    ZeRO apply one lr to every tensor: a value other than 1 needs run.kernels=off and run.engine=ddp."""
 
 
     def validate(self, prefix: str) -> None:
         _in_range(f"{prefix}.tau_base", self.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
+        _in_range(f"{prefix}.predictor_lr_mult", self.predictor_lr_mult, 0.0, 1000.0, "a positive float, e.g. 10")
 
 
 @dataclass

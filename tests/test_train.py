@@ -109,6 +109,35 @@ def test_ema_once_per_optimizer_step_under_accumulation(tmp_path: Path, monkeypa
     assert t.position == 3 * 8
 
 
+def test_predictor_lr_mult_scales_the_predictor_step_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """byol.predictor_lr_mult=10: from the same weights and gradients, the predictor moves 10x as far, the
+    rest exactly as far; the fused LARS kernel (one lr for all) is refused with the fix."""
+    from fastbyol.errors import FastByolError
+    from fastbyol.step.train_step import optimizer_step
+
+    moves = {}
+    start: dict[str, torch.Tensor] = {}
+    for mult in (1.0, 10.0):
+        t = start_run(_cfg(tmp_path, f"mult{mult:g}", ["run.max_steps=1", f"byol.predictor_lr_mult={mult}"]))
+        if not start:
+            start = _params(t)
+        t.pair.load_state_dict(start)
+        t.optimizer.state.clear()  # fresh momentum: the step is lr x the trust-scaled gradient
+        named = {n: p for n, p in t.pair.named_parameters() if p.requires_grad and not n.startswith("target")}
+        g = torch.Generator().manual_seed(1)
+        for p in named.values():
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer_step(t.optimizer, 5.0)  # moves of ~1e-4, far above float32 rounding
+        moves[mult] = {n: p.detach() - start[n] for n, p in named.items()}
+    assert any(n.startswith("predictor") for n in moves[1.0]) and any(n.startswith("online") for n in moves[1.0])
+    for name, move in moves[1.0].items():
+        want = move * 10 if name.startswith("predictor") else move
+        torch.testing.assert_close(moves[10.0][name], want, rtol=1e-3, atol=5e-7)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(FastByolError, match="byol.predictor_lr_mult=10.0 needs the per-tensor LARS: set run.kernels=off"):
+        start_run(_cfg(tmp_path, "fused", ["run.max_steps=1", "byol.predictor_lr_mult=10", "run.kernels=on"]))
+
+
 def test_accumulated_gradient_equals_full_batch_mean(tmp_path: Path) -> None:
     """Micro-batch gradients scaled by 1/accum add up to the mean of the micro-batch gradients
     (BatchNorm statistics stay per micro-batch, as with any accumulation)."""

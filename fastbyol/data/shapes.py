@@ -61,10 +61,10 @@ def silhouette(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(CLASSES)}")
 
 
-def shape_image(index: int, seed: int, size: int) -> tuple[Image.Image, int]:
-    """Image ``index`` of the shapes set: (RGB ``size`` x ``size`` PIL image, label)."""
-    if size < 8:
-        raise ValueError(f"shape images need size >= 8, got {size}")
+def _draw(index: int, seed: int, size: int) -> tuple[int, float, float, float, np.ndarray, np.ndarray,
+                                                     np.random.Generator]:
+    """Image ``index``'s class, radius, centre, background and foreground colours, and its generator (at
+    the pixel noise, the next draw)."""
     label = index % len(CLASSES)
     rng = np.random.default_rng([seed & _MASK64, index & _MASK64])
     radius = size * rng.uniform(*RADIUS)
@@ -73,6 +73,24 @@ def shape_image(index: int, seed: int, size: int) -> tuple[Image.Image, int]:
     fg = rng.random(3)
     while abs(fg.mean() - bg.mean()) < MIN_GREY_GAP:  # on average ~2 draws
         fg = rng.random(3)
+    return label, float(radius), float(cx), float(cy), bg, fg, rng
+
+
+def shape_factors(index: int, seed: int, size: int) -> dict[str, float]:
+    """The nuisances image ``index`` was drawn with (what a representation should NOT need to tell the class):
+    radius and centre as fractions of the side, the two colours' grey levels, which is brighter, the gap."""
+    label, radius, cx, cy, bg, fg, _ = _draw(index, seed, size)
+    return {"class": float(label), "radius": radius / size, "cx": cx / size, "cy": cy / size,
+            "bg_grey": float(bg.mean()), "fg_grey": float(fg.mean()), "fg_brighter": float(fg.mean() > bg.mean()),
+            "grey_gap": float(abs(fg.mean() - bg.mean())),
+            "hue_gap": float(np.linalg.norm((fg - fg.mean()) - (bg - bg.mean())))}
+
+
+def shape_image(index: int, seed: int, size: int) -> tuple[Image.Image, int]:
+    """Image ``index`` of the shapes set: (RGB ``size`` x ``size`` PIL image, label)."""
+    if size < 8:
+        raise ValueError(f"shape images need size >= 8, got {size}")
+    label, radius, cx, cy, bg, fg, rng = _draw(index, seed, size)
     grid = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
     y, x = np.meshgrid((grid - cy) / radius, (grid - cx) / radius, indexing="ij")
     cover = silhouette(CLASSES[label], x, y).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean((1, 3))

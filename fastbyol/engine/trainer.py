@@ -286,11 +286,15 @@ class Trainer:
         self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.kernels = use_kernels(cfg.run.kernels, self.device)
+        if self.kernels and cfg.run.kernels == "auto" and cfg.method == "byol" and cfg.byol.predictor_lr_mult != 1:
+            self.kernels = False  # the fused LARS applies one lr to every tensor
+            if self.ctx.main:
+                print(f"fastbyol: byol.predictor_lr_mult={cfg.byol.predictor_lr_mult}: the Triton kernels are off "
+                      "(the fused LARS applies one lr to every tensor)", file=sys.stderr)
         # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
         self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
         self.pair = self._build_pair(probe_classes, parts.encoder)
-        online = (named for module in self.pair.online_modules() for named in module.named_modules())
-        groups = lars_param_groups(online)
+        groups = self._param_groups()
         self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
@@ -515,6 +519,18 @@ class Trainer:
         """... and stops once steps A..B-1 are done."""
         if self._profiler is not None and self.profile_window and self.step >= self.profile_window[1]:
             self._stop_profiler(self._profiler)
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """LARS's two groups over every online module; with byol.predictor_lr_mult != 1, two more for the
+        predictor, carrying that multiple of the schedule's lr (``optimizer_step`` applies it)."""
+        mult = self.cfg.byol.predictor_lr_mult if self.cfg.method == "byol" else 1.0
+        modules = self.pair.online_modules()
+        predictor = getattr(self.pair, "predictor", None)
+        if mult == 1.0 or predictor is None:
+            return lars_param_groups(named for module in modules for named in module.named_modules())
+        rest = lars_param_groups(named for module in modules if module is not predictor
+                                 for named in module.named_modules())
+        return rest + [dict(group, lr_mult=mult) for group in lars_param_groups(predictor.named_modules())]
 
     def _checkpoint_if_due(self, end_step: int) -> None:
         """At the checkpoint cadence, at the end, on a stop signal or when run.ckpt_minutes have passed; a stop

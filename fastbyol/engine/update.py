@@ -300,6 +300,10 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
                  device: torch.device, run_dir: Path, resume: dict[str, Any] | None) -> Update:
     """The one place the engine and the kernels setting pick how the run updates."""
     hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
+    if any(group.get("lr_mult", 1.0) != 1.0 for group in groups) and (ctx.engine == "deepspeed" or (
+            kernels and cfg.optim.name == "lars")):
+        raise FastByolError(f"byol.predictor_lr_mult={cfg.byol.predictor_lr_mult} needs the per-tensor LARS: set "
+                            "run.kernels=off and run.engine=ddp (the fused kernel and ZeRO apply one lr to all)")
     if ctx.engine == "deepspeed":
         if not isinstance(pair, ByolPair) or cfg.optim.name != "lars":  # Config.validate refuses both first
             raise FastByolError("run.engine=deepspeed runs method=byol with optim.name=lars only: use DDP")

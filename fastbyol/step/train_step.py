@@ -131,7 +131,7 @@ def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Ten
 def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Apply the accumulated gradient at this step's learning rate (a host float from the schedule)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)  # byol.predictor_lr_mult: the predictor's groups
     optimizer.step()
 
 
