@@ -155,6 +155,12 @@ class DataConfig:
     """Probability of inverting each view (x -> 1 - x) after its other augmentations (spec: 0, not in the
     official code). For sets where which of foreground and background is brighter is fixed per image (the
     shapes), BYOL's own augmentations all keep that cue shared by the two views; inversion removes it."""
+    resize: Literal["official", "pil"] = "pil"
+    """Bicubic resize of each view's crop to data.image_size: 'official' (the official code's
+    tf.image.resize(BICUBIC): TF's Keys cubic, A = -0.5, half-pixel centres, no antialiasing, on the float
+    crop, overshoots clipped only after /255; sharper, aliased downscales; the paper presets') or 'pil'
+    (PIL's bicubic on the uint8 crop, antialiased when shrinking). Both loaders follow it; evaluation
+    (fastbyol eval) does not read it and keeps PIL's resize for its views."""
     loader: Literal["auto", "dali", "torch"] = "auto"
     """'dali' (decode and augment in DALI: on the GPU with one, CPU operators otherwise; image folders of
     JPEG, PNG, ..., or their shards), 'torch' (torchvision/PIL in DataLoader workers; any source), or 'auto'
@@ -567,7 +573,7 @@ def _paper(epochs: int, base_lr: float, wd: float, tau: float) -> dict[str, Any]
     """The official ImageNet recipe (BYOL.md, Schedules table): ResNet-50, batch 4096, 224 px."""
     return {
         "model": {"arch": "resnet50"},
-        "data": {"source": "folder", "image_size": 224},
+        "data": {"source": "folder", "image_size": 224, "resize": "official"},
         "optim": {"batch_size": 4096, "base_lr": base_lr, "weight_decay": wd, "warmup_epochs": 10.0},
         "byol": {"tau_base": tau},
         "run": {"epochs": float(epochs)},

@@ -8,6 +8,7 @@ import colorsys
 import dataclasses
 import itertools
 import math
+import typing
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastbyol.config import DataConfig, literal_values
 from fastbyol.data import augment as A
 from fastbyol.data.augment import VIEW1, VIEW2, ViewParams, ViewSpec, sample_view_params
 
@@ -463,6 +465,121 @@ def test_crop_resize_takes_the_box() -> None:
     ref = np.asarray(photo.crop((45, 10, 75, 50)).resize((24, 24), Image.Resampling.BICUBIC)) / 255
     out = A.crop_resize(photo, _plain(crop=(10, 45, 40, 30)), 24)
     np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), ref, atol=1e-6)
+
+
+def test_pil_resize_is_unchanged() -> None:
+    """data.resize=pil (the default) is PIL's bicubic on the uint8 crop, then /255."""
+    photo = _photo(70, 60, 3)
+    for crop in ((5, 7, 57, 43), (0, 0, 13, 9), (3, 4, 32, 32)):
+        top, left, height, width = crop
+        ref = np.array(photo.crop((left, top, left + width, top + height)).resize((32, 32), Image.Resampling.BICUBIC))
+        for out in (A.crop_resize(photo, _plain(crop=crop), 32), A.crop_resize(photo, _plain(crop=crop), 32, "pil")):
+            assert torch.equal(out, torch.from_numpy(ref).permute(2, 0, 1).float().div(255.0))
+
+
+# --- data.resize=official: TF's tf.image.resize(BICUBIC), antialias=False -------------------------------
+
+def _tf_keys_weights(in_size: int, out_size: int, out: int) -> tuple[list[int], list[float]]:
+    """The four taps and weights of output ``out`` in TF's resize_bicubic with half_pixel_centers=True
+    (tensorflow/core/kernels/image/resize_bicubic_op.cc), in float64 from its description: the source
+    coordinate in float32, Keys' cubic (A = -0.5) read at the offset rounded to 1/1024, taps outside the
+    input weighted 0 and the rest renormalised to sum 1."""
+    a = -0.5
+    scale = np.float32(in_size) / np.float32(out_size)
+    in_f = (np.float32(out) + np.float32(0.5)) * scale - np.float32(0.5)
+    loc = math.floor(in_f)
+    offset = round((float(in_f) - loc) * 1024)  # half to even, as lrintf
+
+    def near(i: int) -> float:  # |t| <= 1, t = i / 1024
+        t = i / 1024
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(i: int) -> float:  # 1 <= |t| <= 2, t = 1 + i / 1024
+        t = 1 + i / 1024
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    taps = [loc - 1, loc, loc + 1, loc + 2]
+    weights = [far(offset), near(offset), near(1024 - offset), far(1024 - offset)]
+    weights = [w if 0 <= t < in_size else 0.0 for t, w in zip(taps, weights)]
+    total = sum(weights)
+    return taps, [w / total for w in weights]
+
+
+def tf_resize_reference(pixels: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] -> [size, size, C] float64: every output pixel as the sum of its 4 x 4 taps, a plain loop."""
+    height, width = pixels.shape[:2]
+    out = np.zeros((size, size, pixels.shape[2]))
+    for i in range(size):
+        rows, row_weights = _tf_keys_weights(height, size, i)
+        for j in range(size):
+            cols, col_weights = _tf_keys_weights(width, size, j)
+            for r, wr in zip(rows, row_weights):
+                for c, wc in zip(cols, col_weights):
+                    if wr and wc:
+                        out[i, j] += wr * wc * pixels[r, c].astype(np.float64)
+    return out
+
+
+# (crop, view size): downscale, upscale, same size, non-square both ways, odd sizes
+OFFICIAL_CASES = [((5, 7, 57, 43), 32), ((0, 0, 13, 9), 32), ((3, 4, 32, 32), 32), ((10, 2, 40, 58), 24),
+                  ((1, 1, 31, 7), 17)]
+
+
+@pytest.mark.parametrize("crop,size", OFFICIAL_CASES)
+def test_official_resize_is_tfs_formula(crop: tuple[int, int, int, int], size: int) -> None:
+    """Within float32 rounding of the formula (1e-4 of 0..255; measured <= 6.3e-5), overshoots past 0 and 255
+    kept, then crop_resize's clip(x / 255, 0, 1). The table's 1/1024 rounding of the offset shows at this
+    tolerance: without it the reference moves by 0.085 (40 x 58 -> 24) and 0.033 (31 x 7 -> 17); the other
+    cases' offsets are multiples of 1/64, which the table holds exactly."""
+    photo = _photo(70, 60, 4)
+    top, left, height, width = crop
+    pixels = np.asarray(photo)[top:top + height, left:left + width]
+    want = tf_resize_reference(pixels, size)
+    got = A.resize_official(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().contiguous(), size)
+    assert got.shape == (3, size, size) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), want, atol=1e-4, rtol=0)
+    view = A.crop_resize(photo, _plain(crop=crop), size, "official")
+    assert view.shape == (3, size, size) and view.is_contiguous()
+    np.testing.assert_allclose(view.permute(1, 2, 0).numpy(), np.clip(want / 255, 0, 1), atol=1e-6, rtol=0)
+
+
+def test_official_resize_same_size_is_the_identity_and_overshoots_are_kept() -> None:
+    x = torch.from_numpy(np.asarray(_photo(32, 32, 5)).copy()).permute(2, 0, 1).float().contiguous()
+    assert torch.equal(A.resize_official(x, 32), x)
+    step = torch.zeros(3, 20, 20)
+    step[:, :, 10:] = 255.0  # a hard edge: the cubic rings past both ends (TF does not clip)
+    out = A.resize_official(step, 32)
+    assert float(out.min()) < -1.0 and float(out.max()) > 256.0
+    index, weight = A.official_resize_taps(20, 32)
+    np.testing.assert_allclose(weight.sum(axis=0), 1.0, atol=1e-6)  # renormalised at the borders too
+    assert index.min() >= 0 and index.max() <= 19 and not weight.flags.writeable
+
+
+def test_official_resize_is_not_antialiased() -> None:
+    """Shrinking a one-pixel checkerboard 3.75x: PIL's antialiased filter averages it to grey, TF's 4-tap
+    bicubic samples it and keeps much of the contrast as a beat pattern (aliasing; measured std 0.002 and
+    0.24)."""
+    board = np.indices((120, 120)).sum(axis=0) % 2 * 255
+    photo = Image.fromarray(np.repeat(board[:, :, None], 3, axis=2).astype(np.uint8))
+    crop = _plain(crop=(0, 0, 120, 120))
+    pil, official = A.crop_resize(photo, crop, 32, "pil"), A.crop_resize(photo, crop, 32, "official")
+    assert float(pil.std()) < 0.05 < 0.2 < float(official.std())
+
+
+def test_transform_threads_the_resize() -> None:
+    img = _photo(60, 50, 6)
+    official, pil = A.TwoViewTransform(24, resize="official"), A.TwoViewTransform(24)
+    assert pil.resize == "pil"
+    p1, p2 = official.params(60, 50, seed=3)
+    v1, v2 = official(img, seed=3)
+    assert torch.equal(v1, A.normalize(A.apply_view(A.crop_resize(img, p1, 24, "official"), p1, VIEW1)))
+    assert torch.equal(v2, A.normalize(A.apply_view(A.crop_resize(img, p2, 24, "official"), p2, VIEW2)))
+    assert not torch.equal(v1, pil(img, seed=3)[0])
+    with pytest.raises(ValueError, match="official, pil"):
+        A.TwoViewTransform(24, resize="lanczos")
+    with pytest.raises(ValueError, match="official, pil"):
+        A.crop_resize(img, p1, 24, "tf")
+    assert A.RESIZES == literal_values(typing.get_type_hints(DataConfig)["resize"])  # data.resize's choices
 
 
 @pytest.mark.parametrize("size,src", [(32, (64, 64)), (16, (30, 50)), (64, (375, 500))])

@@ -40,6 +40,15 @@ def test_paper_presets_follow_the_spec_table(name: str, epochs: int, lr: float, 
     assert (cfg.model.proj_hidden, cfg.model.proj_dim) == (4096, 256)
     assert (cfg.optim.momentum, cfg.optim.eta, cfg.optim.warmup_epochs) == (0.9, 1e-3, 10.0)
     assert cfg.model.bn_momentum == 0.1 and cfg.model.bn_eps == 1e-5
+    assert cfg.data.resize == "official"  # tf.image.resize's bicubic, as the official code (issue 30)
+
+
+def test_only_the_paper_presets_take_the_official_resize() -> None:
+    """data.resize defaults to 'pil', so the demo presets and the bitwise golden streams are unchanged."""
+    for name in PRESETS:
+        overrides = ["data.path=/x"] if PRESETS[name]["data"]["source"] == "folder" else []
+        want = "official" if name.startswith("byol-r50-") else "pil"
+        assert build_config(name, overrides=overrides).data.resize == want, name
 
 
 def test_every_preset_validates() -> None:
@@ -70,6 +79,7 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     ("model.small_stem=maybe", "boolean"),
     ("data.image_size=8", "16..1024"),
     ("data.source=dali", "data.source"),
+    ("data.resize=bicubic", "data.resize='bicubic' is not allowed: use one of official, pil"),
     ("run.device=tpu", "run.device"),
     ("run.epochs=0", "run.epochs"),
     ("run.log_every=0", "run.log_every"),

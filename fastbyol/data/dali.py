@@ -9,7 +9,7 @@ crops, flips, jitter orders, strengths, grayscale, blur and solarize choices for
 data stream (epoch permutations, positions, resume) is the loader's, and the checkpoint needs nothing
 more than the position.
 
-Per view, in the official order: crop + bicubic resize, flip, colour jitter with its four ops in the
+Per view, in the official order: crop + bicubic resize (data.resize), flip, colour jitter with its four ops in the
 sample's random order (each followed by a clip), grayscale, clip, blur (separable, zero padding, taps
 = size / 10, sigma per sample), solarize, clip, then ImageNet normalisation, as NHWC float32.
 
@@ -18,7 +18,10 @@ torchvision pipeline on the same decisions):
 - saturation and hue: TF's HSV semantics written in DALI arithmetic, in closed forms equal up to
   rounding (``fn.hsv``, a linear transform in YIQ space, differs from them by ~0.1 on saturated
   colours, so it is not used);
-- the bicubic resize is DALI's (antialiased, on the float image) against PIL's on uint8;
+- data.resize=pil: the bicubic resize is DALI's (antialiased, on the float image) against PIL's on uint8;
+  data.resize=official: TF's bicubic resize, the torchvision pipeline's ``resize_official`` in DALI operators,
+  equal to it up to float32 rounding (``_resize_official``: multi_paste gathers the taps ``resize_plan`` lists,
+  arithmetic weighs them; ``fn.resize`` cannot: its cubic filter clamps at the borders where TF renormalises);
 - the JPEG decoder is libjpeg-turbo (CPU) or nvJPEG (GPU) against PIL's libjpeg: pixels can differ by
   a few levels.
 
@@ -45,6 +48,7 @@ from fastbyol.data.augment import (
     GRAY_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    RESIZES,
     VIEW1,
     VIEW2,
     TwoViewTransform,
@@ -52,6 +56,7 @@ from fastbyol.data.augment import (
     ViewSpec,
     blur_taps,
     gaussian_kernel,
+    official_resize_taps,
 )
 from fastbyol.data.folder import ImageFiles
 from fastbyol.data.stream import StreamOrder, mix_seed, shard_positions
@@ -79,6 +84,36 @@ def blur_filters(p: ViewParams, size: int) -> tuple[np.ndarray, np.ndarray]:
     k = np.asarray(gaussian_kernel(p.sigma, taps), dtype=np.float32) if p.blur else \
         np.eye(1, taps, taps // 2, dtype=np.float32)[0]
     return k.reshape(1, taps), k.reshape(taps, 1)
+
+
+# Slots of a view's resize plan (``resize_plan``), each [size, 2]: the per-region arguments of the eight
+# multi_paste gathers of data.resize=official.
+_ROWS_IN = 0  # 0..3: in_anchors of the row taps 0..3 (source row, crop's left column)
+_COLS_IN = 4  # 4..7: in_anchors of the column taps 0..3 (0, source column)
+_ROW_SHAPE, _ROW_CANVAS, _ROWS_OUT, _COLS_OUT, _COL_SHAPE, _PLAN_SLOTS = 8, 9, 10, 11, 12, 13
+
+
+def resize_plan(p: ViewParams, size: int, whole_image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The view's TF bicubic resize (``official_resize_taps`` of its crop) as multi_paste arguments: (plan
+    int32 [13, size, 2], weights float32 [8, size]: the row taps' weights, then the columns').
+
+    Output row i of row tap k is the source row ``rows[k, i]`` of the crop (1 x width, pasted at (i, 0));
+    output column j of column tap k is the column ``cols[k, j]`` of that (size x 1, pasted at (0, j)).
+    ``whole_image``: the image handed to DALI is the whole decoded image (data.dali_decode=full), so the
+    row anchors carry the crop's corner; otherwise it is the crop itself (roi)."""
+    top, left, height, width = p.crop
+    rows, row_weight = official_resize_taps(height, size)
+    cols, col_weight = official_resize_taps(width, size)
+    dy, dx = (top, left) if whole_image else (0, 0)
+    plan = np.zeros((_PLAN_SLOTS, size, 2), dtype=np.int32)
+    plan[_ROWS_IN:_ROWS_IN + 4, :, 0] = rows + dy
+    plan[_ROWS_IN:_ROWS_IN + 4, :, 1] = dx
+    plan[_COLS_IN:_COLS_IN + 4, :, 1] = cols
+    plan[_ROW_SHAPE] = (1, width)
+    plan[_ROW_CANVAS] = (size, width)
+    plan[_ROWS_OUT, :, 0] = plan[_COLS_OUT, :, 1] = np.arange(size)
+    plan[_COL_SHAPE] = (size, 1)
+    return plan, np.concatenate([row_weight, col_weight])
 
 
 def require_dali() -> Any:
@@ -134,13 +169,19 @@ def encoded_images(images: Sequence[str] | EncodedImages, labels: Sequence[int] 
 
 
 class _Feed:
-    """The external source: stream position -> encoded bytes, label and both views' decisions."""
+    """The external source: stream position -> encoded bytes, label and both views' decisions (with
+    data.resize=official, then the sample's index in its batch and each view's ``resize_plan``)."""
 
     def __init__(self, images: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray, size: int,
                  seed: int, positions: Iterator[int], views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2),
-                 undecodable: dict[str, str] | None = None) -> None:
+                 undecodable: dict[str, str] | None = None, resize: str = "pil", decode: str = "full",
+                 batch_size: int = 1) -> None:
         self.images, self.labels, self.size, self.seed = encoded_images(images, labels), labels, size, seed
         self.positions = positions
+        self.resize, self.whole_image, self.batch_size = resize, decode == "full", batch_size
+        # DALI calls a per-sample source batch_size times per batch, in order: the count modulo the batch is
+        # the sample's index in it, which multi_paste's in_ids need (a view's pastes read its own image).
+        self.calls = 0
         self.transform = TwoViewTransform(size, *views)
         self.order = StreamOrder(len(self.images), seed)  # the torchvision pipeline's order, position for position
         # Images DALI's decoder failed on earlier in the run (name -> why): skipped like unreadable ones.
@@ -169,8 +210,12 @@ class _Feed:
         self.recent.append(index)
         p1, p2 = self.transform.params(height, width, mix_seed(self.seed, 0x5EED, position))
         (h1, v1), (h2, v2) = blur_filters(p1, self.size), blur_filters(p2, self.size)
-        return (data, np.array(self.labels[index], dtype=np.int64), view_vector(p1), view_vector(p2),
-                h1, v1, h2, v2)
+        out = (data, np.array(self.labels[index], dtype=np.int64), view_vector(p1), view_vector(p2), h1, v1, h2, v2)
+        sample, self.calls = self.calls % self.batch_size, self.calls + 1
+        if self.resize != "official":
+            return out
+        ids = np.full(self.size, sample, dtype=np.int32)
+        return (*out, ids, *resize_plan(p1, self.size, self.whole_image), *resize_plan(p2, self.size, self.whole_image))
 
 
 def _adjust_saturation(x: Any, factor: Any) -> Any:
@@ -205,10 +250,36 @@ def _adjust_hue(x: Any, delta: Any) -> Any:
     return v - c * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
 
 
+def _resize_official(img: Any, ids: Any, plan: Any, weights: Any, size: int, on_gpu: bool = False) -> Any:
+    """TF's bicubic resize of the view's crop (``resize_plan``) as float32 HWC, not clipped: per axis, four
+    multi_paste gathers of the taps (exact integer anchors fed from the host, so no coordinate is
+    recomputed here) weighed and summed in the torchvision pipeline's order, ((v0 w0 + v1 w1) + v2 w2) + v3 w3,
+    rows first. ``ids``: the sample's index in the batch, once per region (each view reads its own image)."""
+    from nvidia.dali import newaxis
+
+    fn, types, _ = _dali_modules()
+    if on_gpu:
+        weights = weights.gpu()
+    down = None
+    for k in range(4):
+        tap = fn.multi_paste(img, in_ids=ids, in_anchors=plan[_ROWS_IN + k], shapes=plan[_ROW_SHAPE],
+                             out_anchors=plan[_ROWS_OUT], output_size=plan[_ROW_CANVAS, 0], dtype=types.FLOAT)
+        term = tap * weights[_ROWS_IN + k, :, newaxis, newaxis]
+        down = term if down is None else down + term
+    out = None
+    for k in range(4):
+        tap = fn.multi_paste(down, in_ids=ids, in_anchors=plan[_COLS_IN + k], shapes=plan[_COL_SHAPE],
+                             out_anchors=plan[_COLS_OUT], output_size=[size, size])
+        term = tap * weights[_COLS_IN + k, newaxis, :, newaxis]
+        out = term if out is None else out + term
+    return out
+
+
 def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: int, cropped: bool = False,
-             on_gpu: bool = False) -> Any:
+             on_gpu: bool = False, official: tuple[Any, Any, Any] | None = None) -> Any:
     """One view from the decoded uint8 HWC image (or, ``cropped``, its ROI-decoded crop) and its decision
-    vector (DALI graph, conditionals on).
+    vector (DALI graph, conditionals on). ``official``: (ids, plan, weights) of data.resize=official
+    (``_resize_official``; the plan holds the crop), else DALI's own antialiased bicubic.
 
     ``p`` lives on the CPU: conditions and operator arguments read it there. On a GPU the values that
     enter arithmetic with the image and the blur filters are copied to the GPU once (``q``), since a
@@ -218,7 +289,9 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
     if on_gpu:
         blur_h, blur_v = blur_h.gpu(), blur_v.gpu()
     top, left, height, width = p[_I["top"]], p[_I["left"]], p[_I["height"]], p[_I["width"]]
-    if cropped:
+    if official is not None:
+        x = _resize_official(img, *official, size, on_gpu)
+    elif cropped:
         x = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
     else:
         x = fn.resize(img, size=[size, size], roi_start=fn.stack(top, left),
@@ -255,11 +328,14 @@ def _augment(img: Any, p: Any, blur_h: Any, blur_v: Any, spec: ViewSpec, size: i
 
 def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | None, num_threads: int,
                    seed: int, prefetch: int = 2, hw_decoder_load: float = 0.65, decode: str = "full",
-                   views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> Any:
+                   views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2), resize: str = "pil") -> Any:
     """The DALI pipeline: external source -> decode -> two views. ``device_id`` None: CPU operators only.
 
     ``decode``: 'full' decodes each image once and cuts both views from it; 'roi' decodes each view's
-    crop only (twice per image, but only the crop's pixels; see benchmarks/pipeline.py)."""
+    crop only (twice per image, but only the crop's pixels; see benchmarks/pipeline.py). ``resize``
+    (data.resize): 'official' needs a feed made with the same resize and decode (its resize plans)."""
+    if resize not in RESIZES:
+        raise ValueError(f"resize {resize!r}: use one of {', '.join(RESIZES)}")
     dali = require_dali()
     fn, types, _ = _dali_modules()
     on_gpu = device_id is not None
@@ -275,13 +351,18 @@ def build_pipeline(feed: _Feed, batch_size: int, size: int, device_id: int | Non
 
     @dali.pipeline_def(enable_conditionals=True)  # type: ignore[misc]
     def two_views() -> tuple[Any, ...]:
-        data, label, p1, p2, h1, v1, h2, v2 = fn.external_source(source=feed, num_outputs=8, batch=False)
+        fed = fn.external_source(source=feed, num_outputs=8 if resize == "pil" else 13, batch=False)
+        data, label, p1, p2, h1, v1, h2, v2 = fed[:8]
+        official1, official2 = ((fed[8], fed[9], fed[10]), (fed[8], fed[11], fed[12])) if resize == "official" \
+            else (None, None)
         if decode == "roi":
-            return (_augment(roi(data, p1), p1, h1, v1, spec1, size, cropped=True, on_gpu=on_gpu),
-                    _augment(roi(data, p2), p2, h2, v2, spec2, size, cropped=True, on_gpu=on_gpu), label)
+            return (_augment(roi(data, p1), p1, h1, v1, spec1, size, cropped=True, on_gpu=on_gpu,
+                             official=official1),
+                    _augment(roi(data, p2), p2, h2, v2, spec2, size, cropped=True, on_gpu=on_gpu,
+                             official=official2), label)
         img = fn.decoders.image(data, device=where, output_type=types.RGB, **gpu)
-        return (_augment(img, p1, h1, v1, spec1, size, on_gpu=on_gpu),
-                _augment(img, p2, h2, v2, spec2, size, on_gpu=on_gpu), label)
+        return (_augment(img, p1, h1, v1, spec1, size, on_gpu=on_gpu, official=official1),
+                _augment(img, p2, h2, v2, spec2, size, on_gpu=on_gpu, official=official2), label)
 
     pipe = two_views(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                      prefetch_queue_depth=prefetch, exec_dynamic=True)
@@ -299,7 +380,7 @@ class DaliSource:
     def __init__(self, files: Sequence[str] | EncodedImages, labels: Sequence[int] | np.ndarray, num_classes: int,
                  size: int, seed: int, device: torch.device, num_threads: int, prefetch: int = 2,
                  hw_decoder_load: float = 0.65, decode: str = "full",
-                 views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2)) -> None:
+                 views: tuple[ViewSpec, ViewSpec] = (VIEW1, VIEW2), resize: str = "pil") -> None:
         require_dali()
         if not len(files):
             raise FastByolError("the DALI source got no images: check data.path")
@@ -307,7 +388,7 @@ class DaliSource:
         self.images = encoded_images(files, labels)
         self.size, self.seed, self.device = size, seed, device
         self.num_threads, self.prefetch, self.hw_decoder_load = max(1, num_threads), prefetch, hw_decoder_load
-        self.decode, self.views = decode, views
+        self.decode, self.views, self.resize = decode, views, resize
         self.undecodable: dict[str, str] = {}
         """Images DALI's decoder failed on (name -> why), found while reading: skipped from then on."""
         self.images_per_epoch = len(files)
@@ -329,9 +410,10 @@ class DaliSource:
             # DALI prefetches past the last batch asked for: the positions run on (lazily) beyond it.
             first = start + done * world * micro_batch
             positions = itertools.chain.from_iterable(shard_positions(first, micro_batch, 1 << 62, rank, world))
-            feed = _Feed(self.images, self.labels, self.size, self.seed, positions, self.views, undecodable)
+            feed = _Feed(self.images, self.labels, self.size, self.seed, positions, self.views, undecodable,
+                         self.resize, self.decode, micro_batch)
             pipe = build_pipeline(feed, micro_batch, self.size, device_id, self.num_threads, self.seed,
-                                  self.prefetch, self.hw_decoder_load, self.decode, self.views)
+                                  self.prefetch, self.hw_decoder_load, self.decode, self.views, self.resize)
             try:
                 while done < num_batches:
                     v1, v2, labels = pipe.run()

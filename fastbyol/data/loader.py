@@ -85,7 +85,8 @@ class TorchVisionSource:
     kind = "torch"
 
     def __init__(self, images: ImageSource, num_classes: int, cfg: DataConfig, seed: int, pin_memory: bool) -> None:
-        self.dataset = TwoViewDataset(images, TwoViewTransform(cfg.image_size, *_views(cfg)), seed)
+        transform = TwoViewTransform(cfg.image_size, *_views(cfg), resize=cfg.resize)
+        self.dataset = TwoViewDataset(images, transform, seed)
         self.images_per_epoch = len(images)
         self.num_classes = num_classes
         self.cfg, self.pin_memory = cfg, pin_memory
@@ -192,7 +193,7 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device, images: Image
         return DaliSource(files, files.labels, num_classes, cfg.image_size, seed, device,
                           num_threads=max(cfg.workers, 1), prefetch=cfg.prefetch,
                           hw_decoder_load=cfg.hw_decoder_load, decode=cfg.dali_decode,
-                          views=_views(cfg))
+                          views=_views(cfg), resize=cfg.resize)
     if images is not None:
         if len(images) != cfg.num_images:
             raise FastByolError(f"the dataset has {len(images)} images but the run was built for "
