@@ -37,6 +37,12 @@ rebuild (``fastbyol.model.backbone.custom_arch``)."""
 Init = Literal["haiku", "torchvision"]
 INITS: tuple[str, ...] = get_args(Init)
 """Encoder initialisations (``fastbyol.model.backbone.Encoder``)."""
+Padding = Literal["torch", "same"]
+PADDINGS: tuple[str, ...] = get_args(Padding)
+"""How a ResNet pads its stride-2 windows (``fastbyol.model.backbone``)."""
+OFFICIAL_SHORTCUT_ARCHS = ("resnet18", "resnet34")
+"""The basic-block ResNets: with init=haiku they are the official code's ResNet18/34, whose first block (layer1[0])
+has a 1x1 projection shortcut with its BatchNorm, which torchvision's lack (``fastbyol.model.backbone``)."""
 OnOffAuto = Literal["auto", "on", "off"]
 
 RESUMABLE = {"resumable": True}
@@ -71,10 +77,16 @@ class ModelConfig:
     small_stem: bool = False
     """3x3 stride-1 first conv and no max-pool, for 32-64 px images (CIFAR-style stem)."""
     init: Init = "haiku"
-    """Initialisation of a torchvision ResNet: 'haiku' (the official code's: fan-in truncated normal
-    convolutions, the last BatchNorm of each residual block zero-initialised) or 'torchvision' (torchvision's
-    default: Kaiming fan-out, no zero-init residual; the demo presets' choice, benchmarks/NOTES.md issue 16).
-    A timm model keeps timm's own initialisation."""
+    """Initialisation of a torchvision ResNet: 'haiku' (the official code's network as it starts: fan-in
+    truncated normal convolutions, the last BatchNorm of each bottleneck block zero-initialised; resnet18/34 are
+    the official ResNet18/34: a 1x1 projection shortcut in the first block, no zero-initialised BatchNorm) or
+    'torchvision' (torchvision's network and default init: Kaiming fan-out, no zero-init residual; the demo
+    presets' choice, benchmarks/NOTES.md issue 16). A timm model keeps timm's own initialisation."""
+    padding: Padding = "torch"
+    """How a ResNet pads its stride-2 windows (stem conv, max-pool, 3x3 and 1x1 convs): 'torch' (symmetric, as
+    torchvision, so exports load into torchvision's ResNets) or 'same' (TF's padding='SAME', the official
+    network's: the extra row and column go after, e.g. the stem on 224 px pads 2 before and 3 after; the max-pool
+    pads with -inf). Stride-1 windows pad alike either way. Runs imported from the official code use 'same'."""
     proj_hidden: int = 4096
     """Hidden width of projector and predictor MLPs (spec: 4096)."""
     proj_dim: int = 256
@@ -98,6 +110,9 @@ class ModelConfig:
         if self.arch.startswith(TIMM_PREFIX) and self.small_stem:
             raise ConfigError(f"{prefix}.small_stem=true is for the torchvision ResNets: a timm model takes its "
                               f"own arguments (e.g. {prefix}.timm_kwargs.patch_size=4); set {prefix}.small_stem=false")
+        if self.padding != "torch" and self.arch.startswith((TIMM_PREFIX, CUSTOM_PREFIX)):
+            raise ConfigError(f"{prefix}.padding={self.padding} applies to the torchvision ResNets: {self.arch} pads "
+                              f"as it is built; set {prefix}.padding=torch")
         if self.timm_kwargs and not self.arch.startswith(TIMM_PREFIX):
             raise ConfigError(f"{prefix}.timm_kwargs is set but {prefix}.arch={self.arch} is not a timm model: "
                               f"drop it, or use {prefix}.arch=timm:<name>")

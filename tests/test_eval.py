@@ -78,11 +78,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "r"
 
 
-def test_export_loads_into_torchvision_with_identical_features(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_export_loads_into_torchvision_with_identical_features(tiny_checkpoint: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     pth, st = export_checkpoint(str(tiny_checkpoint), str(tmp_path / "enc"))
     assert pth.suffix == ".pth" and st.suffix == ".safetensors"
     encoder, _ = encoder_from_checkpoint(str(tiny_checkpoint))
+    # The smoke preset's init=haiku ResNet-18 is the official one: the export says how to load it into torchvision's.
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastbyol: note:")]
+    assert "projection shortcut in layer1[0]" in note
     tv = models.resnet18()
+    tv.layer1[0].downsample = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1, bias=False), torch.nn.BatchNorm2d(64))
     missing, unexpected = tv.load_state_dict(torch.load(pth, weights_only=True), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     tv.fc = torch.nn.Identity()  # type: ignore[assignment]

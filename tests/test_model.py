@@ -17,11 +17,16 @@ SMALL = ModelConfig(arch="resnet18", small_stem=True, proj_hidden=64, proj_dim=1
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
                                       ("wide_resnet50_2", 2048)])
 def test_encoder_features_and_torchvision_names(arch: str, dim: int) -> None:
-    enc = Encoder(arch)
-    assert enc.feature_dim == dim
-    tv = getattr(models, arch)(weights=None)
-    missing, unexpected = tv.load_state_dict(enc.export_state_dict(), strict=False)
-    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    """torchvision's names; the official ResNet-18/34 (init=haiku) add layer1[0]'s projection shortcut."""
+    for init in ("haiku", "torchvision"):
+        enc = Encoder(arch, init=init)
+        assert enc.feature_dim == dim
+        tv = getattr(models, arch)(weights=None)
+        missing, unexpected = tv.load_state_dict(enc.export_state_dict(), strict=False)
+        assert set(missing) == {"fc.weight", "fc.bias"}
+        official = init == "haiku" and arch in ("resnet18", "resnet34")
+        assert {k.rpartition(".")[0] for k in unexpected} == ({"layer1.0.downsample.0", "layer1.0.downsample.1"}
+                                                              if official else set())
 
 
 def test_resnet200_and_resnet101_152_build() -> None:
@@ -45,8 +50,8 @@ def test_heads_follow_spec() -> None:
         assert isinstance(bn, nn.BatchNorm1d) and bn.momentum == 0.1 and bn.eps == 1e-5
         assert isinstance(relu, nn.ReLU)
         assert (lin2.in_features, lin2.out_features, lin2.bias) == (4096, 256, None)
-    # Zero-init of each block's last BN (Haiku's ResNet in the official code).
-    assert torch.count_nonzero(pair.online.encoder.net.layer1[0].bn2.weight) == 0
+    # Haiku's BlockV1 zero-inits the last BN of a bottleneck only: the official ResNet18's basic blocks keep scale 1.
+    assert float(pair.online.encoder.net.layer1[0].bn2.weight.detach().min()) == 1.0
 
 
 def test_target_is_independent_no_grad_and_in_train_mode() -> None:
@@ -83,12 +88,13 @@ def test_same_seed_same_model() -> None:
 
 @pytest.mark.parametrize("small_stem", [False, True])
 def test_torchvision_init_is_torchvisions_random_network(small_stem: bool) -> None:
-    """The demo's standard random baseline: Kaiming-normal fan-out convolutions (stem included) and every
-    BatchNorm at scale 1, where fastbyol's own init zeroes each block's last BatchNorm."""
+    """The demo's standard random baseline: torchvision's network (no projection shortcut in layer1[0], which the
+    official ResNet18 of fastbyol's own init has), Kaiming-normal fan-out convolutions (stem included) and every
+    BatchNorm at scale 1."""
     import math
 
     ours, standard = Encoder("resnet18", small_stem), Encoder("resnet18", small_stem, init="torchvision")
-    assert float(ours.net.layer1[0].bn2.weight.abs().max()) == 0.0
+    assert ours.net.layer1[0].downsample is not None and standard.net.layer1[0].downsample is None
     assert all(float(m.weight.min()) == 1.0 for m in standard.modules() if isinstance(m, nn.BatchNorm2d))
     for name in ("conv1", "layer3.0.conv2"):
         conv = standard.net.get_submodule(name)
@@ -110,6 +116,7 @@ def test_haiku_init_matches_the_official_formula() -> None:
     pair = ByolPair(ModelConfig(arch="resnet18", proj_hidden=512, proj_dim=128), probe_classes=1000)
     layers = [("stem conv", pair.online.encoder.net.conv1), ("3x3 conv", pair.online.encoder.net.layer3[0].conv2),
               ("1x1 shortcut", pair.online.encoder.net.layer3[0].downsample[0]),
+              ("official 1x1 shortcut", pair.online.encoder.net.layer1[0].downsample[0]),
               ("projector", pair.online.projector[0]), ("predictor", pair.predictor[3]), ("probe", pair.probe)]
     for name, layer in layers:
         w = layer.weight.detach()

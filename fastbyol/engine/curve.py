@@ -6,7 +6,9 @@ exp(sim / 0.07) votes) and the linear probe, features cached. Beside the runs, t
 evaluated the same way: the raw pixels, and the standard random network (torchvision's init, BatchNorm calibrated
 on the training images) of each architecture, over ``baseline_seeds`` draws. A RUN may also be a folder of encoders
 trained elsewhere (a public BYOL, ``benchmarks/public_byol.py``): ``curve.json`` ({"label", "arch", "small_stem",
-"image_size"}) beside ``epoch-<e>.pth`` files holding torchvision state_dicts (what ``fastbyol export`` writes).
+"image_size", and "padding": "same" for TF-padded weights}) beside ``epoch-<e>.pth`` files holding torchvision
+state_dicts (what ``fastbyol export`` writes; an official ResNet-18/34's, with layer1[0]'s projection shortcut, is
+built as that network).
 
 Written to ``out_dir``: ``results.json`` (every point, rewritten atomically after each, so a killed evaluation
 resumes where it stopped: a point whose checkpoint is unchanged is not evaluated again), ``curve.csv``, ``curve.md``
@@ -24,13 +26,13 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastbyol.config import ModelConfig, check_arch
+from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, PADDINGS, ModelConfig, check_arch
 from fastbyol.engine import checkpoint
 from fastbyol.engine.evaluate import (
     calibrated_random_encoder,
@@ -110,11 +112,13 @@ def _exported_run(target: str) -> CurveRun:
     try:
         meta = json.loads((p / ENCODERS_META).read_text())
         model = ModelConfig(arch=str(meta["arch"]), small_stem=bool(meta.get("small_stem", False)),
-                            init="torchvision")
+                            init="torchvision", padding=str(meta.get("padding", "torch")))  # type: ignore[arg-type]
         size, label = int(meta["image_size"]), str(meta.get("label") or p.resolve().name)
+        if model.padding not in PADDINGS:
+            raise ValueError(f"padding {model.padding!r} is none of {', '.join(PADDINGS)}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FastByolError(f"{p / ENCODERS_META} is not a folder's encoder description ({e}): it needs "
-                            '{"arch": "resnet18", "image_size": 32} (and "label", "small_stem")') from None
+                            '{"arch": "resnet18", "image_size": 32} (and "label", "small_stem", "padding")') from None
     check_arch("arch", model.arch)
     kept = sorted((float(m.group(1)), f) for f in p.iterdir() if (m := _EXPORTED.match(f.name)))
     if not kept:
@@ -141,9 +145,12 @@ def _load_point(point: CurvePoint, run: CurveRun) -> tuple[torch.nn.Module, Mode
         cfg = loaded.cfg
         return loaded.encoder, cfg.model, cfg.data.image_size, {"method": cfg.method, "seed": cfg.run.seed}
     assert run.model is not None
-    encoder = Encoder.from_config(run.model)
     try:
         weights = torch.load(point.path, map_location="cpu", weights_only=True)
+        model = run.model
+        if model.arch in OFFICIAL_SHORTCUT_ARCHS and any(k.startswith("layer1.0.downsample.") for k in weights):
+            model = replace(model, init="haiku")  # the official ResNet-18/34 (its weights replace the init)
+        encoder = Encoder.from_config(model)
         missing, unexpected = encoder.net.load_state_dict(weights, strict=False)
     except Exception as e:
         raise FastByolError(f"{point.path} is not a {run.model.arch} state_dict ({str(e).splitlines()[0]}): pass "

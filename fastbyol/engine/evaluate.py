@@ -20,7 +20,7 @@ from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.errors import FastByolError
 from fastbyol.eval import finetune as finetuning
-from fastbyol.eval.export import export_bytes, online_encoder_state
+from fastbyol.eval.export import export_bytes, online_encoder_state, torchvision_notes
 from fastbyol.eval.features import (
     CenterViews,
     FeatureCache,
@@ -361,6 +361,8 @@ def record_eval(run_dir: Path, result: dict[str, Any]) -> Path | None:
 
 
 def export_checkpoint(target: str, out: str) -> list[Path]:
+    """OUT.pth and OUT.safetensors of the checkpoint's online encoder; where it is not torchvision's network as it
+    is (``torchvision_notes``), a ``fastbyol: note:`` line each on stderr and the notes in the metadata."""
     encoder, cfg = encoder_from_checkpoint(target)
     base = Path(out)
     if base.suffix in (".pth", ".safetensors"):
@@ -370,10 +372,14 @@ def export_checkpoint(target: str, out: str) -> list[Path]:
     except OSError as e:
         raise FastByolError(f"cannot create {base.parent}: {e.strerror or e}") from None
     written = []
+    notes = torchvision_notes(cfg.model)
     meta = {"arch": cfg.model.arch, "small_stem": str(cfg.model.small_stem), "image_size": str(cfg.model.image_size),
-            "timm_kwargs": repr(cfg.model.timm_kwargs), "source": "fastbyol online encoder"}
+            "timm_kwargs": repr(cfg.model.timm_kwargs), "init": cfg.model.init, "padding": cfg.model.padding,
+            "torchvision_notes": " | ".join(notes), "source": "fastbyol online encoder"}
     for suffix, blob in export_bytes(encoder, meta).items():
         path = base.with_suffix(suffix)
         atomic_write_bytes(path, blob)
         written.append(path)
+    for note in notes:
+        print(f"fastbyol: note: {note}", file=sys.stderr, flush=True)
     return written

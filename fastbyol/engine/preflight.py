@@ -9,15 +9,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastbyol.config import Config
+from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, Config
 from fastbyol.data.folder import IMAGE_EXTENSIONS, scan_image_folder
 from fastbyol.errors import FastByolError
 
-# Parameters of torchvision's ResNets without their classifier (``sum(p.numel())`` of each with ``fc`` removed).
+# Parameters of torchvision's ResNets without their classifier (``sum(p.numel())`` of each with ``fc`` removed); the
+# official ResNet-18/34 (init=haiku) add OFFICIAL_SHORTCUT_PARAMS.
 TRUNK_PARAMS = {
     "resnet18": 11_176_512, "resnet34": 21_284_672, "resnet50": 23_508_032, "resnet101": 42_500_160,
     "resnet152": 58_143_808, "resnet200": 62_624_832, "wide_resnet50_2": 66_834_240, "wide_resnet101_2": 124_837_696,
 }
+OFFICIAL_SHORTCUT_PARAMS = 64 * 64 + 2 * 64
+"""The official ResNet-18/34's (init=haiku) extra projection shortcut in layer1[0]: a 1x1 conv 64 -> 64 and its
+BatchNorm's scale and shift (11,180,736 parameters for ResNet-18)."""
 FEATURE_DIM = {"resnet18": 512, "resnet34": 512}  # the others: 2048
 MARGIN_BYTES = 1 << 30
 """Free space left beyond the checkpoints: logs, the feature cache, the page cache's write-back."""
@@ -30,14 +34,16 @@ def checkpoint_bytes(cfg: Config) -> int | None:
     if arch not in TRUNK_PARAMS:
         return None
     feat = FEATURE_DIM.get(arch, 2048)
+    trunk = TRUNK_PARAMS[arch] + (OFFICIAL_SHORTCUT_PARAMS if cfg.model.init == "haiku" and
+                                  arch in OFFICIAL_SHORTCUT_ARCHS else 0)
     if cfg.method == "simclr":
         hidden, out = cfg.simclr.proj_hidden, cfg.simclr.proj_dim
-        online, target = TRUNK_PARAMS[arch] + feat * hidden + hidden * out, 0
+        online, target = trunk + feat * hidden + hidden * out, 0
     else:
         hidden, out = cfg.model.proj_hidden, cfg.model.proj_dim
         head = feat * hidden + 3 * hidden + hidden * out  # Linear (bias), BatchNorm, Linear (no bias)
         predictor = out * hidden + 3 * hidden + hidden * out
-        online, target = TRUNK_PARAMS[arch] + head + predictor, TRUNK_PARAMS[arch] + head
+        online, target = trunk + head + predictor, trunk + head
     return 4 * (2 * online + target)  # weights + momentum of the online network, and the target's weights
 
 

@@ -1,15 +1,23 @@
 """Encoders without the classifier, as BYOL uses them (2048-d pooled features for ResNet-50).
 
-torchvision's ResNets, with two choices taken from the official BYOL code (``utils/networks.py``, a
-copy of Haiku's ResNet): the last BatchNorm of every residual block starts at zero scale
-(``zero_init_residual``) and convolutions use Haiku's default init (``TruncatedNormal(1 / sqrt(fan_in))``: a
-unit normal cut at +-2 and scaled, so a std of 0.88 / sqrt(fan_in)). Or any timm model
+torchvision's ResNets, with the official BYOL code's choices (``utils/networks.py``, Haiku's ResNet) under
+``init=haiku``: the last BatchNorm of every bottleneck block starts at zero scale (Haiku's ``BlockV1`` zero-inits
+only the bottleneck's; the basic block's keeps scale 1), convolutions use Haiku's default init
+(``TruncatedNormal(1 / sqrt(fan_in))``: a unit normal cut at +-2 and scaled, so a std of 0.88 / sqrt(fan_in)), and
+ResNet-18/34 are the official ResNet18/34: ``ResNetTorso`` gives every stage's first block a projection shortcut
+(``use_projection=(True,) * 4``), so layer1[0] has a 1x1 conv + BatchNorm (64 -> 64, stride 1) that torchvision's
+lacks (11,180,736 parameters against 11,176,512 for ResNet-18). The stride of a basic block sits on its first 3x3
+conv, as torchvision's and Haiku's since its 2020-12 fix (Haiku before it, e.g. the commit the BYOL README cites,
+put it on the second). ``padding='same'`` pads stride-2 windows as TF's ``padding='SAME'`` (Haiku's default; the
+official network's), ``'torch'`` symmetrically as torchvision. ``init=torchvision`` is torchvision's network as
+it is (the demo presets'). Or any timm model
 (``model.arch=timm:<name>``), created by ``timm.create_model`` with ``num_classes=0`` (its global-pooled
 features; a ViT's class token), its ``img_size`` set to the run's image size where the model takes one, and
 timm's own initialisation. Or a module of the user's, given to the Python API (``fastbyol.train(model=...)``,
 ``model.arch=custom:<module>.<class>``), kept as it is: its own initialisation and BatchNorm settings, its width
 found by one forward. Module names stay the library's (under ``net.``), so the encoder exports as a
-torchvision, timm or the user's own state_dict.
+torchvision, timm or the user's own state_dict (the official ResNet-18/34's with the extra
+``layer1.0.downsample.*``).
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from fastbyol.config import CUSTOM_PREFIX, INITS, TIMM_PREFIX, ModelConfig
+from fastbyol.config import CUSTOM_PREFIX, INITS, OFFICIAL_SHORTCUT_ARCHS, PADDINGS, TIMM_PREFIX, ModelConfig
 from fastbyol.errors import FastByolError
 
 TRUNCATED_UNIT_STD = 0.87962566103423978
@@ -55,6 +64,68 @@ def haiku_conv_init_(conv: nn.Conv2d) -> None:
     std = 1.0 / math.sqrt(fan_in)
     nn.init.trunc_normal_(conv.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
+
+def tf_same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of one axis under TF's ``padding='SAME'``: the output has ceil(size / stride)
+    positions, ``total = max((ceil(size / stride) - 1) * stride + kernel - size, 0)``, ``before = total // 2`` and
+    the odd one after. A 7x7/2 on 224 px pads (2, 3), a 3x3/2 on 56 px (0, 1); torch's ``padding=k // 2`` is
+    (3, 3) and (1, 1)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _same_pad(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], value: float = 0.0) -> torch.Tensor:
+    top, bottom = tf_same_pads(x.shape[-2], kernel[0], stride[0])
+    left, right = tf_same_pads(x.shape[-1], kernel[1], stride[1])
+    if not (top or bottom or left or right):  # shapes are static under compile: a guard, not a graph break
+        return x
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A convolution padded as TF's ``padding='SAME'``: ``F.pad`` (asymmetric where the stride needs it), then the
+    convolution with ``padding=0``. Parameters and their names are ``nn.Conv2d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(_same_pad(x, self.kernel_size, self.stride), self.weight, self.bias)
+
+
+class SamePadMaxPool2d(nn.MaxPool2d):
+    """A max-pool padded as TF's ``padding='SAME'``, with -inf as TF's (and ``hk.max_pool``'s) padding value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = nn.modules.utils._pair(self.kernel_size), nn.modules.utils._pair(self.stride)
+        out: torch.Tensor = F.max_pool2d(_same_pad(x, k, s, float("-inf")), k, s, 0, self.dilation,
+                                         ceil_mode=False)
+        return out
+
+
+def same_padding_(net: nn.Module) -> None:
+    """Pad every stride-2 window of ``net`` (convolutions, max-pools) as TF's ``padding='SAME'``, in place. The
+    modules keep their parameters (no new random draw); stride-1 windows of odd size pad alike either way and
+    stay as they are."""
+    for name, m in list(net.named_modules()):
+        same: nn.Module
+        if type(m) is nn.Conv2d and m.stride != (1, 1):
+            if m.dilation != (1, 1):
+                raise ValueError(f"{name}: padding='same' is implemented for undilated convolutions")
+            with torch.device("meta"):
+                conv = SamePadConv2d(m.in_channels, m.out_channels, (m.kernel_size[0], m.kernel_size[1]),
+                                     (m.stride[0], m.stride[1]), padding=0, groups=m.groups, bias=m.bias is not None)
+            conv.weight, conv.bias = m.weight, m.bias
+            same = conv
+        elif type(m) is nn.MaxPool2d and nn.modules.utils._pair(m.stride) != (1, 1):
+            same = SamePadMaxPool2d(m.kernel_size, m.stride, padding=0, dilation=m.dilation)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, same)
+
+
+def has_official_shortcut(arch: str, init: str) -> bool:
+    """Whether the encoder is the official ResNet18/34, with layer1[0]'s projection shortcut that torchvision's
+    ResNet lacks (so its export cannot load into torchvision's model as it is)."""
+    return init == "haiku" and arch in OFFICIAL_SHORTCUT_ARCHS
 
 
 def _timm_trunk(name: str, image_size: int, kwargs: dict[str, Any]) -> tuple[nn.Module, int]:
@@ -111,17 +182,24 @@ def feature_width(net: nn.Module, image_size: int) -> int:
 class Encoder(nn.Module):
     """Trunk -> global pool -> flat features [B, feature_dim]: a torchvision ResNet, or a timm model.
 
-    ``init`` (ResNets): 'haiku' (the official BYOL code's, above: what training starts from) or 'torchvision'
-    (its default: Kaiming-normal fan-out convolutions, every BatchNorm at scale 1), the standard random network
-    that evaluation baselines compare against. ``image_size`` and ``timm_kwargs`` are a timm model's; ``trunk``
-    (module, feature width) is a user's model, taken as it is (``around``)."""
+    ``init`` (ResNets): 'haiku' (the official BYOL code's network, above: what training starts from) or
+    'torchvision' (torchvision's network and default: Kaiming-normal fan-out convolutions, every BatchNorm at scale
+    1), the standard random network that evaluation baselines compare against. ``padding`` (ResNets): 'torch' or
+    'same' (TF's, above). ``image_size`` and ``timm_kwargs`` are a timm model's; ``trunk`` (module, feature width)
+    is a user's model, taken as it is (``around``)."""
 
     def __init__(self, arch: str, small_stem: bool = False, bn_momentum: float = 0.1,
                  bn_eps: float = 1e-5, init: str = "haiku", image_size: int = 0,
-                 timm_kwargs: dict[str, Any] | None = None, trunk: tuple[nn.Module, int] | None = None) -> None:
+                 timm_kwargs: dict[str, Any] | None = None, trunk: tuple[nn.Module, int] | None = None,
+                 padding: str = "torch") -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose one of {', '.join(PADDINGS)}")
+        if padding != "torch" and (trunk is not None or arch.startswith((TIMM_PREFIX, CUSTOM_PREFIX))):
+            raise FastByolError(f"model.padding={padding} applies to the torchvision ResNets, not {arch}: set "
+                                "model.padding=torch")
         self.arch = arch
         if trunk is not None:  # a user's module (``around``): its own BatchNorm settings stay
             self.net, self.feature_dim = trunk
@@ -134,7 +212,7 @@ class Encoder(nn.Module):
         if arch.startswith(TIMM_PREFIX):
             self.net, self.feature_dim = _timm_trunk(arch.removeprefix(TIMM_PREFIX), image_size, timm_kwargs or {})
         else:
-            self.net, self.feature_dim = _torchvision_trunk(arch, small_stem, init)
+            self.net, self.feature_dim = _torchvision_trunk(arch, small_stem, init, padding)
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum, m.eps = bn_momentum, bn_eps
@@ -143,7 +221,7 @@ class Encoder(nn.Module):
     def from_config(cls, cfg: ModelConfig, init: str | None = None) -> Encoder:
         """The encoder ``cfg`` describes (``init`` overrides ``cfg.init``: a baseline's random network)."""
         return cls(cfg.arch, cfg.small_stem, cfg.bn_momentum, cfg.bn_eps, init or cfg.init, cfg.image_size,
-                   cfg.timm_kwargs)
+                   cfg.timm_kwargs, padding=cfg.padding)
 
     @classmethod
     def around(cls, net: nn.Module, cfg: ModelConfig) -> Encoder:
@@ -169,10 +247,18 @@ class Encoder(nn.Module):
         return {k.removeprefix("net."): v for k, v in self.state_dict().items()}
 
 
-def _torchvision_trunk(arch: str, small_stem: bool, init: str) -> tuple[nn.Module, int]:
+def _torchvision_trunk(arch: str, small_stem: bool, init: str, padding: str = "torch") -> tuple[nn.Module, int]:
     if arch not in _BUILDERS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_BUILDERS)}, or timm:<name>")
-    net = _BUILDERS[arch](weights=None, zero_init_residual=init == "haiku")
+    # Haiku's BlockV1 zero-inits the last BatchNorm of a bottleneck block only (torchvision's flag would zero the
+    # basic block's bn2 too).
+    bottleneck = arch not in OFFICIAL_SHORTCUT_ARCHS
+    net = _BUILDERS[arch](weights=None, zero_init_residual=init == "haiku" and bottleneck)
+    if has_official_shortcut(arch, init):
+        # The official ResNetTorso's block_group_0/block_0 projects its shortcut even at 64 -> 64, stride 1:
+        # Conv2D(kernel 1, no bias) + BatchNorm (scale 1, offset 0), as torchvision's later stages do.
+        block = net.layer1[0]
+        block.downsample = nn.Sequential(nn.Conv2d(64, 64, kernel_size=1, stride=1, bias=False), nn.BatchNorm2d(64))
     if small_stem:
         # CIFAR-style stem for 32-64 px inputs: a 7x7/2 conv and a max-pool would leave 1-2 px maps.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -185,4 +271,6 @@ def _torchvision_trunk(arch: str, small_stem: bool, init: str) -> tuple[nn.Modul
         for m in net.modules():
             if isinstance(m, nn.Conv2d):
                 haiku_conv_init_(m)
+    if padding == "same":
+        same_padding_(net)
     return net, feature_dim
