@@ -1,5 +1,5 @@
 """Command line: ``fastbyol train | bench | report | doctor | presets | data make | data check | data pack | eval |
-export | demo``.
+export | import official | demo``.
 
 Every error a user can cause surfaces as one line, ``fastbyol: error: ...``, with exit code 2; a
 traceback means a bug in fastbyol.
@@ -212,6 +212,18 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="online encoder -> torchvision state_dict (.pth) and .safetensors")
     export.add_argument("checkpoint", help="checkpoint file or run directory")
     export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
+
+    imp = sub.add_parser("import", help="bring in networks trained elsewhere").add_subparsers(
+        dest="source", metavar="SOURCE")
+    official = imp.add_parser(
+        "official", help="a checkpoint of the official BYOL code (deepmind-research/byol) as a run directory",
+        description="Read a pretraining checkpoint of the official JAX/Haiku code (e.g. pretrain_res50x1.pkl: a "
+                    "pickle of experiment_state, step, rng; read without JAX, Haiku or dill, building nothing but "
+                    "arrays) and write RUN_DIR (config.yaml with the matching model.arch, model.init=haiku, "
+                    "model.padding=same; checkpoints/ckpt-<step>.pt with the online and target networks, heads and "
+                    "online classifier), which fastbyol eval and fastbyol export read. It cannot be resumed.")
+    official.add_argument("checkpoint", metavar="CHECKPOINT.pkl", help="the official checkpoint file")
+    official.add_argument("run_dir", metavar="RUN_DIR", help="run directory to create (new, or an empty folder)")
 
     demo = sub.add_parser("demo", help="shapes and digits demo: pretrain BYOL (and/or SimCLR), then kNN/linear "
                                        "against the raw pixels and random networks")
@@ -590,6 +602,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    if args.source != "official":
+        raise FastByolError("usage: fastbyol import official CHECKPOINT.pkl RUN_DIR")
+    from fastbyol.engine.official import import_official
+
+    run = import_official(args.checkpoint, args.run_dir)
+    m = run.mapping
+    print(f"fastbyol: imported the official {run.cfg.model.arch} (step {run.step}) from {args.checkpoint}: "
+          f"{len(m.mapped)} tensors mapped, {len(m.dropped)} left out by name (the target's predictor and "
+          f"classifier, the EMAs' un-debiased accumulators); wrote {run.checkpoint}")
+    print(f"fastbyol: evaluate it with fastbyol eval knn {run.run_dir} --data DIR (or linear, finetune); export with "
+          f"fastbyol export {run.run_dir} OUT", file=sys.stderr)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fastbyol.engine.demo import format_table, run_demo
 
@@ -626,7 +653,7 @@ def _unknown_command(argv: Sequence[str]) -> str | None:
             "each does)")
 
 
-COMMANDS = ("train", "bench", "report", "doctor", "presets", "data", "eval", "export", "demo")
+COMMANDS = ("train", "bench", "report", "doctor", "presets", "data", "eval", "export", "import", "demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -650,8 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args)
         if args.command == "presets":
             return _presets(args.json)
-        commands = {"data": _data, "eval": _eval, "export": _export, "demo": _demo, "bench": _bench,
-                    "report": _report}
+        commands = {"data": _data, "eval": _eval, "export": _export, "import": _import, "demo": _demo,
+                    "bench": _bench, "report": _report}
         if args.command in commands:
             return commands[args.command](args)
         _parser().print_help()

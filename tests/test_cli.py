@@ -131,3 +131,11 @@ def test_help_doctor_presets(tmp_path: Path) -> None:
     assert len(lines) == len(PRESETS) and all(line.split()[0] in PRESETS and len(line.split()) > 3 for line in lines)
     proc = fastbyol("presets", "--json", cwd=tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout) == PRESETS
+
+
+def test_import_official_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "x.pkl").write_text("hello")
+    assert_one_line_error(fastbyol("import", "official", str(tmp_path / "x.pkl"), str(tmp_path / "run"), cwd=tmp_path),
+                          "is not a checkpoint of the official BYOL code (not a pickle")
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(fastbyol("import", cwd=tmp_path), "usage: fastbyol import official CHECKPOINT.pkl RUN_DIR")

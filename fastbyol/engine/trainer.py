@@ -795,6 +795,10 @@ def resume_run(target: str, overrides: list[str], parts: UserParts | None = None
     """Continue the run of a checkpoint (file or run directory) with its own config; only the keys in
     RESUMABLE_OVERRIDES (the fields marked ``config.RESUMABLE``) may change."""
     run_dir, state = checkpoint.resolve_resume(target)
+    if "imported" in state:
+        raise FastByolError(f"{target} was imported from {state['imported'].get('source', 'another code')} (fastbyol "
+                            "import official): it holds the networks, not a training state (data position, "
+                            "optimizer), so it cannot resume; evaluate or export it, or start a new run")
     cfg = config_from_dict(state["config"])
     for text in overrides:
         key, value = parse_override(text)
