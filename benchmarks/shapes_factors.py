@@ -72,9 +72,9 @@ def probe(train_x: torch.Tensor, val_x: torch.Tensor, train_f: torch.Tensor, val
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastbyol.config import ModelConfig
     from fastbyol.engine.evaluate import calibrated_random_encoder, load_checkpoint_encoder, split_files
     from fastbyol.eval.features import extract_features
-    from fastbyol.config import ModelConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="the shapes root (train/ and val/, from fastbyol data make shapes)")

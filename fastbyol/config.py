@@ -440,6 +440,10 @@ class Config:
         t = self.simclr.temperature
         return t if t > 0 else (0.1 if self.optim.batch_size >= 1024 else 0.5)
 
+    def predictor_lr_mult(self) -> float:
+        """The predictor's multiple of the lr (byol.predictor_lr_mult; 1 for a method without a predictor)."""
+        return self.byol.predictor_lr_mult if self.method == "byol" else 1.0
+
     def proj_dim(self) -> int:
         """Width of the projection the loss reads (and the collapse monitor measures)."""
         return self.simclr.proj_dim if self.method == "simclr" else self.model.proj_dim

@@ -134,7 +134,7 @@ def test_predictor_lr_mult_scales_the_predictor_step_only(tmp_path: Path, monkey
         want = move * 10 if name.startswith("predictor") else move
         torch.testing.assert_close(moves[10.0][name], want, rtol=1e-3, atol=5e-7)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(FastByolError, match="byol.predictor_lr_mult=10.0 needs the per-tensor LARS: set run.kernels=off"):
+    with pytest.raises(FastByolError, match="predictor_lr_mult=10.0 needs the per-tensor LARS: set run.kernels=off"):
         start_run(_cfg(tmp_path, "fused", ["run.max_steps=1", "byol.predictor_lr_mult=10", "run.kernels=on"]))
 
 

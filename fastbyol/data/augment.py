@@ -152,8 +152,9 @@ def sample_view_params(gen: torch.Generator, height: int, width: int, spec: View
     """Draws one view's decisions for a ``height`` x ``width`` source image from ``gen`` only.
 
     One ``torch.rand`` call of a fixed length (float64), so the generator advances by the same amount
-    whatever the outcome (one uniform more when ``spec.invert_p`` > 0). The crop is the official ``_decode_and_random_crop``: a single
-    attempt, sides rounded (half to even, like ``tf.round``) then clamped to the image, no retry.
+    whatever the outcome (one uniform more when ``spec.invert_p`` > 0). The crop is the official
+    ``_decode_and_random_crop``: a single attempt, sides rounded (half to even, like ``tf.round``) then
+    clamped to the image, no retry.
     """
     u = torch.rand(_NUM_UNIFORMS + (spec.invert_p > 0), generator=gen, dtype=torch.float64).tolist()
 

@@ -63,7 +63,6 @@ from fastbyol.kernels.losses import FUSED_LOSSES
 from fastbyol.model.network import Network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
-from fastbyol.step.lars import lars_param_groups
 from fastbyol.step.methods import build_method
 from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_backward
@@ -286,15 +285,15 @@ class Trainer:
         self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.kernels = use_kernels(cfg.run.kernels, self.device)
-        if self.kernels and cfg.run.kernels == "auto" and cfg.method == "byol" and cfg.byol.predictor_lr_mult != 1:
+        if self.kernels and cfg.run.kernels == "auto" and cfg.predictor_lr_mult() != 1:
             self.kernels = False  # the fused LARS applies one lr to every tensor
             if self.ctx.main:
-                print(f"fastbyol: byol.predictor_lr_mult={cfg.byol.predictor_lr_mult}: the Triton kernels are off "
+                print(f"fastbyol: byol.predictor_lr_mult={cfg.predictor_lr_mult()}: the Triton kernels are off "
                       "(the fused LARS applies one lr to every tensor)", file=sys.stderr)
         # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
         self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
         self.pair = self._build_pair(probe_classes, parts.encoder)
-        groups = self._param_groups()
+        groups = self.method.param_groups(self.pair)
         self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
@@ -470,11 +469,7 @@ class Trainer:
             with rows:  # closed with how the session ended (W&B: done, failed or preempted)
                 while self.step < end_step:
                     self._profile_start_if_due()
-                    try:
-                        self.train_step(batches)  # fetch, forward/backward, optimizer, EMA
-                    except FetchStopped:  # the stop signal took the loader's workers: stop before this step
-                        self._checkpoint_if_due(end_step)  # a stop before the end: raises RunStopped
-                        raise
+                    self._train_step_or_stop(batches, end_step)  # fetch, forward/backward, optimizer, EMA
                     self._profile_stop_if_due()
                     rows.after_step()  # log
                     self._checkpoint_if_due(end_step)  # checkpoint
@@ -520,17 +515,14 @@ class Trainer:
         if self._profiler is not None and self.profile_window and self.step >= self.profile_window[1]:
             self._stop_profiler(self._profiler)
 
-    def _param_groups(self) -> list[dict[str, Any]]:
-        """LARS's two groups over every online module; with byol.predictor_lr_mult != 1, two more for the
-        predictor, carrying that multiple of the schedule's lr (``optimizer_step`` applies it)."""
-        mult = self.cfg.byol.predictor_lr_mult if self.cfg.method == "byol" else 1.0
-        modules = self.pair.online_modules()
-        predictor = getattr(self.pair, "predictor", None)
-        if mult == 1.0 or predictor is None:
-            return lars_param_groups(named for module in modules for named in module.named_modules())
-        rest = lars_param_groups(named for module in modules if module is not predictor
-                                 for named in module.named_modules())
-        return rest + [dict(group, lr_mult=mult) for group in lars_param_groups(predictor.named_modules())]
+    def _train_step_or_stop(self, batches: Iterator[Batch], end_step: int) -> None:
+        """``train_step``; if the stop signal took the loader's workers before the step's fetch, the stop
+        checkpoint of the last finished step instead (``_checkpoint_if_due`` raises ``RunStopped``)."""
+        try:
+            self.train_step(batches)
+        except FetchStopped:
+            self._checkpoint_if_due(end_step)
+            raise
 
     def _checkpoint_if_due(self, end_step: int) -> None:
         """At the checkpoint cadence, at the end, on a stop signal or when run.ckpt_minutes have passed; a stop

@@ -25,6 +25,7 @@ from fastbyol.config import Config
 from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.network import Network
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
+from fastbyol.step.lars import lars_param_groups
 from fastbyol.step.simclr import simclr_loss
 from fastbyol.step.train_step import REFERENCE_LOSSES, Losses, Outputs
 
@@ -51,12 +52,21 @@ class Method(Protocol):
         """Whether ``torch.compile`` takes the forward and the loss as one graph with ``world`` ranks."""
         ...
 
+    def param_groups(self, network: Network) -> list[dict[str, object]]:
+        """The optimizer's parameter groups over ``network.online_modules()`` (LARS's two; a group with an
+        ``lr_mult`` gets that multiple of the schedule's lr)."""
+        ...
+
+
+def _plain_groups(network: Network) -> list[dict[str, object]]:
+    return lars_param_groups(named for module in network.online_modules() for named in module.named_modules())
+
 
 class Byol:
     name = "byol"
 
-    def __init__(self, losses: Losses = REFERENCE_LOSSES) -> None:
-        self.losses = losses
+    def __init__(self, losses: Losses = REFERENCE_LOSSES, predictor_lr_mult: float = 1.0) -> None:
+        self.losses, self.predictor_lr_mult = losses, predictor_lr_mult
 
     def network(self, cfg: Config, seed: int, probe_classes: int = 0, net: nn.Module | None = None) -> Network:
         return ByolPair(cfg.model, seed=seed, probe_classes=probe_classes, net=net)
@@ -70,6 +80,16 @@ class Byol:
 
     def compiles_with_loss(self, world: int) -> bool:
         return True
+
+    def param_groups(self, network: Network) -> list[dict[str, object]]:
+        """LARS's two groups; with byol.predictor_lr_mult != 1, two more for the predictor carrying it."""
+        assert isinstance(network, ByolPair)
+        if self.predictor_lr_mult == 1.0:
+            return _plain_groups(network)
+        rest = lars_param_groups(named for module in network.online_modules() if module is not network.predictor
+                                 for named in module.named_modules())
+        return rest + [dict(group, lr_mult=self.predictor_lr_mult)
+                       for group in lars_param_groups(network.predictor.named_modules())]
 
 
 class Simclr:
@@ -91,9 +111,12 @@ class Simclr:
     def compiles_with_loss(self, world: int) -> bool:
         return world == 1
 
+    def param_groups(self, network: Network) -> list[dict[str, object]]:
+        return _plain_groups(network)
+
 
 def build_method(cfg: Config, losses: Losses = REFERENCE_LOSSES) -> Method:
     """The run's method (``cfg.method``), its loss computed with ``losses``."""
     if cfg.method == "simclr":
         return Simclr(cfg.nt_xent_temperature(), losses)
-    return Byol(losses)
+    return Byol(losses, cfg.byol.predictor_lr_mult)
