@@ -69,20 +69,22 @@ def test_kernels_on_equals_kernels_off_step_by_step(tmp_path: Path) -> None:
     assert predictor.untyped_storage().data_ptr() == on.updater.online_flat.untyped_storage().data_ptr()
 
 
-def test_kernels_on_follows_kernels_off_over_10_free_steps(tmp_path: Path) -> None:
+def test_kernels_on_follows_kernels_off_over_5_free_steps(tmp_path: Path) -> None:
     """The two paths left to run free. Rounding differs (the kernels sum in another order) and batch-4
-    BatchNorm plus LARS amplify it step by step: measured, the loss rows (~4.1) agreed to 1e-5 for 11 steps and
-    drifted to ~5e-3 by step 20; from the official init (issue 30) they differ by 1.3e-5 at step 8. So 10 steps are
-    held to 5e-6 of the loss, ~2e-5 (a bug shows at the first steps, as the step-by-step test above pins)."""
+    BatchNorm plus LARS amplify it step by step, the faster since the smoke preset's ResNet-18 is the official
+    one (no zero-initialised residual BN, issue 30): measured on the 2-core CPU, the loss rows (~4.1) differ
+    relatively by 7e-8, 1e-7, 3e-7, 2.7e-6 and 7.7e-6 over the first 5 steps, then 8e-4 at step 6 and 3% at
+    step 10. So 5 steps are held to 3e-5 of the loss (a bug shows at the first steps, as the step-by-step test
+    above pins from equal states)."""
     losses = {}
     for kernels in ("off", "on"):
         t = start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={kernels}",
-                                                        f"run.kernels={kernels}", *TINY]))
+                                                        f"run.kernels={kernels}", *TINY, "run.max_steps=5"]))
         t.train()
         losses[kernels] = [r["loss"] for r in read_metrics(tmp_path / kernels / "metrics.jsonl")]
-    assert len(losses["on"]) == STEPS
+    assert len(losses["on"]) == 5
     for step, (a, b) in enumerate(zip(losses["off"], losses["on"])):
-        assert abs(a - b) <= 5e-6 * abs(a), (step, a, b)
+        assert abs(a - b) <= 3e-5 * abs(a), (step, a, b)
 
 
 def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
