@@ -714,7 +714,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "byol-vitb16-100ep": "BYOL with ViT-B/16 as MoCo v3 ran it: AdamW, base lr 1e-4, wd 0.03, 40 warm-up epochs",
     "byol-convnext-t-300ep": "ConvNeXt-T, the ConvNeXt paper's AdamW: lr 4e-3 at batch 4096, wd 0.05, drop path 0.1",
     "synthetic-r50": "ResNet-50 step on random tensors made on the device: throughput without an input pipeline",
-    "smoke": "ResNet-18 on 64 px embedded procedural images, batch 32, 16 steps: a minute on a CPU",
+    "smoke": "ResNet-18 on 64 px embedded procedural images, batch 32, 16 steps: ~25 s on an idle 2-core CPU",
     "shapes": "the demo's BYOL: ResNet-18, 32 px silhouettes (fastbyol data make shapes), batch 64, 10 epochs",
     "shapes-simclr": "the demo's SimCLR on the shapes: the shapes preset with method=simclr, base lr 10",
     "digits": "the demo's sanity row: ResNet-18, 32 px handwritten digits (fastbyol data make digits), 10 epochs",
