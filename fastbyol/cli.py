@@ -165,9 +165,13 @@ def _parser() -> argparse.ArgumentParser:
 
     cv = ev.add_parser("curve", help="learning curves: kNN and linear probe of every checkpoint run.keep_epochs kept, "
                                      "one line per run, beside the raw pixels and the random network")
-    cv.add_argument("runs", nargs="+", metavar="RUN",
+    cv.add_argument("runs", nargs="*", metavar="RUN",
                     help="run directories trained with run.keep_epochs=..., or folders of encoders trained elsewhere "
                          "(curve.json beside epoch-<e>.pth, e.g. benchmarks/public_byol.py's)")
+    cv.add_argument("--with", dest="with_results", action="append", default=[], metavar="RESULTS_JSON",
+                    help="an earlier evaluation's results.json (another session or machine, checkpoints maybe gone): "
+                         "its runs join this curve as measured; same --data contents, --k and --linear-epochs "
+                         "(repeatable)")
     cv.add_argument("--data", required=True, help="image folder with train/ and val/ sub-folders")
     cv.add_argument("--out", metavar="DIR",
                     help="folder for results.json, curve.csv, curve.md, curve.png and the feature cache (default, for "
@@ -542,7 +546,9 @@ def _save_eval(args: argparse.Namespace, loaded: Any, result: dict[str, Any], si
 
 
 def _curve(args: argparse.Namespace) -> int:
-    if len(args.runs) > 1 and not args.out:
+    if not args.runs and not args.with_results:
+        raise FastByolError("nothing to evaluate: name at least one RUN, or an earlier results.json with --with")
+    if (len(args.runs) > 1 or args.with_results) and not args.out:
         raise FastByolError("several runs: pass --out DIR for their common curve (each fastbyol run's own points "
                             "also go to RUN/curve)")
     from fastbyol.engine.curve import evaluate_curve
@@ -551,7 +557,7 @@ def _curve(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.runs[0]) / "curve"
     results = evaluate_curve(args.runs, args.data, out, resolve_device("auto"), k=args.k,
                              linear_epochs=args.linear_epochs, baseline_seeds=args.baseline_seeds,
-                             workers=args.workers)
+                             workers=args.workers, with_results=args.with_results)
     print((out / "curve.md").read_text(), end="")
     print(f"fastbyol curve: {len(results['points'])} checkpoints, {len(results['baselines'])} baselines; "
           f"{out / 'curve.png'}, {out / 'curve.csv'}", file=sys.stderr)

@@ -143,6 +143,55 @@ def test_curve_reads_a_folder_of_exported_encoders(curve_run: Path, data: Path, 
     assert len(results["baselines"]) == 2  # one architecture at one size: pixels + one random seed
 
 
+def test_curve_joins_earlier_evaluations(curve_run: Path, data: Path, tmp_path: Path) -> None:
+    """--with: a run evaluated elsewhere (its checkpoints gone, its folder moved) joins the curve as measured."""
+    import shutil
+
+    first = evaluate_curve([str(curve_run)], str(data), tmp_path / "a", torch.device("cpu"), k=3, linear_epochs=3,
+                           baseline_seeds=0, stream=io.StringIO())
+    moved = tmp_path / "elsewhere" / "d"  # the same images in another place: the same dataset
+    shutil.copytree(data, moved)
+    earlier = tmp_path / "earlier.json"
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    for p in saved["points"]:
+        p["label"], p["run"], p["checkpoint"] = "gone", "/nowhere/gone", "/nowhere/gone/epoch.pt"
+    earlier.write_text(json.dumps(saved))
+    log = io.StringIO()
+    both = evaluate_curve([str(curve_run)], str(moved), tmp_path / "b", torch.device("cpu"), k=3, linear_epochs=3,
+                          baseline_seeds=0, stream=log, with_results=[str(earlier)])
+    assert [(p["label"], p["epoch"]) for p in both["points"]] == [("run-a", 1.0), ("run-a", 2.0), ("gone", 1.0),
+                                                                   ("gone", 2.0)]
+    assert [p["knn"] for p in both["points"][2:]] == [p["knn"] for p in first["points"]]
+    assert "2 points of 1 runs from earlier evaluations" in log.getvalue()
+    rows = _rows(tmp_path / "b" / "curve.csv")
+    assert [r["label"] for r in rows if r["run"] == "/nowhere/gone"] == ["gone", "gone"]
+    # Only earlier files: nothing is evaluated but the baselines, for the architecture the points name.
+    only = evaluate_curve([], str(data), tmp_path / "c", torch.device("cpu"), k=3, linear_epochs=3,
+                          baseline_seeds=1, stream=io.StringIO(), with_results=[str(earlier)])
+    assert [b["label"] for b in only["baselines"]] == ["raw pixels", "random init, torchvision resnet18 (BN cal.)"]
+    # A run this call evaluates wins over the same label in an earlier file.
+    same = evaluate_curve([str(curve_run)], str(data), tmp_path / "d", torch.device("cpu"), k=3, linear_epochs=3,
+                          baseline_seeds=0, stream=io.StringIO(), with_results=[str(tmp_path / "a" / "results.json")])
+    assert [p["label"] for p in same["points"]] == ["run-a", "run-a"]
+
+    with pytest.raises(FastByolError, match="k=3, this curve with k=2"):
+        evaluate_curve([], str(data), tmp_path / "e", torch.device("cpu"), k=2, linear_epochs=3,
+                       with_results=[str(earlier)])
+    with pytest.raises(FastByolError, match="in both --with"):
+        evaluate_curve([], str(data), tmp_path / "e", torch.device("cpu"), k=3, linear_epochs=3,
+                       with_results=[str(earlier), str(tmp_path / "b" / "results.json")])
+    with pytest.raises(FastByolError, match="does not read as a curve's results.json"):
+        evaluate_curve([], str(data), tmp_path / "e", torch.device("cpu"), k=3, linear_epochs=3,
+                       with_results=[str(tmp_path / "b" / "curve.csv")])
+    with pytest.raises(FastByolError, match="nothing to evaluate"):
+        evaluate_curve([], str(data), tmp_path / "e", torch.device("cpu"))
+    files = sorted(f for f in (moved / "val").rglob("*") if f.is_file())
+    files[0].write_bytes(files[1].read_bytes())  # other images: another dataset
+    with pytest.raises(FastByolError, match="made with dataset="):
+        evaluate_curve([], str(moved), tmp_path / "e", torch.device("cpu"), k=3, linear_epochs=3,
+                       with_results=[str(earlier)])
+
+
 def test_curve_errors_name_the_fix(curve_run: Path, data: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty-run"
     (empty / "checkpoints").mkdir(parents=True)
@@ -165,3 +214,6 @@ def test_cli_curve_errors_are_one_line(curve_run: Path, data: Path, tmp_path: Pa
                           "pass --out DIR")
     assert_one_line_error(fastbyol("eval", "curve", str(tmp_path), "--data", str(data), cwd=tmp_path),
                           "neither a fastbyol run directory")
+    assert_one_line_error(fastbyol("eval", "curve", "--data", str(data), cwd=tmp_path), "nothing to evaluate")
+    assert_one_line_error(fastbyol("eval", "curve", str(curve_run), "--with", "r.json", "--data", str(data),
+                                   cwd=tmp_path), "pass --out DIR")

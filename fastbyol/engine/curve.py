@@ -15,6 +15,11 @@ resumes where it stopped: a point whose checkpoint is unchanged is not evaluated
 (a table, with the first epoch at which each run passes the better baseline) and ``curve.png`` (accuracy against
 epoch, one line per run, the baselines as horizontal lines). A fastbyol run's own points also go to
 ``RUN/curve/``, where ``fastbyol report RUN`` finds them.
+
+``with_results``: the ``results.json`` of earlier evaluations (another session, machine or cluster, whose
+checkpoints may be gone) join the curve as they were measured, one run label at a time, when they were made with
+the same k, linear-probe epochs and dataset (the same file contents, wherever the folder lies): a curve whose runs
+could not all be trained in one place is still one curve.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import torch
 
 from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, PADDINGS, ModelConfig, check_arch
+from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.engine.evaluate import (
     calibrated_random_encoder,
@@ -168,9 +174,10 @@ def _model_key(model: ModelConfig, size: int) -> str:
 
 def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: torch.device, *, k: int = 20,
                    linear_epochs: int = 80, baseline_seeds: int = 2, workers: int | None = None,
-                   stream: Any = None) -> dict[str, Any]:
+                   stream: Any = None, with_results: list[str] | None = None) -> dict[str, Any]:
     """Evaluate every kept checkpoint of ``targets`` and the baselines; write the curve to ``out_dir`` (and each
-    fastbyol run's own points to RUN/curve/). Resumes from ``out_dir/results.json``."""
+    fastbyol run's own points to RUN/curve/), with the points of ``with_results`` files added. Resumes from
+    ``out_dir/results.json``."""
     stream = stream or sys.stderr
     if k < 1:
         raise FastByolError(f"--k {k}: use a neighbour count >= 1, e.g. 20")
@@ -178,7 +185,9 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
         raise FastByolError(f"--linear-epochs {linear_epochs}: use >= 1, e.g. 80")
     if baseline_seeds < 0:
         raise FastByolError(f"--baseline-seeds {baseline_seeds}: use 0 (no random-network line) or more")
-    runs = find_runs(targets)
+    if not targets and not with_results:
+        raise FastByolError("nothing to evaluate: name at least one RUN, or an earlier results.json with --with")
+    runs = find_runs(targets) if targets else []
     train, val = split_files(data_root)
     if k > len(train):
         raise FastByolError(f"--k {k} is larger than the {len(train)} training images of {data_root}: use a "
@@ -187,7 +196,8 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FastByolError(f"cannot create {out_dir}: {e.strerror or e}: pass --out DIR on a writable disk") from None
-    settings = {"data": str(Path(data_root).resolve()), "k": k, "linear_epochs": linear_epochs}
+    settings = {"data": str(Path(data_root).resolve()), "dataset": dataset_digest(data_root, train, val), "k": k,
+                "linear_epochs": linear_epochs}
     results = _read_results(out_dir / RESULTS, settings, stream)
     done = {(p["checkpoint"], p["identity"]): p for p in results["points"]}
     cache = open_feature_cache(out_dir / "eval-cache", chosen=True)
@@ -235,6 +245,7 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
             save()
             say(f"[{index}/{total}] {run.label} epoch {checkpoint.epoch_label(point.epoch)}: kNN-{k} "
                 f"{row['knn']['top1']:.1f}%, linear {row['linear']['top1']:.1f}% ({row['seconds']:.0f} s)")
+    points += _earlier_points(with_results or [], settings, {p["label"] for p in points}, models, say)
     results["points"] = points  # in the order given; points of folders no longer named are dropped
     results["baselines"] = _baselines(results.get("baselines", []), models, baseline_seeds, data_root, device,
                                       evaluate, say, save, results)
@@ -251,6 +262,51 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
                 say(f"warning: cannot write {run.path / 'curve'} ({e.strerror or e}): its report will not show the "
                     "curve")
     return results
+
+
+def dataset_digest(data_root: str, train: ImageFiles, val: ImageFiles) -> str:
+    """What the images are, wherever they lie: a digest of each split's relative paths, labels and file bytes."""
+    h = hashlib.sha256()
+    for name, split in (("train", train), ("val", val)):
+        root = Path(data_root) / name
+        for index, label in enumerate(split.labels):
+            path = Path(split.paths[index])
+            rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+            h.update(f"{name}/{rel}\0{label}\0".encode())
+            h.update(hashlib.sha256(split.read(index)).digest())
+    return h.hexdigest()[:16]
+
+
+def _earlier_points(paths: list[str], settings: dict[str, Any], have: set[str],
+                    models: dict[str, tuple[ModelConfig, int]], say: Any) -> list[dict[str, Any]]:
+    """The points of earlier evaluations' results.json files whose run labels this call did not evaluate; each file
+    must have been made with this call's k, linear-probe epochs and dataset."""
+    out: list[dict[str, Any]] = []
+    origin: dict[str, str] = {}
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text())
+            points = earlier["points"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FastByolError(f"--with {path} does not read as a curve's results.json ({e}): pass the "
+                                "results.json that `fastbyol eval curve` wrote") from None
+        for key in ("dataset", "k", "linear_epochs"):
+            if earlier.get(key) != settings[key]:
+                raise FastByolError(f"--with {path} was made with {key}={earlier.get(key)}, this curve with "
+                                    f"{key}={settings[key]}: evaluate both with the same --data, --k and "
+                                    "--linear-epochs")
+        for p in points:
+            label = p["label"]
+            if label in have:
+                continue  # evaluated by this call: its own points win
+            if origin.setdefault(label, path) != path:
+                raise FastByolError(f"run {label!r} is in both --with {origin[label]} and --with {path}: pass one "
+                                    "of them")
+            models.setdefault(p["model_key"], (ModelConfig(**p["model"]), p["size"]))
+            out.append(p)
+    if out:
+        say(f"{len(out)} points of {len({p['label'] for p in out})} runs from earlier evaluations (--with)")
+    return out
 
 
 def _read_results(path: Path, settings: dict[str, Any], stream: Any) -> dict[str, Any]:
