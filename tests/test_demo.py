@@ -1,5 +1,6 @@
 """Pretraining learns: SimCLR on the demo's shapes beats the standard random network (torchvision's init) by a wide
-margin; BYOL on the digits beats the random network it starts from. The demo command runs end to end.
+margin; BYOL and SimCLR on the digits improve on the random network they start from. The demo command runs end to
+end.
 
 Slow (one to two minutes each on a 2-core CPU) but run by CI: the end-to-end proof that the loss, LARS, EMA
 and augmentations work together (and NT-Xent with its global negatives, for SimCLR). BYOL does not yet beat
@@ -20,6 +21,11 @@ from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder
 from fastbyol.engine.trainer import start_run
 
 MARGIN = 10.0  # kNN-20 top-1 points
+# One epoch on the digits from the official ResNet-18's init (init=haiku): its random start is already a good
+# digits encoder (88.6% kNN-20, BN calibrated), and one epoch adds 3.0 (BYOL) and 3.9 (SimCLR) points (2-core AMD
+# EPYC, 2026-12-07). Before issue 30's init fix the start zeroed every residual branch (~36%), which is what the
+# old 10-point margin measured against. A broken step (collapse, no update, wrong target) falls to or below it.
+DIGITS_MARGIN = 1.5
 
 
 @pytest.mark.slow
@@ -57,16 +63,17 @@ def digits_byol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["digits", "digits-simclr"])
-def test_pretraining_beats_its_own_random_start_on_digits(tmp_path: Path, preset: str,
-                                                          request: pytest.FixtureRequest) -> None:
+def test_pretraining_improves_on_its_own_random_start_on_digits(tmp_path: Path, preset: str,
+                                                                request: pytest.FixtureRequest) -> None:
     data, cfg, encoder = (request.getfixturevalue("digits_byol") if preset == "digits"
                           else _pretrain_digits(tmp_path, preset))
     cpu = torch.device("cpu")
     learned = evaluate_encoder(encoder, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
-    random_start = calibrated_random_encoder(cfg.model, cfg.run.seed + 7, str(data), 32, cpu, init="haiku")
+    random_start = calibrated_random_encoder(cfg.model, cfg.run.seed, str(data), 32, cpu, init="haiku")
     rand = evaluate_encoder(random_start, str(data), 32, cpu, linear_epochs=None)["knn20"]["top1"]
     print(f"kNN-20 top-1: {preset} {learned:.1f}% vs its random start {rand:.1f}%")
-    assert learned > rand + MARGIN, f"{preset} {learned:.1f}% does not beat its random start {rand:.1f}% by {MARGIN}"
+    assert learned > rand + DIGITS_MARGIN, (f"{preset} {learned:.1f}% does not beat its random start {rand:.1f}% by "
+                                            f"{DIGITS_MARGIN}")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from the global batch, all-gathered with gradient) equal to one process with the
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -97,12 +98,15 @@ def test_simclr_views_are_both_byol_view1(tmp_path: Path) -> None:
     assert all(transform.params(32, 32, seed)[1].blur for seed in range(20))
 
 
-def test_simclr_learns_and_resumes_bitwise(tmp_path: Path) -> None:
+def test_simclr_resumes_bitwise(tmp_path: Path) -> None:
+    """8 steps straight equal 4 steps, a stop and 4 resumed, bitwise. (That SimCLR learns is
+    test_demo.py::test_simclr_on_shapes_beats_the_standard_random_network: over these 8 steps of 16 tiny images
+    from the official ResNet-18's init the loss only wanders, 6.85 -> 6.95 measured.)"""
     straight = start_run(_cfg(tmp_path, "straight", "run.max_steps=8", "run.ckpt_every=4"))
     straight.train()
     rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert "tau" not in rows[0] and rows[0]["proj_std_uniform"] == pytest.approx(32 ** -0.5)
-    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    assert all(math.isfinite(r["loss"]) for r in rows)
     half = start_run(_cfg(tmp_path, "half", "run.max_steps=4", "run.ckpt_every=4"))
     half.train()
     from fastbyol.engine.trainer import resume_run
@@ -121,12 +125,12 @@ def test_simclr_learns_and_resumes_bitwise(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     """2 DDP ranks x 8 images, each scoring its anchors against all 32 projections (all-gathered with
-    gradient), equal one process's 16 images over 4 steps: parameters, BatchNorm statistics, momentum and
+    gradient), equal one process's 16 images over 2 steps: parameters, BatchNorm statistics, momentum and
     logged losses. Without the all-reduce in the gather's backward (each rank's gradient for its rows from
-    its own loss only) the parameters are 2e-2 apart and the momentum 0.27 (measured); here 6e-6 on the machine
-    it was written on and 3.3e-5 on an AMD EPYC one (the CPU's kernels round differently; at 2e-5 it failed there),
-    so atol 1e-4: 200x below the broken gather."""
-    steps = 4
+    its own loss only) the parameters are 2e-2 apart and the momentum 0.27 (measured). 2 steps: from step 3 the
+    smoke preset's official ResNet-18 (no zero-initialised residual branch) turns fp32 summation-order differences
+    chaotic (tests/test_distributed.py, EXACT_STEP); atol 1e-4 is 200x below the broken gather."""
+    steps = 2
     extra = [f"run.max_steps={steps}", f"run.ckpt_every={steps}"]
     start_run(_cfg(tmp_path, "single", *extra)).train()
     run(torchrun([f"run.out_dir={tmp_path}", "run.name=ddp", *TINY, *extra, "--preset", "smoke"]), tmp_path)
