@@ -129,13 +129,14 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path) -> No
     logged losses. Without the all-reduce in the gather's backward (each rank's gradient for its rows from
     its own loss only) the parameters are 2e-2 apart and the momentum 0.27 (measured). 2 steps: from step 3 the
     smoke preset's official ResNet-18 (no zero-initialised residual branch) turns fp32 summation-order differences
-    chaotic (tests/test_distributed.py, EXACT_STEP); atol 1e-4 is 200x below the broken gather."""
+    chaotic (tests/test_distributed.py, EXACT_STEP); atol 1e-4 is 200x below the broken gather, momentum_atol 2e-3
+    (9.0e-4 measured at step 2 in one BatchNorm scale's momentum, a sum of gradients) 100x below its 0.27."""
     steps = 2
     extra = [f"run.max_steps={steps}", f"run.ckpt_every={steps}"]
     start_run(_cfg(tmp_path, "single", *extra)).train()
     run(torchrun([f"run.out_dir={tmp_path}", "run.name=ddp", *TINY, *extra, "--preset", "smoke"]), tmp_path)
     single, ddp = _final(tmp_path / "single", steps), _final(tmp_path / "ddp", steps)
-    worst = assert_same_training(single, ddp, atol=1e-4, rtol=1e-4, momentum_atol=5e-4)
+    worst = assert_same_training(single, ddp, atol=1e-4, rtol=1e-4, momentum_atol=2e-3)
     print(f"worst parameter/statistic difference: {worst:.3g}")
     losses = [[r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("single", "ddp")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
