@@ -87,7 +87,8 @@ def test_ddp_two_ranks_equal_one_process_with_the_global_batch(runs: dict[str, P
     # Momentum is a sum of gradients, which round further apart than the parameters: 4.1e-6 measured at step 2.
     print_worst(_at(runs["single"], EXACT_STEP), _at(runs["ddp"], EXACT_STEP), atol=2e-6, rtol=1e-5,
                 momentum_atol=2e-5)
-    print_worst(single, ddp, atol=5e-2, rtol=1e-2)
+    # At step 10 parameters and statistics only: the momentum (a sum of chaotic gradients) is 0.25 apart there.
+    print_worst({**single, "optimizer": None}, {**ddp, "optimizer": None}, atol=5e-2, rtol=1e-2)
     # Rank 0 alone wrote the run directory: one metrics row per log interval, no duplicates.
     rows = [line for line in (runs["ddp"] / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) == STEPS // 2
