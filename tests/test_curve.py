@@ -31,6 +31,10 @@ def test_keep_steps_for_epochs() -> None:
     assert keep_steps_for([1, 0.5, 2, 2, 50], 100, 32, 9) == {2: [0.5], 4: [1], 7: [2]}
     assert keep_steps_for([0.01], 100, 32, 9) == {1: [0.01]}  # never step 0: the first step is the earliest
     assert keep_steps_for([3], 96, 32, 9) == {9: [3]}  # exactly the last step
+    # 200 epochs of 1,500 at batch 64: 4,687 steps, 32 images short of epoch 200 (the schedule drops the partial
+    # batch). The run's last epoch is kept at its last step; one past run.epochs is not.
+    assert keep_steps_for([150, 200, 201], 1500, 64, 4687) == {3516: [150]}
+    assert keep_steps_for([150, 200, 201], 1500, 64, 4687, last_epoch=200) == {3516: [150], 4687: [200]}
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "1,x"])

@@ -257,15 +257,20 @@ class _RowSinks:
 
 
 def keep_steps_for(epochs: list[float], images_per_epoch: int, batch_size: int,
-                   total_steps: int) -> dict[int, list[float]]:
+                   total_steps: int, last_epoch: float | None = None) -> dict[int, list[float]]:
     """step -> the run.keep_epochs it completes: epoch e at the first step whose images reach e epochs
-    (``ceil(e * N / batch)``); epochs past the run's last step are left out."""
+    (``ceil(e * N / batch)``); epochs past the run's last step are left out, except those up to ``last_epoch``
+    (run.epochs): the schedule drops the last partial batch (``epochs * N // batch`` steps), so the run's own
+    last epoch, which it completes but for fewer than ``batch`` images, is kept at its last step."""
     steps: dict[int, list[float]] = {}
     for epoch in sorted(set(epochs)):
         step = max(1, math.ceil(epoch * images_per_epoch / batch_size - 1e-9))
+        if step > total_steps and last_epoch is not None and epoch <= last_epoch:
+            step = total_steps
         if step <= total_steps:
             steps.setdefault(step, []).append(epoch)
     return steps
+
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: dict[str, Any] | None = None,
@@ -327,7 +332,7 @@ class Trainer:
         self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
         self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
         self.keep_steps = keep_steps_for(cfg.run.keep_epochs, self.images_per_epoch, self.batch_size,
-                                         self.total_steps)
+                                         self.total_steps, cfg.run.epochs)
 
     def _build_pair(self, probe_classes: int, encoder: nn.Module | None) -> Network:
         """The method's network (around the user's ``encoder`` if given) on the device, in training mode, with
