@@ -546,15 +546,14 @@ def _save_eval(args: argparse.Namespace, loaded: Any, result: dict[str, Any], si
 
 
 def _curve(args: argparse.Namespace) -> int:
-    if not args.runs and not args.with_results:
-        raise FastByolError("nothing to evaluate: name at least one RUN, or an earlier results.json with --with")
     if (len(args.runs) > 1 or args.with_results) and not args.out:
         raise FastByolError("several runs: pass --out DIR for their common curve (each fastbyol run's own points "
                             "also go to RUN/curve)")
     from fastbyol.engine.curve import evaluate_curve
     from fastbyol.engine.trainer import resolve_device
 
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "curve"
+    # No RUN and no --with: evaluate_curve says so before it touches ``out``.
+    out = Path(args.out) if args.out else Path(args.runs[0] if args.runs else ".") / "curve"
     results = evaluate_curve(args.runs, args.data, out, resolve_device("auto"), k=args.k,
                              linear_epochs=args.linear_epochs, baseline_seeds=args.baseline_seeds,
                              workers=args.workers, with_results=args.with_results)
