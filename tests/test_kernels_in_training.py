@@ -74,8 +74,9 @@ def test_kernels_on_follows_kernels_off_over_5_free_steps(tmp_path: Path) -> Non
     BatchNorm plus LARS amplify it step by step, the faster since the smoke preset's ResNet-18 is the official
     one (no zero-initialised residual BN, issue 30): measured on the 2-core CPU, the loss rows (~4.1) differ
     relatively by 7e-8, 1e-7, 3e-7, 2.7e-6 and 7.7e-6 over the first 5 steps, then 8e-4 at step 6 and 3% at
-    step 10. So 5 steps are held to 3e-5 of the loss (a bug shows at the first steps, as the step-by-step test
-    above pins from equal states)."""
+    step 10; on CI's machine step 5 was already 5.1e-5 apart. So the first 3 steps are held to 3e-5 of the loss
+    and steps 4 and 5 to 1e-3 (a bug shows at the first steps, as the step-by-step test above pins from equal
+    states)."""
     losses = {}
     for kernels in ("off", "on"):
         t = start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={kernels}",
@@ -84,7 +85,7 @@ def test_kernels_on_follows_kernels_off_over_5_free_steps(tmp_path: Path) -> Non
         losses[kernels] = [r["loss"] for r in read_metrics(tmp_path / kernels / "metrics.jsonl")]
     assert len(losses["on"]) == 5
     for step, (a, b) in enumerate(zip(losses["off"], losses["on"])):
-        assert abs(a - b) <= 3e-5 * abs(a), (step, a, b)
+        assert abs(a - b) <= (3e-5 if step < 3 else 1e-3) * abs(a), (step, a, b)
 
 
 def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
