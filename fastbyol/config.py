@@ -219,14 +219,15 @@ class OptimConfig:
     """Micro-batches per optimizer step (gradient accumulation); batch_size must divide evenly."""
     base_lr: float = 0.2
     """Learning rate at batch 256; the peak lr is base_lr * batch_size / 256."""
-    name: Literal["lars", "adamw"] = "lars"
-    """'lars' (the paper's: momentum and eta below), or 'adamw' (the ViT recipes': torch's AdamW, fused on a
-    GPU, betas and eps below). Either leaves norms, biases, 1-d parameters and position/class tokens out of
-    the weight decay."""
+    name: Literal["lars", "adamw", "sgd"] = "lars"
+    """'lars' (the paper's: momentum and eta below), 'adamw' (the ViT recipes': torch's AdamW, fused on a
+    GPU, betas and eps below), or 'sgd' (torch's SGD with the momentum below, no Nesterov: the small-batch
+    recipes of SimSiam and the public BYOLs). Each leaves norms, biases, 1-d parameters and position/class
+    tokens out of the weight decay."""
     weight_decay: float = 1.5e-6
     """Weight decay, not applied to biases and normalisation parameters (LARS: 1.5e-6; AdamW ViTs: ~0.1)."""
     momentum: float = 0.9
-    """LARS momentum (no Nesterov, no dampening)."""
+    """LARS's and SGD's momentum (no Nesterov, no dampening)."""
     eta: float = 1e-3
     """LARS trust coefficient."""
     adamw_beta1: float = 0.9

@@ -156,8 +156,26 @@ def test_adamw_refusals_name_the_fix() -> None:
         build_config("smoke", overrides=["optim.name=adamw", "run.nonfinite=skip"])
     with pytest.raises(ConfigError, match="does not run under run.engine=deepspeed"):
         build_config("smoke", overrides=["optim.name=adamw", "run.engine=deepspeed"])
-    with pytest.raises(ConfigError, match="optim.name='sgd' is not allowed"):
-        build_config("smoke", overrides=["optim.name=sgd"])
+    with pytest.raises(ConfigError, match="optim.name='lamb' is not allowed"):
+        build_config("smoke", overrides=["optim.name=lamb"])
+    with pytest.raises(ConfigError, match="run.nonfinite=skip restores LARS's state only"):
+        build_config("smoke", overrides=["optim.name=sgd", "run.nonfinite=skip"])
+
+
+def test_sgd_decays_the_weights_only_and_keeps_its_momentum() -> None:
+    """optim.name=sgd: torch's SGD over the same groups as LARS, weight decay on the adapted group only, the
+    configured momentum, and the predictor's lr multiple kept on its groups."""
+    from fastbyol.engine.update import build_optimizer
+    from fastbyol.step.methods import build_method
+
+    cfg = build_config("smoke", overrides=["optim.name=sgd", "optim.weight_decay=5e-4", "optim.momentum=0.8",
+                                           "byol.predictor_lr_mult=10", "model.proj_hidden=16", "model.proj_dim=8"])
+    method = build_method(cfg)
+    opt = build_optimizer(cfg, method.param_groups(method.network(cfg, seed=0)), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD)
+    assert [(g["weight_decay"], g["lr_mult"]) for g in opt.param_groups] == [
+        (5e-4, 1.0), (0.0, 1.0), (5e-4, 10.0), (0.0, 10.0)]
+    assert all(g["momentum"] == 0.8 and not g["nesterov"] and g["dampening"] == 0 for g in opt.param_groups)
 
 
 def test_compiled_vit_trains_like_eager(tmp_path: Path) -> None:

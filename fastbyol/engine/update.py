@@ -2,7 +2,7 @@
 run is built (``build_update``), so the Trainer calls ``update.apply(lr, tau)`` and asks the strategy for
 its checkpoint state instead of branching on the engine.
 
-- ``ParamUpdate``: the optimizer (LARS, or AdamW: ``build_optimizer``) over the parameters, then the EMA as
+- ``ParamUpdate``: the optimizer (LARS, AdamW or SGD: ``build_optimizer``) over the parameters, then the EMA as
   one ``_foreach_lerp_`` (the reference path); in one process or under DDP.
 - ``FlatUpdate``: the online and target parameters live in flat buffers; the fused Triton LARS writes the
   EMA from the same registers (``FlatLARS.step_with_ema``): one pass over memory. One process or DDP.
@@ -128,14 +128,17 @@ def _local_network(pair: nn.Module, ctx: DistContext, device: torch.device) -> n
 
 
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """``optim.name``'s optimizer over LARS's two parameter groups (the excluded one: no weight decay, and for
-    LARS no trust ratio). The lr is set every step from the schedule."""
+    """``optim.name``'s optimizer over LARS's parameter groups (the excluded ones: no weight decay, and for
+    LARS no trust ratio; a group's ``lr_mult`` is kept). The lr is set every step from the schedule."""
     o = cfg.optim
+    if o.name == "lars":
+        return LARS(groups, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
+    torch_groups = [{"params": g["params"], "weight_decay": 0.0 if g["excluded"] else o.weight_decay,
+                     "lr_mult": g.get("lr_mult", 1.0)} for g in groups]
     if o.name == "adamw":
-        return torch.optim.AdamW(
-            [{"params": g["params"], "weight_decay": 0.0 if g["excluded"] else o.weight_decay} for g in groups],
-            lr=0.0, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps, fused=device.type == "cuda")
-    return LARS(groups, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
+        return torch.optim.AdamW(torch_groups, lr=0.0, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps,
+                                 fused=device.type == "cuda")
+    return torch.optim.SGD(torch_groups, lr=0.0, momentum=o.momentum, foreach=True)
 
 
 class ParamUpdate:
