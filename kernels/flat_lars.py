@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from fastbyol.kernels.lars import build_layout, lars_ema_flat, lars_flat
 
+from fastbyol.lr import set_lr
 from fastbyol.step.lars import LARS
 
 
@@ -88,11 +89,10 @@ class FlatLARS(LARS):
                 self.state[p]["momentum_buffer"] = view
 
 
-def optimizer_ema_step_fused(optimizer: FlatLARS, lr: float, target_flat: torch.Tensor, tau_buf: torch.Tensor,
-                             tau: float) -> None:
+def optimizer_ema_step_fused(optimizer: FlatLARS, lr: float, target_flat: torch.Tensor, tau_buf: torch.Tensor
+                             ) -> None:
     """LARS and the target EMA in one pass over memory (``FlatLARS.step_with_ema``), once per optimizer
-    step; lr and tau reach the device as async writes, so there is no host sync."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    tau_buf.fill_(tau)
+    step, with tau already on the device (``tau_buf``); the lr reaches it as an async write, so there is no
+    host sync."""
+    set_lr(optimizer, lr)
     optimizer.step_with_ema(target_flat, tau_buf)

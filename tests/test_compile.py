@@ -74,7 +74,7 @@ def test_fused_optimizer_and_ema_have_no_graph_break() -> None:
     explanation = torch._dynamo.explain(update)(torch.tensor([0.1]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     before = target_flat.clone()
-    optimizer_ema_step_fused(optimizer, 0.1, target_flat, tau, 0.5)  # the loop's call, eagerly
+    optimizer_ema_step_fused(optimizer, 0.1, target_flat, tau.fill_(0.5))  # the loop's call, eagerly
     assert not torch.equal(before, target_flat)
 
 

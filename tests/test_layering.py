@@ -7,11 +7,12 @@ layers import each other."""
 from __future__ import annotations
 
 import ast
+import math
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.files"}
+BASE = {"fastbyol.config", "fastbyol.errors", "fastbyol.files", "fastbyol.lr"}
 ALLOWED = {
     "data": BASE | {"fastbyol.data"},
     "model": BASE | {"fastbyol.data", "fastbyol.model"},
@@ -136,3 +137,40 @@ def test_the_trainer_is_small_and_never_asks_which_engine_or_method_runs() -> No
     asks = [f"line {n.lineno}: {ast.unparse(n.test)}" for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp))
             and re.search(r"engine|method|simclr|byol|deepspeed|ddp|zero", ast.unparse(n.test), re.IGNORECASE)]
     assert not asks, asks
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for p in [*(ROOT / "fastbyol").rglob("*.py"),
+                                                               *(ROOT / "kernels").glob("*.py")]}
+
+
+def test_one_cosine_one_lr_loop_one_tau_write() -> None:
+    """Issue 31: the half cosine is written once (``fastbyol/lr.py``; training's lr and tau, the linear probe and
+    fine-tuning call it), the lr reaches an optimizer's groups through one loop (``set_lr``), and tau reaches
+    the device in one place (``FlatEmaUpdate.tau_on_device``). The procedural shapes' drawing is not a decay."""
+    found: dict[str, list[str]] = {"cosine": [], "lr loop": [], "tau write": []}
+    for path, text in _sources().items():
+        for n, line in enumerate(text.splitlines(), 1):
+            where = f"{path}:{n}"
+            if "math.cos(" in line and path != "fastbyol/data/procedural.py" or "torch.cos(" in line:
+                found["cosine"].append(where)
+            if re.search(r"\[\s*[\"']lr[\"']\s*\]\s*=[^=]", line):
+                found["lr loop"].append(where)
+            if re.search(r"tau\w*\.(fill_|copy_)\(|\.(fill_|copy_)\(\s*tau", line):
+                found["tau write"].append(where)
+    assert found == {"cosine": ["fastbyol/lr.py:13"], "lr loop": ["fastbyol/lr.py:20"],
+                     "tau write": ["fastbyol/engine/update.py:218"]}, found
+
+
+def test_half_cosine_and_set_lr() -> None:
+    import torch
+
+    from fastbyol.lr import half_cosine, set_lr
+    from fastbyol.step.schedules import lr_at, tau_at
+
+    assert (half_cosine(0, 10), half_cosine(5, 10), half_cosine(10, 10), half_cosine(12, 10)) == (1.0, 0.5, 0.0, 0.0)
+    assert lr_at(7, total_steps=10, warmup_steps=2, peak_lr=3.0) == 0.5 * 3.0 * (1 + math.cos(math.pi * 5 / 8))
+    assert tau_at(3, total_steps=10, tau_base=0.99) == 1 - 0.01 * (math.cos(math.pi * 3 / 10) + 1) / 2
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr_mult": 10.0}], lr=0.0)
+    set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 2.5]

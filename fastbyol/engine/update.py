@@ -31,6 +31,7 @@ from fastbyol.engine.distributed import DistContext
 from fastbyol.errors import FastByolError
 from fastbyol.kernels.ema import ema_flat_
 from fastbyol.kernels.flat_lars import FlatLARS, optimizer_ema_step_fused
+from fastbyol.lr import set_lr
 from fastbyol.model.byol import ByolPair
 from fastbyol.step.lars import LARS
 from fastbyol.step.train_step import optimizer_step, target_step
@@ -212,12 +213,16 @@ class FlatEmaUpdate(ParamUpdate):
         self.optimizer = make_optimizer(self.online_flat)
         self.network = _local_network(pair, ctx, device)
 
+    def tau_on_device(self, tau: float) -> torch.Tensor:
+        """This step's tau in the device buffer the kernels read: an async write of a host float, no sync."""
+        self.tau_buf.fill_(tau)
+        return self.tau_buf
+
     def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
         optimizer_step(self.optimizer, lr)
         if self.target_flat is not None:  # SimCLR has no target
             phases.start("ema")
-            self.tau_buf.fill_(tau)  # an async write of a host float: no sync
-            ema_flat_(self.target_flat, self.online_flat[:self.target_flat.numel()], self.tau_buf)
+            ema_flat_(self.target_flat, self.online_flat[:self.target_flat.numel()], self.tau_on_device(tau))
 
 
 class FlatUpdate(FlatEmaUpdate):
@@ -229,7 +234,7 @@ class FlatUpdate(FlatEmaUpdate):
         if self.target_flat is None:  # SimCLR: no target
             optimizer_step(self.optimizer, lr)
         else:
-            optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_buf, tau)
+            optimizer_ema_step_fused(self.optimizer, lr, self.target_flat, self.tau_on_device(tau))
 
     def protected(self, online: list[torch.Tensor], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         target = [] if self.target_flat is None else [self.target_flat]
@@ -271,8 +276,7 @@ class ZeroUpdate:
             self.engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
 
     def apply(self, lr: float, tau: float, phases: PhaseTimer) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer, lr)
         self.engine.step()  # the accumulation boundary: reduce, ZeroLARS on each partition, gather
         phases.start("ema")
         with self.zero.gathered(self.engine, self.online_params):  # the EMA reads full fp32 online weights

@@ -23,7 +23,6 @@ training files one per line), so a number can be reproduced.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from fastbyol.data.stream import mix_seed
 from fastbyol.errors import FastByolError
 from fastbyol.eval.features import CenterViews, extract_features
 from fastbyol.eval.knn import topk_accuracy
+from fastbyol.lr import half_cosine, set_lr
 
 MOMENTUM = 0.9
 DEFAULT_EPOCHS = 30
@@ -189,8 +189,7 @@ def finetune(encoder: torch.nn.Module, train: ImageFiles, val: ImageFiles, num_c
                            shuffle=True, drop_last=drop_last, num_workers=workers, pin_memory=cuda,
                            generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
         for x, y in views:
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * peak_lr * (1 + math.cos(math.pi * step / total))
+            set_lr(opt, peak_lr * half_cosine(step, total))
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True))

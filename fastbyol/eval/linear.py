@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbyol.eval.knn import topk_accuracy
+from fastbyol.lr import half_cosine, set_lr
 
 
 def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
@@ -41,8 +42,7 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            set_lr(opt, lr * half_cosine(step, total))
             loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,9 +6,9 @@ k is the optimizer step (0-based), K the total number of steps.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from fastbyol.lr import half_cosine
 
 
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -19,13 +19,12 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float) -> 
         return peak_lr * step / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
     k = min(step - warmup_steps, decay_steps)
-    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * k / decay_steps))
+    return peak_lr * half_cosine(k, decay_steps)
 
 
 def tau_at(step: int, *, total_steps: int, tau_base: float) -> float:
     """tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2: tau_base at k=0, 1 at k=K."""
-    k = min(step, total_steps)
-    return 1.0 - (1.0 - tau_base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+    return 1.0 - (1.0 - tau_base) * half_cosine(step, total_steps)
 
 
 def lr_schedule(total_steps: int, warmup_steps: int, peak_lr: float) -> np.ndarray:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbyol.data.views import Views
+from fastbyol.lr import set_lr
 from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.ema import ema_update_
@@ -130,8 +131,7 @@ def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Ten
 
 def optimizer_step(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Apply the accumulated gradient at this step's learning rate (a host float from the schedule)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)  # byol.predictor_lr_mult: the predictor's groups
+    set_lr(optimizer, lr)
     optimizer.step()
 
 
