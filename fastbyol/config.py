@@ -211,6 +211,34 @@ class DataConfig:
                   low_ok=True)
 
 
+OptimizerName = Literal["lars", "adamw", "sgd"]
+
+
+@dataclass(frozen=True)
+class OptimizerTraits:
+    """What an ``optim.name`` supports besides the plain update; Config.validate's refusals and the engine's
+    choice of update (``build_update``) read it, and ``engine/update.py``'s builders are keyed by the same names."""
+
+    zero: bool
+    """Runs under run.engine=deepspeed (ZeRO shards LARS only: ZeroLARS)."""
+    skip: bool
+    """run.nonfinite=skip can restore its whole state: a momentum buffer, made before the first step."""
+    flat_fused: bool
+    """run.kernels=on fuses it with the EMA in one pass over the flat buffers (FlatLARS); otherwise the kernels
+    do the EMA alone after torch's optimizer over the buffers' views."""
+
+
+OPTIMIZERS: dict[str, OptimizerTraits] = {
+    "lars": OptimizerTraits(zero=True, skip=True, flat_fused=True),
+    "adamw": OptimizerTraits(zero=False, skip=False, flat_fused=False),
+    "sgd": OptimizerTraits(zero=False, skip=True, flat_fused=False),
+}
+
+
+def _supporting(trait: str) -> str:
+    return ", ".join(name for name, traits in OPTIMIZERS.items() if getattr(traits, trait))
+
+
 @dataclass
 class OptimConfig:
     batch_size: int = 4096
@@ -219,7 +247,7 @@ class OptimConfig:
     """Micro-batches per optimizer step (gradient accumulation); batch_size must divide evenly."""
     base_lr: float = 0.2
     """Learning rate at batch 256; the peak lr is base_lr * batch_size / 256."""
-    name: Literal["lars", "adamw", "sgd"] = "lars"
+    name: OptimizerName = "lars"
     """'lars' (the paper's: momentum and eta below), 'adamw' (the ViT recipes': torch's AdamW, fused on a
     GPU, betas and eps below), or 'sgd' (torch's SGD with the momentum below, no Nesterov: the small-batch
     recipes of SimSiam and the public BYOLs). Each leaves norms, biases, 1-d parameters and position/class
@@ -463,11 +491,12 @@ class Config:
         if self.method == "simclr" and r.engine == "deepspeed":
             raise ConfigError("method=simclr does not run under run.engine=deepspeed yet: use run.engine=auto "
                               "(DDP under torchrun) or method=byol")
-        if o.name != "lars" and r.engine == "deepspeed":
-            raise ConfigError(f"optim.name={o.name} does not run under run.engine=deepspeed yet (ZeRO runs LARS): "
-                              "use run.engine=auto (DDP under torchrun) or optim.name=lars")
-        if o.name != "lars" and r.nonfinite == "skip":
-            raise ConfigError(f"run.nonfinite=skip restores LARS's state only; with optim.name={o.name} use "
+        if not OPTIMIZERS[o.name].zero and r.engine == "deepspeed":
+            raise ConfigError(f"optim.name={o.name} does not run under run.engine=deepspeed yet (ZeRO runs "
+                              f"{_supporting('zero')}): use run.engine=auto (DDP under torchrun) or optim.name=lars")
+        if not OPTIMIZERS[o.name].skip and r.nonfinite == "skip":
+            raise ConfigError(f"run.nonfinite=skip restores a momentum optimizer's state ({_supporting('skip')}) "
+                              f"only; with optim.name={o.name} use "
                               "run.nonfinite=stop")
         if self.method == "simclr" and o.accum_steps > 1:
             raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {o.accum_steps}): NT-Xent's "

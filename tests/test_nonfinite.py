@@ -42,11 +42,11 @@ def _state(run_dir: Path, step: int) -> dict[str, Any]:
     return checkpoint.load(run_dir / "checkpoints" / checkpoint.checkpoint_name(step))
 
 
-@pytest.mark.parametrize("kernels", ["off", "on"])
-def test_skip_leaves_no_trace_and_counts_the_step(tmp_path: Path, kernels: str,
+@pytest.mark.parametrize(("kernels", "optim"), [("off", "lars"), ("on", "lars"), ("off", "sgd")])
+def test_skip_leaves_no_trace_and_counts_the_step(tmp_path: Path, kernels: str, optim: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     overrides = [f"run.out_dir={tmp_path}", "run.name=skip", *TINY, "run.nonfinite=skip", "run.max_steps=4",
-                 "run.ckpt_every=1", "run.log_every=4", f"run.kernels={kernels}"]
+                 "run.ckpt_every=1", "run.log_every=4", f"run.kernels={kernels}", f"optim.name={optim}"]
     trainer = start_run(build_config("smoke", overrides=overrides))
     _poison(trainer, 3)
     assert trainer.train()["step"] == 4

@@ -152,14 +152,26 @@ def test_adamw_leaves_the_excluded_group_undecayed(straight: tuple[str, Trainer]
 
 
 def test_adamw_refusals_name_the_fix() -> None:
-    with pytest.raises(ConfigError, match="run.nonfinite=skip restores LARS's state only"):
+    with pytest.raises(ConfigError, match=r"run.nonfinite=skip restores a momentum optimizer's state \(lars, sgd\) "
+                                          "only; with optim.name=adamw use run.nonfinite=stop"):
         build_config("smoke", overrides=["optim.name=adamw", "run.nonfinite=skip"])
-    with pytest.raises(ConfigError, match="does not run under run.engine=deepspeed"):
-        build_config("smoke", overrides=["optim.name=adamw", "run.engine=deepspeed"])
+    for name in ("adamw", "sgd"):
+        with pytest.raises(ConfigError, match=rf"optim.name={name} does not run under run.engine=deepspeed yet "
+                                              r"\(ZeRO runs lars\)"):
+            build_config("smoke", overrides=[f"optim.name={name}", "run.engine=deepspeed"])
     with pytest.raises(ConfigError, match="optim.name='lamb' is not allowed"):
         build_config("smoke", overrides=["optim.name=lamb"])
-    with pytest.raises(ConfigError, match="run.nonfinite=skip restores LARS's state only"):
-        build_config("smoke", overrides=["optim.name=sgd", "run.nonfinite=skip"])
+    assert build_config("smoke", overrides=["optim.name=sgd", "run.nonfinite=skip"]).optim.name == "sgd"
+
+
+def test_one_optimizer_table() -> None:
+    """The config's Literal, its traits table and the engine's builders name the same optimizers."""
+    import typing
+
+    from fastbyol.config import OPTIMIZERS, OptimizerName
+    from fastbyol.engine.update import OPTIMIZER_BUILDERS
+
+    assert list(typing.get_args(OptimizerName)) == list(OPTIMIZERS) == list(OPTIMIZER_BUILDERS)
 
 
 def test_sgd_decays_the_weights_only_and_keeps_its_momentum() -> None:

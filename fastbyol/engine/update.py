@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.config import Config
+from fastbyol.config import OPTIMIZERS, Config, OptimConfig
 from fastbyol.engine.distributed import DistContext
 from fastbyol.errors import FastByolError
 from fastbyol.kernels.ema import ema_flat_
@@ -128,18 +128,26 @@ def _local_network(pair: nn.Module, ctx: DistContext, device: torch.device) -> n
                                    gradient_as_bucket_view=False, **_no_buffer_sync())
 
 
+def _torch_groups(o: OptimConfig, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LARS's groups for a torch optimizer: the excluded ones without weight decay, ``lr_mult`` kept."""
+    return [{"params": g["params"], "weight_decay": 0.0 if g["excluded"] else o.weight_decay,
+             "lr_mult": g.get("lr_mult", 1.0)} for g in groups]
+
+
+OPTIMIZER_BUILDERS: dict[str, Callable[[OptimConfig, list[dict[str, Any]], torch.device], torch.optim.Optimizer]] = {
+    "lars": lambda o, groups, device: LARS(groups, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta),
+    "adamw": lambda o, groups, device: torch.optim.AdamW(
+        _torch_groups(o, groups), lr=0.0, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps,
+        fused=device.type == "cuda"),
+    "sgd": lambda o, groups, device: torch.optim.SGD(_torch_groups(o, groups), lr=0.0, momentum=o.momentum,
+                                                     foreach=True),
+}
+"""How each ``optim.name`` (the config's ``OPTIMIZERS`` table, same keys) is built over the method's
+parameter groups; the lr is set every step from the schedule (``set_lr``)."""
+
+
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """``optim.name``'s optimizer over LARS's parameter groups (the excluded ones: no weight decay, and for
-    LARS no trust ratio; a group's ``lr_mult`` is kept). The lr is set every step from the schedule."""
-    o = cfg.optim
-    if o.name == "lars":
-        return LARS(groups, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.eta)
-    torch_groups = [{"params": g["params"], "weight_decay": 0.0 if g["excluded"] else o.weight_decay,
-                     "lr_mult": g.get("lr_mult", 1.0)} for g in groups]
-    if o.name == "adamw":
-        return torch.optim.AdamW(torch_groups, lr=0.0, betas=(o.adamw_beta1, o.adamw_beta2), eps=o.adamw_eps,
-                                 fused=device.type == "cuda")
-    return torch.optim.SGD(torch_groups, lr=0.0, momentum=o.momentum, foreach=True)
+    return OPTIMIZER_BUILDERS[cfg.optim.name](cfg.optim, groups, device)
 
 
 class ParamUpdate:
@@ -307,15 +315,16 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
                  device: torch.device, run_dir: Path, resume: dict[str, Any] | None) -> Update:
     """The one place the engine and the kernels setting pick how the run updates."""
     hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
+    traits = OPTIMIZERS[cfg.optim.name]
     if any(group.get("lr_mult", 1.0) != 1.0 for group in groups) and (ctx.engine == "deepspeed" or (
-            kernels and cfg.optim.name == "lars")):
+            kernels and traits.flat_fused)):
         raise FastByolError(f"byol.predictor_lr_mult={cfg.byol.predictor_lr_mult} needs the per-tensor LARS: set "
                             "run.kernels=off and run.engine=ddp (the fused kernel and ZeRO apply one lr to all)")
     if ctx.engine == "deepspeed":
-        if not isinstance(pair, ByolPair) or cfg.optim.name != "lars":  # Config.validate refuses both first
+        if not isinstance(pair, ByolPair) or not traits.zero:  # Config.validate refuses both first
             raise FastByolError("run.engine=deepspeed runs method=byol with optim.name=lars only: use DDP")
         return ZeroUpdate(pair, groups, hyper, cfg, ctx, kernels, run_dir, resume)
-    if kernels and cfg.optim.name == "lars":  # LARS and the EMA: one pass over identically laid-out flat buffers
+    if kernels and traits.flat_fused:  # LARS and the EMA: one pass over identically laid-out flat buffers
         return FlatUpdate(pair, lambda flat: FlatLARS(groups, flat, **hyper), cfg.model.arch, ctx, device)
     if kernels:  # any other optimizer over the buffers' views, then the EMA kernel
         return FlatEmaUpdate(pair, lambda flat: build_optimizer(cfg, groups, device), cfg.model.arch, ctx, device)
