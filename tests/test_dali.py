@@ -236,6 +236,32 @@ def test_loader_switch(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         build_source(cfg, 0, cpu)
 
 
+def test_training_and_evaluation_share_one_loader_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``use_dali`` decides for data.loader and eval's --loader alike: 'auto' is DALI on a CUDA device when it is
+    installed; 'dali' without it is each front end's own line."""
+    import importlib.util
+
+    from fastbyol.data.loader import use_dali
+    from fastbyol.eval.features import resolve_loader
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # device objects only: nothing runs on them
+    real = importlib.util.find_spec
+    for installed in (True, False):
+        if not installed:
+            monkeypatch.setattr(importlib.util, "find_spec",
+                                lambda name, *a: None if name == "nvidia.dali" else real(name, *a))
+        for loader in ("auto", "torch"):
+            for device in (cpu, cuda):
+                want = loader == "auto" and device.type == "cuda" and installed
+                assert use_dali(loader, device, "missing") == want
+                assert resolve_loader(loader, device) == ("dali" if want else "torch")
+    with pytest.raises(FastByolError, match="^missing$"):
+        use_dali("dali", cpu, "missing")
+    cfg = build_config("digits", overrides=["data.path=unused", "data.loader=dali"]).data
+    with pytest.raises(FastByolError, match=r"^data.loader=dali needs NVIDIA DALI: pip install 'fastbyol\[gpu\]'"):
+        build_source(cfg, 0, cpu)
+
+
 def test_file_list_from_data_check(folder: Path, tmp_path: Path) -> None:
     from fastbyol.data.check import check_folder, write_file_list
 

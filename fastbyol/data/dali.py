@@ -116,13 +116,16 @@ def resize_plan(p: ViewParams, size: int, whole_image: bool) -> tuple[np.ndarray
     return plan, np.concatenate([row_weight, col_weight])
 
 
+DALI_MISSING = ("data.loader=dali needs NVIDIA DALI: pip install 'fastbyol[gpu]' (nvidia-dali-cuda130), or use "
+                "data.loader=torch")
+
+
 def require_dali() -> Any:
     """Import DALI or say how to get it."""
     try:
         import nvidia.dali as dali
     except ImportError:
-        raise FastByolError("data.loader=dali needs NVIDIA DALI: pip install 'fastbyol[gpu]' "
-                            "(nvidia-dali-cuda130), or use data.loader=torch") from None
+        raise FastByolError(DALI_MISSING) from None
     return dali
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastbyol.config import IMAGENET_TRAIN_IMAGES, DataConfig
 from fastbyol.data.augment import TwoViewTransform, ViewSpec, view_pair
+from fastbyol.data.dali import DALI_MISSING
 from fastbyol.data.folder import ImageFiles, scan_image_folder
 from fastbyol.data.procedural import ProceduralImages
 from fastbyol.data.shards import ShardImages, open_shards
@@ -165,10 +166,20 @@ def labelled_images(cfg: DataConfig) -> tuple[ImageFiles | ShardImages, int]:
     return ImageFiles(files, labels), num_classes
 
 
-def _dali_installed() -> bool:
+def dali_installed() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("nvidia.dali") is not None
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def use_dali(loader: str, device: torch.device, missing: str) -> bool:
+    """The one loader rule of training (``data.loader``) and evaluation (``--loader``): 'torch' never, 'dali'
+    always (``missing``, the line that says how to get DALI, when it is not installed), 'auto' on a CUDA device
+    when DALI is installed: there nvJPEG (and the GPU's hardware JPEG decoder) and the GPU's resize keep up
+    with the encoder, where PIL needs many processes."""
+    if loader == "dali" and not dali_installed():
+        raise FastByolError(missing)
+    return loader == "dali" or (loader == "auto" and device.type == "cuda" and dali_installed())
 
 
 def build_source(cfg: DataConfig, seed: int, device: torch.device, images: ImageSource | None = None) -> DataSource:
@@ -183,10 +194,10 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device, images: Image
     if cfg.source == "synthetic":
         return SyntheticSource(cfg, seed, device)
     encoded = cfg.source in ("folder", "shards")
-    if cfg.loader == "dali" or (cfg.loader == "auto" and encoded and device.type == "cuda" and _dali_installed()):
-        if not encoded:
-            raise FastByolError(f"data.loader=dali reads image folders and shards, not data.source={cfg.source}: "
-                                "use data.source=folder (or shards) or data.loader=torch")
+    if cfg.loader == "dali" and not encoded:
+        raise FastByolError(f"data.loader=dali reads image folders and shards, not data.source={cfg.source}: "
+                            "use data.source=folder (or shards) or data.loader=torch")
+    if encoded and use_dali(cfg.loader, device, DALI_MISSING):
         from fastbyol.data.dali import DaliSource
 
         files, num_classes = labelled_images(cfg)

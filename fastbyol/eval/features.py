@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastbyol.data.augment import ViewSpec, apply_view, crop_resize, normalize, sample_view_params
 from fastbyol.data.folder import ImageFiles
+from fastbyol.data.loader import use_dali
 from fastbyol.data.stream import mix_seed
 from fastbyol.errors import FastByolError
 from fastbyol.eval.encode import center_geometry, encode_batches
@@ -85,22 +85,18 @@ def resolve_loader(loader: str, device: torch.device, epoch: int | None = None) 
     """'torch' (PIL in DataLoader processes) or 'dali' (``fastbyol.eval.dali_features``) for the views of
     ``epoch`` (None: centre views) on ``device``.
 
-    'auto' is DALI for centre views on a CUDA device when DALI is installed: there nvJPEG (and the GPU's
-    hardware JPEG decoder) and the GPU's resize keep up with the encoder, where PIL needs many processes.
-    Augmented training views (``--augment``) always take the torch path, whatever ``loader`` says: their
-    crops and flips are seeded per image in ``CenterViews``, and a second implementation would have to match
-    them decision for decision (as ``fastbyol.data.dali`` does for BYOL's views) to keep the protocol one.
+    'auto' is DALI for centre views on a CUDA device when DALI is installed (training's rule,
+    ``fastbyol.data.loader.use_dali``). Augmented training views (``--augment``) always take the torch path,
+    whatever ``loader`` says: their crops and flips are seeded per image in ``CenterViews``, and a second
+    implementation would have to match them decision for decision (as ``fastbyol.data.dali`` does for BYOL's views)
+    to keep the protocol one.
     'dali' without DALI installed is an error that says how to get it."""
     if loader not in LOADERS:
         raise FastByolError(f"loader {loader!r}: use one of {', '.join(LOADERS)}")
     if epoch is not None or loader == "torch":
         return "torch"
-    installed = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-    if loader == "dali":
-        if not installed:
-            raise FastByolError("--loader dali needs nvidia-dali: pip install -e .[gpu], or --loader torch")
-        return "dali"
-    return "dali" if installed and device.type == "cuda" else "torch"
+    dali = use_dali(loader, device, "--loader dali needs nvidia-dali: pip install -e .[gpu], or --loader torch")
+    return "dali" if dali else "torch"
 
 
 def extract_features(encoder: torch.nn.Module, files: ImageFiles, size: int, device: torch.device,
