@@ -30,7 +30,7 @@ MAX_ABS_DIFF = 1e-6
 
 def target_shapes() -> list[tuple[int, ...]]:
     """The target parameters' shapes of the ResNet-50 BYOL pair, built on the meta device (no memory)."""
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.model.byol import ByolPair
 
     # data.source only satisfies validation (a folder source needs a path); the model config is the preset's.

@@ -57,7 +57,7 @@ class Spec(NamedTuple):
 def byol_r50_spec() -> Spec:
     """Shapes and exclusions of the ResNet-50 BYOL online network, built on the meta device (no memory),
     in ``flatten_pairs_`` order: paired online-tower parameters (``param_pairs`` order), then the rest."""
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.model.byol import ByolPair
 
     # data.source only satisfies validation (a folder source needs a path); the model config is the preset's.

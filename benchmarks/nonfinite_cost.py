@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import copy_bandwidth_gbs, environment, parse_args, time_fn, write_results
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine.trainer import start_run
 
 

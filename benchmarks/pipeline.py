@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import environment, parse_args, write_results
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.augment import RESIZES
 from fastbyol.data.builders import make_synthetic
 from fastbyol.data.loader import build_source

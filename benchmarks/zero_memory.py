@@ -53,7 +53,7 @@ def _measure(trainer: Any) -> dict[str, float]:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.engine.distributed import shutdown
     from fastbyol.engine.trainer import start_run
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from fastbyol.config import Config, build_config, set_key, valid_keys
+from fastbyol.config import Config
+from fastbyol.config_parse import build_config, set_key, valid_keys
 from fastbyol.data.dataset import DatasetImages
 from fastbyol.engine import checkpoint
 from fastbyol.engine.distributed import shutdown

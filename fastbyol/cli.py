@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,8 @@ EXIT_FOUND_BAD = 1
 
 def _parser() -> argparse.ArgumentParser:
     from fastbyol import __version__
-    from fastbyol.config import describe_keys, preset_names
+    from fastbyol.config_parse import describe_keys
+    from fastbyol.presets import preset_names
 
     parser = argparse.ArgumentParser(prog="fastbyol", description="Fast, exact BYOL pretraining.")
     parser.add_argument("--version", action="version", version=f"fastbyol {__version__}")
@@ -245,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
 
     if args.resume == "auto":
         if args.profile:
@@ -388,7 +390,7 @@ def _busy_cpu_hint() -> None:
 
 
 def _presets(as_json: bool) -> int:
-    from fastbyol.config import PRESET_DESCRIPTIONS, PRESETS
+    from fastbyol.presets import PRESET_DESCRIPTIONS, PRESETS
 
     if as_json:
         print(json.dumps({name: PRESETS[name] for name in sorted(PRESETS)}, indent=2))
@@ -697,3 +699,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastbyol: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`fastbyol presets | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush raises no second one
+        return 141

@@ -1,12 +1,11 @@
-"""The run's Config: one dataclass per component, named presets, YAML and ``key=value`` overrides.
+"""The run's Config: one dataclass per component, each with its validation. Named presets live in
+``fastbyol.presets``, the preset + YAML + ``key=value`` building in ``fastbyol.config_parse``, and the check
+helpers with ``ConfigError`` in ``fastbyol.config_checks``.
 
 Each section validates itself (``validate``) with messages that name the key and what it accepts, so a bad
 value fails before any work is done; ``Config.validate`` adds the checks that span sections. A choice field
 is typed ``Literal[...]``: the type is the one list of its values. Whether a key may change when a run
 resumes is metadata on its field (``RESUMABLE``). The resolved config is written to the run directory.
-
-Hyperparameters of the paper presets come from ../shared/BYOL.md (the official code's
-``configs/byol.py``): ImageNet, batch 4096, LARS, cosine schedules.
 """
 
 from __future__ import annotations
@@ -16,12 +15,20 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args
 
 import yaml
 
-from fastbyol.errors import FastByolError
+from fastbyol.config_checks import (
+    ConfigError,
+    check_choices,
+    check_wandb,
+    choice,
+    in_range,
+    non_negative_int,
+    positive_int,
+    raise_all,
+)
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -55,9 +62,6 @@ def resumable(default: Any) -> Any:
         return field(default_factory=lambda: list(default), metadata=RESUMABLE)
     return field(default=default, metadata=RESUMABLE)
 
-
-class ConfigError(FastByolError):
-    """An invalid config value, key, preset or file."""
 
 
 @dataclass
@@ -105,7 +109,7 @@ class ModelConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _check_choices(self, prefix)
+        check_choices(self, prefix)
         check_arch(f"{prefix}.arch", self.arch)
         if self.arch.startswith(TIMM_PREFIX) and self.small_stem:
             raise ConfigError(f"{prefix}.small_stem=true is for the torchvision ResNets: a timm model takes its "
@@ -116,11 +120,11 @@ class ModelConfig:
         if self.timm_kwargs and not self.arch.startswith(TIMM_PREFIX):
             raise ConfigError(f"{prefix}.timm_kwargs is set but {prefix}.arch={self.arch} is not a timm model: "
                               f"drop it, or use {prefix}.arch=timm:<name>")
-        _non_negative_int(f"{prefix}.image_size", self.image_size)
-        _positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
-        _positive_int(f"{prefix}.proj_dim", self.proj_dim)
-        _in_range(f"{prefix}.bn_momentum", self.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
-        _in_range(f"{prefix}.bn_eps", self.bn_eps, 0.0, 1.0, "a small positive float, e.g. 1e-5")
+        non_negative_int(f"{prefix}.image_size", self.image_size)
+        positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
+        positive_int(f"{prefix}.proj_dim", self.proj_dim)
+        in_range(f"{prefix}.bn_momentum", self.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
+        in_range(f"{prefix}.bn_eps", self.bn_eps, 0.0, 1.0, "a small positive float, e.g. 1e-5")
 
 
 @dataclass
@@ -183,9 +187,9 @@ class DataConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _check_choices(self, prefix)
-        _in_range(f"{prefix}.crop_area_min", self.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
-        _in_range(f"{prefix}.invert_p", self.invert_p, 0.0, 1.0, "a probability in [0, 1], e.g. 0.5", low_ok=True)
+        check_choices(self, prefix)
+        in_range(f"{prefix}.crop_area_min", self.crop_area_min, 0.0, 1.0, "a fraction in (0, 1], e.g. 0.08")
+        in_range(f"{prefix}.invert_p", self.invert_p, 0.0, 1.0, "a probability in [0, 1], e.g. 0.5", low_ok=True)
         if self.source == "folder" and not self.path:
             raise ConfigError(
                 f"{prefix}.path is empty but {prefix}.source=folder: set {prefix}.path=/path/to/train_images "
@@ -203,11 +207,11 @@ class DataConfig:
             )
         if not (16 <= self.image_size <= 1024):
             raise ConfigError(f"{prefix}.image_size={self.image_size} is out of range: use 16..1024 (e.g. 224)")
-        _non_negative_int(f"{prefix}.num_images", self.num_images)
-        _positive_int(f"{prefix}.num_classes", self.num_classes)
-        _non_negative_int(f"{prefix}.workers", self.workers)
-        _positive_int(f"{prefix}.prefetch", self.prefetch)
-        _in_range(f"{prefix}.hw_decoder_load", self.hw_decoder_load, 0.0, 1.0, "a share in [0, 1], e.g. 0.65",
+        non_negative_int(f"{prefix}.num_images", self.num_images)
+        positive_int(f"{prefix}.num_classes", self.num_classes)
+        non_negative_int(f"{prefix}.workers", self.workers)
+        positive_int(f"{prefix}.prefetch", self.prefetch)
+        in_range(f"{prefix}.hw_decoder_load", self.hw_decoder_load, 0.0, 1.0, "a share in [0, 1], e.g. 0.65",
                   low_ok=True)
 
 
@@ -269,25 +273,25 @@ class OptimConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _check_choices(self, prefix)
-        _positive_int(f"{prefix}.batch_size", self.batch_size)
-        _positive_int(f"{prefix}.accum_steps", self.accum_steps)
+        check_choices(self, prefix)
+        positive_int(f"{prefix}.batch_size", self.batch_size)
+        positive_int(f"{prefix}.accum_steps", self.accum_steps)
         if self.batch_size % self.accum_steps:
             raise ConfigError(
                 f"{prefix}.batch_size={self.batch_size} is not divisible by {prefix}.accum_steps="
                 f"{self.accum_steps}: choose accum_steps that divides the batch"
             )
-        _in_range(f"{prefix}.base_lr", self.base_lr, 0.0, 100.0, "a positive float, e.g. 0.2")
-        _in_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, 1.0, "a float in [0, 1), e.g. 1.5e-6",
+        in_range(f"{prefix}.base_lr", self.base_lr, 0.0, 100.0, "a positive float, e.g. 0.2")
+        in_range(f"{prefix}.weight_decay", self.weight_decay, 0.0, 1.0, "a float in [0, 1), e.g. 1.5e-6",
                   low_ok=True)
-        _in_range(f"{prefix}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True,
+        in_range(f"{prefix}.momentum", self.momentum, 0.0, 1.0, "a float in [0, 1), e.g. 0.9", low_ok=True,
                   high_ok=False)
-        _in_range(f"{prefix}.eta", self.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
+        in_range(f"{prefix}.eta", self.eta, 0.0, 1.0, "a positive float, e.g. 1e-3")
         for beta in ("adamw_beta1", "adamw_beta2"):
-            _in_range(f"{prefix}.{beta}", getattr(self, beta), 0.0, 1.0, "a float in [0, 1), e.g. 0.9",
+            in_range(f"{prefix}.{beta}", getattr(self, beta), 0.0, 1.0, "a float in [0, 1), e.g. 0.9",
                       low_ok=True, high_ok=False)
-        _in_range(f"{prefix}.adamw_eps", self.adamw_eps, 0.0, 1.0, "a small positive float, e.g. 1e-8")
-        _in_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0, 1e6, "a float >= 0, e.g. 10", low_ok=True)
+        in_range(f"{prefix}.adamw_eps", self.adamw_eps, 0.0, 1.0, "a small positive float, e.g. 1e-8")
+        in_range(f"{prefix}.warmup_epochs", self.warmup_epochs, 0.0, 1e6, "a float >= 0, e.g. 10", low_ok=True)
 
 
 @dataclass
@@ -302,8 +306,8 @@ class ByolConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _in_range(f"{prefix}.tau_base", self.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
-        _in_range(f"{prefix}.predictor_lr_mult", self.predictor_lr_mult, 0.0, 1000.0, "a positive float, e.g. 10")
+        in_range(f"{prefix}.tau_base", self.tau_base, 0.0, 1.0, "a float in [0, 1], e.g. 0.996", low_ok=True)
+        in_range(f"{prefix}.predictor_lr_mult", self.predictor_lr_mult, 0.0, 1000.0, "a positive float, e.g. 10")
 
 
 @dataclass
@@ -320,10 +324,10 @@ class SimclrConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _in_range(f"{prefix}.temperature", self.temperature, 0.0, 100.0,
+        in_range(f"{prefix}.temperature", self.temperature, 0.0, 100.0,
                   "a positive float, e.g. 0.1 (or 0 for auto)", low_ok=True)
-        _positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
-        _positive_int(f"{prefix}.proj_dim", self.proj_dim)
+        positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
+        positive_int(f"{prefix}.proj_dim", self.proj_dim)
 
 
 @dataclass
@@ -411,15 +415,15 @@ class RunConfig:
 
 
     def validate(self, prefix: str) -> None:
-        _check_choices(self, prefix)
-        _in_range(f"{prefix}.epochs", self.epochs, 0.0, 1e6, "a positive number of epochs, e.g. 100")
-        _non_negative_int(f"{prefix}.max_steps", self.max_steps)
-        _non_negative_int(f"{prefix}.seed", self.seed)
-        _positive_int(f"{prefix}.log_every", self.log_every)
-        _positive_int(f"{prefix}.ckpt_every", self.ckpt_every)
-        _in_range(f"{prefix}.ckpt_minutes", self.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)",
+        check_choices(self, prefix)
+        in_range(f"{prefix}.epochs", self.epochs, 0.0, 1e6, "a positive number of epochs, e.g. 100")
+        non_negative_int(f"{prefix}.max_steps", self.max_steps)
+        non_negative_int(f"{prefix}.seed", self.seed)
+        positive_int(f"{prefix}.log_every", self.log_every)
+        positive_int(f"{prefix}.ckpt_every", self.ckpt_every)
+        in_range(f"{prefix}.ckpt_minutes", self.ckpt_minutes, 0.0, 1e6, "minutes >= 0, e.g. 30 (0: off)",
                   low_ok=True)
-        _positive_int(f"{prefix}.keep_last", self.keep_last)
+        positive_int(f"{prefix}.keep_last", self.keep_last)
         for epoch in self.keep_epochs:
             if not (math.isfinite(epoch) and epoch > 0):
                 raise ConfigError(f"{prefix}.keep_epochs has {epoch:g}: give positive epochs, e.g. "
@@ -429,16 +433,16 @@ class RunConfig:
         if "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"{prefix}.name={self.name!r} must be a plain folder name (no '/'), "
                               f"e.g. {prefix}.name=r50-test")
-        _non_negative_int(f"{prefix}.nonfinite_max_skips", self.nonfinite_max_skips)
+        non_negative_int(f"{prefix}.nonfinite_max_skips", self.nonfinite_max_skips)
         if self.nonfinite == "skip" and self.engine == "deepspeed":
             raise ConfigError(f"{prefix}.nonfinite=skip is not supported with {prefix}.engine=deepspeed (its sharded "
                               f"optimizer state is not snapshotted): use {prefix}.nonfinite=stop")
-        _in_range(f"{prefix}.telemetry_hz", self.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
-        _in_range(f"{prefix}.peak_tflops", self.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
+        in_range(f"{prefix}.telemetry_hz", self.telemetry_hz, 0.0, 100.0, "samples per second in (0, 100], e.g. 4")
+        in_range(f"{prefix}.peak_tflops", self.peak_tflops, 0.0, 1e6, "the device's peak TFLOP/s, or 0 for the table",
                   low_ok=True)
         if self.profile:
             parse_profile_window(self.profile)
-        _check_wandb(prefix, self.wandb, self.wandb_entity, self.wandb_tags)
+        check_wandb(prefix, self.wandb, self.wandb_entity, self.wandb_tags)
         if self.zero_stage and self.engine != "deepspeed":
             raise ConfigError(f"{prefix}.zero_stage={self.zero_stage} needs {prefix}.engine=deepspeed (ZeRO is "
                               f"DeepSpeed's): add {prefix}.engine=deepspeed, or set {prefix}.zero_stage=0")
@@ -479,9 +483,9 @@ class Config:
 
     def validate(self) -> Config:
         """Every section's own checks, then those that span sections; returns self."""
-        _check_choices(self, "")
+        check_choices(self, "")
         errors: list[ConfigError] = []
-        for name in _sections():  # every section's first error, all at once
+        for name in sections():  # every section's first error, all at once
             try:
                 getattr(self, name).validate(name)
             except ConfigError as e:
@@ -536,39 +540,13 @@ def parse_profile_window(text: str) -> tuple[int, int]:
     return first, end
 
 
-# -- validation helpers: each raises ConfigError naming the key and the accepted values -------------
-
-def _choice(key: str, value: object, allowed: tuple[object, ...]) -> None:
-    if value not in allowed:
-        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{key}={value!r} is not allowed{hint}: use one of {', '.join(map(str, allowed))}")
-
-
-_WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project and entity names
-
-
-def _check_wandb(prefix: str, project: str, entity: str, tags: list[str]) -> None:
-    """W&B's own limits, checked before the run starts rather than at wandb.init."""
-    for key, value, example in ((f"{prefix}.wandb", project, "byol-r50"),
-                                (f"{prefix}.wandb_entity", entity, "my-team")):
-        bad = sorted({c for c in value if c in _WANDB_FORBIDDEN})
-        if bad or len(value) > 128:
-            why = f"contains {' '.join(bad)}" if bad else "is longer than 128 characters"
-            raise ConfigError(f"{key}={value!r} {why}, which W&B refuses: use a plain name, e.g. {key}={example}")
-    for tag in tags:
-        if not 1 <= len(tag) <= 64:
-            raise ConfigError(f"{prefix}.wandb_tags has the tag {tag!r}: W&B takes tags of 1 to 64 characters, "
-                              f"e.g. {prefix}.wandb_tags=baseline,r50")
-
-
 def check_arch(key: str, arch: str) -> None:
     """A torchvision name of ARCHS, timm:<name> for a model timm has (timm imported only then), or
     custom:<module>.<class> (a model given to the Python API)."""
     if arch.startswith(CUSTOM_PREFIX) and arch != CUSTOM_PREFIX:
         return
     if not arch.startswith(TIMM_PREFIX):
-        _choice(key, arch, (*ARCHS, "timm:<name>"))
+        choice(key, arch, (*ARCHS, "timm:<name>"))
         return
     try:
         import timm
@@ -583,392 +561,10 @@ def check_arch(key: str, arch: str) -> None:
                           "python -c \"import timm; print(timm.list_models('*vit*'))\"")
 
 
-def _check_choices(section: object, prefix: str) -> None:
-    """Every ``Literal[...]`` field of ``section`` holds one of its values."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):  # type: ignore[arg-type]
-        allowed = literal_values(hints[f.name])
-        if allowed:
-            _choice(f"{prefix}.{f.name}" if prefix else f.name, getattr(section, f.name), allowed)
-
-
-def literal_values(typ: Any) -> tuple[Any, ...]:
-    """The values of a ``Literal[...]`` type (empty for any other type)."""
-    return get_args(typ) if get_origin(typ) is Literal else ()
-
-
-def _positive_int(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}={value} is invalid: must be a positive integer (>= 1)")
-
-
-def _non_negative_int(key: str, value: int) -> None:
-    if value < 0:
-        raise ConfigError(f"{key}={value} is invalid: must be an integer >= 0")
-
-
-def _in_range(key: str, value: float, low: float, high: float, what: str,
-              low_ok: bool = False, high_ok: bool = True) -> None:
-    ok = math.isfinite(value) and (value >= low if low_ok else value > low) and (
-        value <= high if high_ok else value < high)
-    if not ok:
-        lo, hi = ("[" if low_ok else "("), ("]" if high_ok else ")")
-        raise ConfigError(f"{key}={value} is out of range {lo}{low:g}, {high:g}{hi}: use {what}")
-
-
-# -- presets -----------------------------------------------------------------------------------------
-
-def _paper(epochs: int, base_lr: float, wd: float, tau: float) -> dict[str, Any]:
-    """The official ImageNet recipe (BYOL.md, Schedules table): ResNet-50, batch 4096, 224 px."""
-    return {
-        "model": {"arch": "resnet50"},
-        "data": {"source": "folder", "image_size": 224, "resize": "official"},
-        "optim": {"batch_size": 4096, "base_lr": base_lr, "weight_decay": wd, "warmup_epochs": 10.0},
-        "byol": {"tau_base": tau},
-        "run": {"epochs": float(epochs)},
-    }
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "byol-r50-1000ep": _paper(1000, 0.2, 1.5e-6, 0.996),
-    "byol-r50-300ep": _paper(300, 0.3, 1e-6, 0.99),
-    "byol-r50-100ep": _paper(100, 0.45, 1e-6, 0.99),
-    "byol-r50-40ep": _paper(40, 0.45, 1e-6, 0.97),
-    # Throughput: the paper's model and step on random tensors made on the device (no data loading).
-    "synthetic-r50": {
-        "model": {"arch": "resnet50"},
-        "data": {"source": "synthetic", "image_size": 224},
-        "optim": {"batch_size": 256, "base_lr": 0.2, "warmup_epochs": 0.0},
-        "run": {"epochs": 1.0, "max_steps": 100, "log_every": 10, "ckpt_every": 1_000_000},
-    },
-    # A real BYOL run that finishes on a 2-core CPU in under a minute: ResNet-18 (ImageNet stem) on
-    # 64 px embedded procedural images, narrower heads, every piece of the real loop.
-    "smoke": {
-        "model": {"arch": "resnet18", "small_stem": False, "proj_hidden": 512, "proj_dim": 128},
-        "data": {"source": "procedural", "image_size": 64, "num_images": 512, "num_classes": 8,
-                 "workers": 1},
-        "optim": {"batch_size": 32, "base_lr": 1.0, "weight_decay": 1e-6, "warmup_epochs": 0.25},
-        "byol": {"tau_base": 0.99},
-        "run": {"epochs": 1.0, "log_every": 4, "ckpt_every": 8, "keep_last": 2},
-    },
-    # The demo's sanity row: scikit-learn's handwritten digits (1,797 real images, `fastbyol data make digits`)
-    # at 32 px; ResNet-18 with the ImageNet stem. Starts from torchvision's init with the target a copy of the
-    # online network, at base lr 0.2 (kNN 90.4%, two seeds; benchmarks/NOTES.md, issue 16).
-    "digits": {
-        "model": {"arch": "resnet18", "small_stem": False, "init": "torchvision", "target_init": "copy",
-                  "proj_hidden": 512, "proj_dim": 128},
-        "data": {"source": "folder", "image_size": 32, "workers": 1},
-        "optim": {"batch_size": 64, "base_lr": 0.2, "weight_decay": 1e-6, "warmup_epochs": 1.0},
-        "byol": {"tau_base": 0.99},
-        "run": {"epochs": 10.0, "log_every": 20, "ckpt_every": 100, "keep_last": 1},
-    },
-}
-
-
-def _simclr_paper(epochs: int) -> dict[str, Any]:
-    """The official SimCLR ImageNet recipe: ResNet-50, batch 4096, LARS at 0.3 x batch / 256, weight decay
-    1e-6, 10 warm-up epochs then cosine, temperature 0.1, head 2048 -> 2048 -> 128."""
-    return {
-        "method": "simclr",
-        "model": {"arch": "resnet50"},
-        "data": {"source": "folder", "image_size": 224},
-        "optim": {"batch_size": 4096, "base_lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10.0},
-        "simclr": {"temperature": 0.1, "proj_hidden": 2048, "proj_dim": 128},
-        "run": {"epochs": float(epochs)},
-    }
-
-
-PRESETS["simclr-r50-1000ep"] = _simclr_paper(1000)
-PRESETS["simclr-r50-100ep"] = _simclr_paper(100)
-# The demo's main dataset (`fastbyol data make shapes`: 1,500 train / 500 val silhouettes at 32 px), at the
-# digits' budget. From the single-seed ablations in benchmarks/NOTES.md, issue 16: torchvision's init, the
-# target a copy of the online network, strong colour jitter, crops of at least 30% of the image, weight decay
-# 5e-4. BYOL does not yet learn the shapes at this budget (kNN below the raw pixels); SimCLR does (below).
-PRESETS["shapes"] = {
-    "model": {"arch": "resnet18", "small_stem": False, "init": "torchvision", "target_init": "copy",
-              "proj_hidden": 512, "proj_dim": 128},
-    "data": {"source": "folder", "image_size": 32, "workers": 1, "colour_jitter": "strong", "crop_area_min": 0.3},
-    "optim": {"batch_size": 64, "base_lr": 1.0, "weight_decay": 5e-4, "warmup_epochs": 1.0},
-    "byol": {"tau_base": 0.99},
-    "run": {"epochs": 10.0, "log_every": 20, "ckpt_every": 100, "keep_last": 1},
-}
-
-def _vit(arch: str, epochs: int, heads: int) -> dict[str, Any]:
-    """BYOL with a ViT, as the MoCo v3 paper ran it (Chen, Xie and He 2021, arXiv 2104.02057): AdamW, batch
-    4096, lr = base_lr x batch / 256 (Sec. 4.1), 40 warm-up epochs then cosine (Sec. 5), heads with a 4096-d
-    hidden layer and a 256-d output (Sec. 5; BN in the hidden layers only, as BYOL's, Appendix A), and the
-    only BYOL learning rate and weight decay the paper prints: lr 1e-4, wd 0.03 (Fig. 6, ViT-B/16, 100
-    epochs). Table 4 reports BYOL at 300 epochs: 71.0 (ViT-S/16) and 73.9 (ViT-B/16) linear top-1; its swept
-    lr and wd are not published, so the 300-epoch preset carries Fig. 6's over. The paper's ViT-S has 12
-    heads (Table 2), timm's 6. tau: the paper gives none for BYOL; 0.99, BYOL's own for 300 epochs and MoCo
-    v3's for ViTs. Not reproduced: the frozen random patch projection and the sin-cos position embedding."""
-    return {
-        "model": {"arch": f"timm:{arch}", "timm_kwargs": {"num_heads": heads}, "proj_hidden": 4096, "proj_dim": 256},
-        "data": {"source": "folder", "image_size": 224},
-        "optim": {"name": "adamw", "batch_size": 4096, "base_lr": 1e-4, "weight_decay": 0.03, "warmup_epochs": 40.0},
-        "byol": {"tau_base": 0.99},
-        "run": {"epochs": float(epochs)},
-    }
-
-
-PRESETS["byol-vits16-300ep"] = _vit("vit_small_patch16_224", 300, heads=12)
-PRESETS["byol-vitb16-100ep"] = _vit("vit_base_patch16_224", 100, heads=12)
-# ConvNeXt-T: no BYOL recipe is published (solo-learn, lightly and LightlyTrain have none), so the optimizer
-# is the ConvNeXt paper's own (Liu et al. 2022; facebookresearch/ConvNeXt TRAINING.md): AdamW, lr 4e-3 at
-# batch 4096 (base 2.5e-4 at 256), wd 0.05, 20 warm-up epochs, drop path 0.1 for ConvNeXt-T; BYOL's
-# 300-epoch tau 0.99 and heads.
-PRESETS["byol-convnext-t-300ep"] = {
-    "model": {"arch": "timm:convnext_tiny", "timm_kwargs": {"drop_path_rate": 0.1}},
-    "data": {"source": "folder", "image_size": 224},
-    "optim": {"name": "adamw", "batch_size": 4096, "base_lr": 2.5e-4, "weight_decay": 0.05, "warmup_epochs": 20.0},
-    "byol": {"tau_base": 0.99},
-    "run": {"epochs": 300.0},
-}
-
-# The demo's SimCLR twins: everything as the BYOL preset but the method (temperature auto: 0.5 at batch 64).
-# SimCLR on the digits keeps the base lr 1.0 it was measured at (issue 9).
-PRESETS["digits-simclr"] = {**PRESETS["digits"], "method": "simclr",
-                            "optim": {**PRESETS["digits"]["optim"], "base_lr": 1.0}}
-# On the shapes SimCLR needs a high learning rate (LARS at batch 64: base 10, peak 2.5) and the spec's weight
-# decay; at base 1.0 it stays at the random network's level (NOTES.md, issue 16).
-PRESETS["shapes-simclr"] = {**PRESETS["shapes"], "method": "simclr",
-                            "optim": {**PRESETS["shapes"]["optim"], "base_lr": 10.0, "weight_decay": 1e-6}}
-
-
-PRESET_DESCRIPTIONS: dict[str, str] = {
-    "byol-r50-1000ep": "the paper: ResNet-50, 224 px, batch 4096, base lr 0.2, wd 1.5e-6, tau 0.996, 1000 epochs",
-    "byol-r50-300ep": "the official 300-epoch config: base lr 0.3, wd 1e-6, tau 0.99",
-    "byol-r50-100ep": "the official 100-epoch config: base lr 0.45, wd 1e-6, tau 0.99",
-    "byol-r50-40ep": "the official 40-epoch config: base lr 0.45, wd 1e-6, tau 0.97",
-    "byol-vits16-300ep": "BYOL with ViT-S/16 as MoCo v3 ran it: AdamW, base lr 1e-4, wd 0.03, 40 warm-up epochs",
-    "byol-vitb16-100ep": "BYOL with ViT-B/16 as MoCo v3 ran it: AdamW, base lr 1e-4, wd 0.03, 40 warm-up epochs",
-    "byol-convnext-t-300ep": "ConvNeXt-T, the ConvNeXt paper's AdamW: lr 4e-3 at batch 4096, wd 0.05, drop path 0.1",
-    "synthetic-r50": "ResNet-50 step on random tensors made on the device: throughput without an input pipeline",
-    "smoke": "ResNet-18 on 64 px embedded procedural images, batch 32, 16 steps: ~25 s on an idle 2-core CPU",
-    "shapes": "the demo's BYOL: ResNet-18, 32 px silhouettes (fastbyol data make shapes), batch 64, 10 epochs",
-    "shapes-simclr": "the demo's SimCLR on the shapes: the shapes preset with method=simclr, base lr 10",
-    "digits": "the demo's sanity row: ResNet-18, 32 px handwritten digits (fastbyol data make digits), 10 epochs",
-    "digits-simclr": "the digits preset with method=simclr, base lr 1.0",
-    "simclr-r50-1000ep": "SimCLR's ImageNet recipe: ResNet-50, batch 4096, base lr 0.3, temperature 0.1, 1000 epochs",
-    "simclr-r50-100ep": "SimCLR's ImageNet recipe at 100 epochs",
-}
-"""One line per preset: what `fastbyol presets` prints beside each name (tests/test_config.py: one for each)."""
-
-
-def preset_names() -> list[str]:
-    return sorted(PRESETS)
-
-
-# -- building a Config from preset + YAML + key=value -------------------------------------------------
-
-def _sections() -> dict[str, type]:
+def sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in TOP_LEVEL_KEYS}
 
 
 # Keys that are not in a section: ``method=simclr`` on the command line, ``method: simclr`` in YAML.
 TOP_LEVEL_KEYS = ("preset", "method")
-
-
-def valid_keys() -> list[str]:
-    keys = ["method"]
-    for name, cls in _sections().items():
-        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
-    return keys
-
-
-def resumable_keys() -> frozenset[str]:
-    """The keys whose field carries ``RESUMABLE``: what ``--resume`` may change."""
-    return frozenset(f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)
-                     if f.metadata.get("resumable"))
-
-
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Turn a YAML/CLI value into the field's type, or raise naming the key."""
-    allowed = literal_values(typ)
-    if allowed:
-        value = _coerce(key, value, type(allowed[0]))
-        _choice(key, value, allowed)
-        return value
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "on", "yes", "1")
-        raise ConfigError(f"{key}={value!r} is not a boolean: use true or false")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}={value!r} is not an integer")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r} is not an integer") from None
-        if not f.is_integer():
-            raise ConfigError(f"{key}={value!r} is not an integer")
-        return int(f)
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number") from None
-    if get_origin(typ) is list:  # YAML's list, or the command line's a,b (or [a, b]); '' is the empty list
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"{key}={value!r} is not a YAML list: write {key}=a,b") from None
-        elif isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r} is not a list: write {key}=a,b (or a YAML list)")
-        return [_coerce(key, v, get_args(typ)[0]) for v in value]
-    if typ is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}={value!r} is not a string")
-        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off/yes/no as a boolean
-            return "on" if value else "off"
-        return "" if value is None else str(value)
-    raise TypeError(f"unsupported config type {typ} for {key}")
-
-
-def _unknown_key(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]}? " if near else ""
-    return ConfigError(f"unknown config key {key!r}: {hint}(`fastbyol train --help` lists the keys)")
-
-
-def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set ``section.field`` to ``value`` coerced to the field's type (``section.field.entry`` of a dict field,
-    the text read as YAML: ``model.timm_kwargs.drop_path_rate=0.1``); unknown keys suggest the nearest."""
-    if key == "method":
-        cfg.method = _coerce(key, value, typing.get_type_hints(Config)["method"])
-        return
-    section_name, _, name = key.partition(".")
-    sections = _sections()
-    if section_name not in sections or not name:
-        raise _unknown_key(key)
-    section = getattr(cfg, section_name)
-    hints = typing.get_type_hints(type(section))
-    name, _, entry = name.partition(".")
-    if name not in hints:
-        raise _unknown_key(key)
-    if get_origin(hints[name]) is dict:
-        if entry:
-            getattr(section, name)[entry] = yaml.safe_load(value) if isinstance(value, str) else value
-        elif isinstance(value, dict):
-            setattr(section, name, dict(value))
-        else:
-            raise ConfigError(f"{key}={value!r} is not a mapping: set its entries, e.g. {key}.drop_path_rate=0.1")
-        return
-    if entry:
-        raise _unknown_key(key)
-    setattr(section, name, _coerce(key, value, hints[name]))
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``optim.batch_size=256`` -> ("optim.batch_size", "256"); ``set_key`` turns the text into the field type."""
-    key, eq, raw = text.partition("=")
-    if not eq or not key:
-        raise ConfigError(f"override {text!r} is not key=value: write e.g. optim.batch_size=256")
-    return key.strip(), raw  # set_key coerces the text to the field's type
-
-
-def load_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
-    return tree
-
-
-def raise_all(errors: list[ConfigError]) -> None:
-    """One ConfigError carrying every message (one line each joined by '; '), or nothing when there is none."""
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise ConfigError(f"{len(errors)} config errors: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
-
-
-def build_config(preset: str | None = None, yaml_path: str | None = None,
-                 overrides: list[str] | None = None) -> Config:
-    """Preset (or the file's ``preset:``), then the YAML file, then ``key=value`` overrides; validated."""
-    tree = load_yaml(yaml_path) if yaml_path else {}
-    file_preset = tree.pop("preset", None)
-    name = preset or file_preset or "byol-r50-1000ep"
-    if name not in PRESETS:
-        near = difflib.get_close_matches(str(name), PRESETS, n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ConfigError(f"unknown preset {name!r}: {hint}choose one of {', '.join(preset_names())}")
-    cfg = Config(preset=name)
-    for key, value in _flatten(PRESETS[name]).items():
-        set_key(cfg, key, value)
-    for key, value in _flatten(tree).items():
-        set_key(cfg, key, value)
-    errors: list[ConfigError] = []
-    for text in overrides or []:  # every bad override at once, then every section's first error
-        try:
-            set_key(cfg, *parse_override(text))
-        except ConfigError as e:
-            errors.append(e)
-    raise_all(errors)
-    return cfg.validate()
-
-
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with ``to_dict`` (checkpoints, config.yaml of a run directory)."""
-    tree = dict(tree)
-    cfg = Config(preset=str(tree.pop("preset", "byol-r50-1000ep")))
-    for key, value in _flatten(tree).items():
-        set_key(cfg, key, value)
-    return cfg.validate()
-
-
-def describe_keys() -> str:
-    """Every key with its default and docstring, for ``--help``."""
-    lines = [f"  method = 'byol'\n      {_field_docs(Config)['method']}"]
-    for name, cls in _sections().items():
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = (f.default if f.default is not dataclasses.MISSING else
-                       f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            lines.append(f"  {name}.{f.name} = {default!r}\n      {docs.get(f.name, '')}")
-    return "\n".join(lines)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal right after each field) read from the source."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(
-                nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 import fastbyol
 from fastbyol import cli
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.errors import FastByolError
 from fastbyol.model.backbone import custom_arch

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastbyol.config import DataConfig, literal_values
+from fastbyol.config import DataConfig
+from fastbyol.config_checks import literal_values
 from fastbyol.data import augment as A
 from fastbyol.data.augment import VIEW1, VIEW2, ViewParams, ViewSpec, sample_view_params
 
@@ -175,7 +176,8 @@ def test_inversion_is_drawn_only_when_asked_and_inverts_the_finished_view() -> N
     for p in (p1, dataclasses.replace(p1, solarize=True, gray=True)):
         want = 1 - A.apply_view(x, dataclasses.replace(p, invert=False), spec)
         torch.testing.assert_close(A.apply_view(x, dataclasses.replace(p, invert=True), spec), want)
-    from fastbyol.config import ConfigError, build_config
+    from fastbyol.config_checks import ConfigError
+    from fastbyol.config_parse import build_config
     with pytest.raises(ConfigError, match="data.invert_p=1.5 is out of range"):
         build_config("shapes", overrides=["data.invert_p=1.5"])
 

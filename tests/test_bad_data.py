@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.check import check_folder
 from fastbyol.data.folder import load_rgb
 from fastbyol.engine.trainer import start_run

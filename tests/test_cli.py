@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastbyol.config import PRESETS
 from fastbyol.engine import checkpoint
+from fastbyol.presets import PRESETS
 
 TINY = ["optim.batch_size=4", "data.workers=0", "data.image_size=16", "model.small_stem=true",
         "model.proj_hidden=32", "model.proj_dim=16", "run.progress=off", "optim.warmup_epochs=0"]
@@ -76,7 +76,7 @@ def test_corrupt_jpeg_is_skipped_counted_and_listed(tmp_path: Path) -> None:
 
 def _tiny_run(tmp_path: Path, name: str, *extra: str) -> Path:
     """Train in-process (no second torch import); the CLI is exercised where the message matters."""
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.engine.trainer import start_run
 
     start_run(build_config("smoke", overrides=[f"run.out_dir={tmp_path}", f"run.name={name}", *TINY, *extra])).train()
@@ -131,6 +131,17 @@ def test_help_doctor_presets(tmp_path: Path) -> None:
     assert len(lines) == len(PRESETS) and all(line.split()[0] in PRESETS and len(line.split()) > 3 for line in lines)
     proc = fastbyol("presets", "--json", cwd=tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout) == PRESETS
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`fastbyol presets | head -1`: the reader leaves first; the command stops with no traceback (exit 141, a
+    shell's SIGPIPE status)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastbyol", "presets"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    assert proc.wait(timeout=300) == 141
+    assert proc.stderr.read() == ""
 
 
 def test_import_official_errors_are_one_line(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from fastbyol.kernels.flat_lars import FlatLARS, optimizer_ema_step_fused
 from fastbyol.kernels.losses import FUSED_LOSSES
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine.compile import resolve_compile
 from fastbyol.engine.trainer import start_run
 from fastbyol.errors import FastByolError

@@ -8,23 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fastbyol.config import (
-    PRESETS,
-    RESUMABLE,
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    build_config,
-    config_from_dict,
-    describe_keys,
-    literal_values,
-    resumable_keys,
-    set_key,
-    valid_keys,
-)
+from fastbyol.config import RESUMABLE, Config, DataConfig, ModelConfig, OptimConfig, RunConfig
+from fastbyol.config_checks import ConfigError, literal_values
+from fastbyol.config_parse import build_config, config_from_dict, describe_keys, resumable_keys, set_key, valid_keys
+from fastbyol.presets import PRESETS
 
 
 @pytest.mark.parametrize("name,epochs,lr,wd,tau", [
@@ -166,7 +153,7 @@ def test_resumable_keys_come_from_field_metadata() -> None:
 
 
 def test_every_preset_has_a_one_line_description() -> None:
-    from fastbyol.config import PRESET_DESCRIPTIONS, PRESETS
+    from fastbyol.presets import PRESET_DESCRIPTIONS, PRESETS
 
     assert set(PRESET_DESCRIPTIONS) == set(PRESETS)
     assert all(0 < len(text) <= 100 and "\n" not in text for text in PRESET_DESCRIPTIONS.values())

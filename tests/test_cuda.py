@@ -35,7 +35,7 @@ from fastbyol.kernels.lars import build_layout, lars_ema_flat, lars_ema_flat_ref
 from fastbyol.kernels.ntxent import ntxent, ntxent_grads, ntxent_ref, ntxent_rows
 from torch._dynamo.utils import counters
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.views import Batch
 from fastbyol.engine.trainer import Trainer, start_run
 

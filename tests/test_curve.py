@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.data.builders import make_synthetic
 from fastbyol.engine import checkpoint
 from fastbyol.engine.curve import evaluate_curve, find_runs, first_passing

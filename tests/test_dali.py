@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data import dali as D
 from fastbyol.data.augment import IMAGENET_MEAN, IMAGENET_STD, VIEW2, ViewParams, apply_view, crop_resize, normalize
 from fastbyol.data.builders import make_synthetic

@@ -15,7 +15,7 @@ import pytest
 import torch
 from multirank import REPO, TINY, assert_same_training, env, kill_after_checkpoint, run, torchrun
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import start_run
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastbyol.config import Config, build_config
+from fastbyol.config import Config
+from fastbyol.config_parse import build_config
 from fastbyol.data.builders import make_digits, make_shapes
 from fastbyol.engine.demo import FINETUNE_BATCH, FINETUNE_EPOCHS, FINETUNE_FRACTION, FINETUNE_LRS
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder, finetune_encoder

@@ -22,7 +22,7 @@ from multirank import (
     torchrun,
 )
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import start_run
 

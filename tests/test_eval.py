@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import models
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.builders import make_digits, make_synthetic
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine.evaluate import encoder_from_checkpoint, export_checkpoint

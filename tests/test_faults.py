@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import start_run
 from fastbyol.telemetry.sinks import read_metrics

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastbyol.cli import _parser
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine.bench import Sweep
 
 REPO = Path(__file__).resolve().parent.parent

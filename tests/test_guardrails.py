@@ -97,7 +97,8 @@ def test_a_dataset_root_is_not_read_as_classes(tmp_path: Path) -> None:
 
 
 def test_every_config_error_is_reported_at_once(tmp_path: Path) -> None:
-    from fastbyol.config import ConfigError, build_config
+    from fastbyol.config_checks import ConfigError
+    from fastbyol.config_parse import build_config
 
     # Two bad overrides: both named.
     with pytest.raises(ConfigError) as e:
@@ -140,7 +141,7 @@ def test_too_little_disk_for_the_checkpoints_fails_before_training(tmp_path: Pat
     import shutil
     from collections import namedtuple
 
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.engine import preflight
     from fastbyol.errors import FastByolError
 
@@ -156,7 +157,7 @@ def test_too_little_disk_for_the_checkpoints_fails_before_training(tmp_path: Pat
 
 
 def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path: Path) -> None:
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.engine import checkpoint, preflight
     from fastbyol.engine.trainer import start_run
 
@@ -197,7 +198,7 @@ def _gaps(lines: list[tuple[float, str]]) -> list[float]:
 
 
 def test_long_commands_write_a_line_every_interval_to_a_log_file(tmp_path: Path) -> None:
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.data.builders import make_synthetic
     from fastbyol.engine.trainer import start_run
 
@@ -226,7 +227,7 @@ def test_long_commands_write_a_line_every_interval_to_a_log_file(tmp_path: Path)
 def test_eval_results_name_the_checkpoint_and_go_to_the_report(tmp_path: Path) -> None:
     import json
 
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
     from fastbyol.data.builders import make_synthetic
     from fastbyol.engine.trainer import start_run
     from fastbyol.telemetry.report import build_report

@@ -11,7 +11,7 @@ from fastbyol.kernels.flat_lars import FlatLARS
 from torch import nn
 from twin_steps import step_from_the_same_state
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine.trainer import start_run, use_kernels
 from fastbyol.errors import FastByolError
 from fastbyol.model.flat import flatten_params_

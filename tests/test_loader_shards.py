@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.loader import build_source
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastbyol.cli import main
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import NonFiniteStop, Trainer, start_run
 from fastbyol.telemetry.sinks import read_metrics

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.official import checked_state, import_official, imported_config
 from fastbyol.errors import FastByolError

@@ -45,7 +45,7 @@ def test_tau_goes_from_base_to_one() -> None:
 def test_paper_step_counts() -> None:
     # BYOL.md: steps = epochs * 1,281,167 // 4096; warm-up 10 epochs.
     assert warmup_steps_for(10, 1_281_167, 4096) == 12_811_670 // 4096 == 3127
-    from fastbyol.config import build_config
+    from fastbyol.config_parse import build_config
 
     cfg = build_config("byol-r50-1000ep", overrides=["data.path=/x"])
     assert cfg.total_steps(1_281_167) == 1000 * 1_281_167 // 4096 == 312_784

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from fastbyol.cli import main
-from fastbyol.config import PRESETS, build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.builders import make_shapes
 from fastbyol.data.shapes import CLASSES, MIN_GREY_GAP, shape_image, silhouette
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolPair
+from fastbyol.presets import PRESETS
 
 
 def test_images_are_deterministic_rgb_and_labels_cycle() -> None:

@@ -26,7 +26,8 @@ import torch
 from multirank import REPO, assert_same_training
 from test_bad_data import _seed_folder
 
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.data import shards as S
 from fastbyol.data.builders import make_digits
 from fastbyol.data.folder import scan_image_folder

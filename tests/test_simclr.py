@@ -14,7 +14,9 @@ import torch
 from multirank import assert_same_training, run, torchrun
 from torch import nn
 
-from fastbyol.config import Config, ConfigError, ModelConfig, SimclrConfig, build_config
+from fastbyol.config import Config, ModelConfig, SimclrConfig
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.data.augment import VIEW1, VIEW2, VIEW_PAIRS
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import TIMING_FIELDS, start_run

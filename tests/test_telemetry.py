@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastbyol.cli import main
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.trainer import resume_run, start_run
 from fastbyol.telemetry.phases import PhaseTimer

@@ -12,7 +12,8 @@ import timm
 import torch
 from twin_steps import step_from_the_same_state
 
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.engine.evaluate import encoder_from_checkpoint, export_checkpoint
 from fastbyol.engine.flops import gflop_per_image
 from fastbyol.engine.trainer import Trainer, resume_run, start_run

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import TIMING_FIELDS, Trainer, resume_run, start_run
 from fastbyol.telemetry.sinks import read_metrics
@@ -217,7 +217,7 @@ def test_synthetic_on_device_source(tmp_path: Path) -> None:
     assert batches[0].views.view1.shape == (4, 3, 16, 16)
     t.train()
     assert len(read_metrics(tmp_path / "syn" / "metrics.jsonl")) == 2
-    from fastbyol.config import ConfigError
+    from fastbyol.config_checks import ConfigError
 
     with pytest.raises(ConfigError, match="online_probe=true needs labelled data"):
         _cfg(tmp_path, "syn2", ["data.source=synthetic", "model.online_probe=true"])

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from fastbyol.cli import main
-from fastbyol.config import ConfigError, build_config
+from fastbyol.config_checks import ConfigError
+from fastbyol.config_parse import build_config
 from fastbyol.telemetry.sinks import read_metrics, scalars
 
 wandb = pytest.importorskip("wandb")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fastbyol.config import build_config
+from fastbyol.config_parse import build_config
 from fastbyol.data.views import Batch
 from fastbyol.engine.trainer import Trainer, cuda_uuids, start_run
 from fastbyol.errors import FastByolError

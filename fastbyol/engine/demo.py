@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from fastbyol.config import TIMM_PREFIX, build_config
+from fastbyol.config import TIMM_PREFIX
+from fastbyol.config_parse import build_config
 from fastbyol.data.builders import make_digits, make_shapes
 from fastbyol.engine.evaluate import calibrated_random_encoder, evaluate_encoder, finetune_encoder
 from fastbyol.engine.trainer import start_run

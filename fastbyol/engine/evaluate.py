@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from fastbyol.config import Config, ModelConfig, config_from_dict
+from fastbyol.config import Config, ModelConfig
+from fastbyol.config_parse import config_from_dict
 from fastbyol.data.folder import ImageFiles
 from fastbyol.engine import checkpoint
 from fastbyol.errors import FastByolError

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from fastbyol.config import Config, build_config
+from fastbyol.config import Config
+from fastbyol.config_parse import build_config
 from fastbyol.engine import checkpoint
 from fastbyol.engine.trainer import CHECKPOINT_VERSION
 from fastbyol.errors import FastByolError
