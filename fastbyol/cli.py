@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastbyol.errors import FastByolError, RunStopped
 
@@ -30,6 +30,12 @@ EXIT_FOUND_BAD = 1
 """`data check` found unreadable files (and left them out of the clean list it wrote)."""
 
 
+if TYPE_CHECKING:
+    from fastbyol.engine.trainer import Trainer
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
 def _parser() -> argparse.ArgumentParser:
     from fastbyol import __version__
     from fastbyol.config_parse import describe_keys
@@ -40,12 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     # The deepspeed launcher inserts --local_rank=N before the command (LOCAL_RANK is in the environment).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub, describe_keys(), preset_names())
+    for add in (_add_bench, _add_report_doctor_presets, _add_data, _add_eval, _add_export_import, _add_demo):
+        add(sub)
+    return parser
+
+
+def _add_train(sub: Subparsers, keys: str, presets: list[str]) -> None:
+    """`train`: the preset, the config file, resume, and key=value overrides."""
     train = sub.add_parser(
         "train", help="pretrain with BYOL", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain a ResNet with BYOL. The run directory gets config.yaml, metrics.jsonl and "
                     "checkpoints/.",
-        epilog=TRAIN_EPILOG.format(keys=describe_keys()))
-    train.add_argument("--preset", help=f"named preset: {', '.join(preset_names())} "
+        epilog=TRAIN_EPILOG.format(keys=keys))
+    train.add_argument("--preset", help=f"named preset: {', '.join(presets)} "
                                         "(default byol-r50-1000ep)")
     train.add_argument("--config", help="YAML file with sections model/data/optim/byol/run (and preset:)")
     train.add_argument("--resume", metavar="PATH",
@@ -58,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                             "the same as run.profile=A:B")
     train.add_argument("overrides", nargs="*", metavar="key=value")
 
+
+def _add_bench(sub: Subparsers) -> None:
+    """`bench`: a sweep of training-step settings."""
     bench = sub.add_parser(
         "bench", help="time the real training step over a sweep of settings; CSV + table",
         description="Time the training step (the same Trainer.train_step as train) for every combination of "
@@ -83,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/bench", help="folder for the CSV and markdown (runs/bench)")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every case")
 
+
+def _add_report_doctor_presets(sub: Subparsers) -> None:
+    """`report`, `doctor` and `presets`."""
     report = sub.add_parser("report", help="HTML page with plots of a run (loss, lr, tau, img/s, GPU timelines)")
     report.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
     report.add_argument("--bench", nargs="*", default=[], metavar="CSV",
@@ -94,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list the named presets, one line each (--json: every key they set)")
     presets.add_argument("--json", action="store_true", help="print each preset's settings as JSON")
 
+
+def _add_data(sub: Subparsers) -> None:
+    """`data make digits|synthetic|shapes`, then `data check` and `data pack` (``_add_data_check_pack``)."""
     data = sub.add_parser("data", help="build datasets").add_subparsers(dest="data_command", metavar="ACTION")
     make = data.add_parser("make", help="build an image folder with train/ and val/ splits").add_subparsers(
         dest="dataset", metavar="DATASET")
@@ -112,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--train-per-class", type=int, default=150)
     shapes.add_argument("--val-per-class", type=int, default=50)
     shapes.add_argument("--size", type=int, default=32, help="side in pixels (default 32)")
+    _add_data_check_pack(data)
+
+
+def _add_data_check_pack(data: Subparsers) -> None:
+    """`data check` and `data pack`."""
     check = data.add_parser("check", help="check every image of a folder; write the good ones as a file list "
                                            "(a folder of shards: check their sizes and sha256 against the index); "
                                            "exit 0 if all are good, 1 if some were left out of the list")
@@ -136,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="pack only the images of this list (`fastbyol data check SRC` writes "
                            "SRC/fastbyol-filelist.txt), in its order, as data.file_list would read them")
 
+
+def _add_eval(sub: Subparsers) -> None:
+    """`eval linear|knn`, then `eval curve` and `eval finetune`."""
     ev = sub.add_parser("eval", help="evaluate the online encoder of a checkpoint").add_subparsers(
         dest="protocol", metavar="PROTOCOL")
     for name, what in (("linear", "linear probe on frozen features (SGD Nesterov, cosine lr)"),
@@ -164,7 +195,12 @@ def _parser() -> argparse.ArgumentParser:
                                 "over the training set per epoch) instead of centre-view features computed once")
         else:
             p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbour counts (20 200)")
+    _add_curve(ev)
+    _add_finetune(ev)
 
+
+def _add_curve(ev: Subparsers) -> None:
+    """`eval curve`: every kept checkpoint of one or more runs, beside the baselines."""
     cv = ev.add_parser("curve", help="learning curves: kNN and linear probe of every checkpoint run.keep_epochs kept, "
                                      "one line per run, beside the raw pixels and the random network")
     cv.add_argument("runs", nargs="*", metavar="RUN",
@@ -185,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--workers", type=int, metavar="N",
                     help="DataLoader processes decoding images (default: min(8, CPUs) with a GPU; 0 on the CPU)")
 
+
+def _add_finetune(ev: Subparsers) -> None:
+    """`eval finetune`: the semi-supervised protocol."""
     ft = ev.add_parser("finetune", help="the paper's semi-supervised protocol: fine-tune the encoder and a linear "
                                         "head on a class-balanced fraction of the labels")
     ft.add_argument("checkpoint", help="checkpoint file or run directory (newest valid checkpoint)")
@@ -215,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(PIL) or auto (default: dali on a GPU when nvidia-dali is installed); training views: PIL")
     ft.add_argument("--json", help="also write the result to this JSON file")
 
+
+def _add_export_import(sub: Subparsers) -> None:
+    """`export` and `import official`."""
     export = sub.add_parser("export", help="online encoder -> torchvision state_dict (.pth) and .safetensors")
     export.add_argument("checkpoint", help="checkpoint file or run directory")
     export.add_argument("out", help="output path without suffix (writes OUT.pth and OUT.safetensors)")
@@ -231,6 +273,9 @@ def _parser() -> argparse.ArgumentParser:
     official.add_argument("checkpoint", metavar="CHECKPOINT.pkl", help="the official checkpoint file")
     official.add_argument("run_dir", metavar="RUN_DIR", help="run directory to create (new, or an empty folder)")
 
+
+def _add_demo(sub: Subparsers) -> None:
+    """`demo`: shapes and digits, pretrained and evaluated against the baselines."""
     demo = sub.add_parser("demo", help="shapes and digits demo: pretrain BYOL (and/or SimCLR), then kNN/linear "
                                        "against the raw pixels and random networks")
     demo.add_argument("--out", default="runs/demo", help="folder for the datasets and the runs (runs/demo)")
@@ -243,55 +288,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--arch", default=None, help="encoder instead of the presets' ResNet-18: a torchvision name or "
                                                    "timm:<name> (AdamW; a ViT with 4 px patches in 6 blocks)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo presets")
-    return parser
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastbyol.config_parse import build_config
-
-    if args.resume == "auto":
-        if args.profile:
-            args.overrides.append(f"run.profile={args.profile}")
-        from fastbyol.engine.trainer import auto_resume
-
-        trainer, resumed = auto_resume(build_config(args.preset, args.config, args.overrides))
-        if trainer.ctx.main:
-            what = f"resuming at step {trainer.step}" if resumed else "no checkpoint yet: starting"
-            print(f"fastbyol: --resume auto: {trainer.run_dir}: {what}/{trainer.total_steps}", file=sys.stderr)
-    elif args.resume:
-        from fastbyol.engine.trainer import resume_run
-
-        if args.preset or args.config:
-            raise FastByolError("--resume continues a run with its saved config: drop --preset/--config "
-                                "(key=value overrides of run.* and data.workers/path are allowed)")
-        if args.profile:
-            args.overrides.append(f"run.profile={args.profile}")
-        trainer = resume_run(args.resume, args.overrides)
-        if trainer.ctx.main:
-            print(f"fastbyol: resuming {trainer.run_dir} at step {trainer.step}/{trainer.total_steps}",
-                  file=sys.stderr)
-    else:
-        if args.profile:
-            args.overrides.append(f"run.profile={args.profile}")
-        cfg = build_config(args.preset, args.config, args.overrides)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return 0
-        from fastbyol.engine.preflight import preflight
-
-        preflight(cfg)  # data, output folder, free space: one line in well under a second, before torch
-        from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
-
-        trainer = start_run(cfg)
-        ctx = trainer.ctx
-        ranks = f" x {ctx.world} ranks ({ctx.engine}, {ctx.backend})" if ctx.enabled else ""
-        if trainer.ctx.main and trainer.device.type == "cpu":
-            _busy_cpu_hint()
-        if trainer.ctx.main:
-            print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}{ranks}"
-                  f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
-                  f"({trainer.images_per_epoch} images/epoch), {trainer.total_steps} steps of "
-                  f"{cfg.optim.batch_size}", file=sys.stderr)
+    if args.profile:
+        args.overrides.append(f"run.profile={args.profile}")
+    trainer = _auto_resumed(args) if args.resume == "auto" else _resumed(args) if args.resume else _started(args)
+    if trainer is None:  # --print-config
+        return 0
     from fastbyol.engine.distributed import shutdown
 
     try:
@@ -302,8 +306,61 @@ def _train(args: argparse.Namespace) -> int:
         raise
     finally:
         shutdown(trainer.ctx)
-    if not trainer.ctx.main:
-        return 0
+    if trainer.ctx.main:
+        _print_summary(summary, trainer.cfg.run.max_steps)
+    return 0
+
+
+def _auto_resumed(args: argparse.Namespace) -> Trainer:
+    from fastbyol.config_parse import build_config
+    from fastbyol.engine.trainer import auto_resume
+
+    trainer, resumed = auto_resume(build_config(args.preset, args.config, args.overrides))
+    if trainer.ctx.main:
+        what = f"resuming at step {trainer.step}" if resumed else "no checkpoint yet: starting"
+        print(f"fastbyol: --resume auto: {trainer.run_dir}: {what}/{trainer.total_steps}", file=sys.stderr)
+    return trainer
+
+
+def _resumed(args: argparse.Namespace) -> Trainer:
+    from fastbyol.engine.trainer import resume_run
+
+    if args.preset or args.config:
+        raise FastByolError("--resume continues a run with its saved config: drop --preset/--config "
+                            "(key=value overrides of run.* and data.workers/path are allowed)")
+    trainer = resume_run(args.resume, args.overrides)
+    if trainer.ctx.main:
+        print(f"fastbyol: resuming {trainer.run_dir} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
+    return trainer
+
+
+def _started(args: argparse.Namespace) -> Trainer | None:
+    """A new run (None with --print-config, which prints the resolved config instead)."""
+    from fastbyol.config_parse import build_config
+
+    cfg = build_config(args.preset, args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return None
+    from fastbyol.engine.preflight import preflight
+
+    preflight(cfg)  # data, output folder, free space: one line in well under a second, before torch
+    from fastbyol.engine.trainer import start_run  # torch is imported only once the config is valid
+
+    trainer = start_run(cfg)
+    ctx = trainer.ctx
+    ranks = f" x {ctx.world} ranks ({ctx.engine}, {ctx.backend})" if ctx.enabled else ""
+    if ctx.main and trainer.device.type == "cpu":
+        _busy_cpu_hint()
+    if ctx.main:
+        print(f"fastbyol: run {trainer.run_dir}: {cfg.model.arch} on {trainer.device.type}{ranks}"
+              f"{' bf16' if trainer.bf16 else ''}, {trainer.source.kind} data "
+              f"({trainer.images_per_epoch} images/epoch), {trainer.total_steps} steps of "
+              f"{cfg.optim.batch_size}", file=sys.stderr)
+    return trainer
+
+
+def _print_summary(summary: dict[str, Any], max_steps: int) -> None:
     last = summary["last"]
     logged = (f"loss {last['loss']:.4f}, proj_std {last['proj_std']:.4f} (uniform {last['proj_std_uniform']:.4f}), "
               if last else "")
@@ -316,10 +373,9 @@ def _train(args: argparse.Namespace) -> int:
               f"listed in {Path(summary['run_dir']) / 'skipped.txt'}; `fastbyol data check --full` writes a clean list "
               "for data.file_list", file=sys.stderr)
     if summary["step"] < summary["total_steps"]:
-        print(f"fastbyol: stopped at run.max_steps={trainer.cfg.run.max_steps} of the run's {summary['total_steps']} "
+        print(f"fastbyol: stopped at run.max_steps={max_steps} of the run's {summary['total_steps']} "
               f"steps: continue with fastbyol train --resume {summary['run_dir']} run.max_steps=0 (or a larger "
               "run.max_steps)", file=sys.stderr)
-    return 0
 
 
 def _csv_list(flag: str, text: str, kind: type = str) -> list:  # type: ignore[type-arg]
@@ -498,12 +554,7 @@ def _eval(args: argparse.Namespace) -> int:
         return _finetune(args)
     if args.protocol == "curve":
         return _curve(args)
-    if args.cache and args.no_cache:
-        raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
-    if args.protocol == "knn" and any(k < 1 for k in args.k):
-        raise FastByolError(f"--k {' '.join(map(str, args.k))}: each neighbour count must be >= 1, e.g. --k 20 200")
-    if args.protocol == "linear" and args.epochs < 1:
-        raise FastByolError(f"--epochs {args.epochs}: the probe needs >= 1 epoch, e.g. --epochs 80")
+    _check_probe_args(args)
     from fastbyol.engine.evaluate import evaluate_encoder, load_checkpoint_encoder, open_feature_cache
     from fastbyol.engine.trainer import resolve_device
 
@@ -531,6 +582,16 @@ def _eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
     _save_eval(args, loaded, result, size)
     return 0
+
+
+def _check_probe_args(args: argparse.Namespace) -> None:
+    """`eval linear|knn`'s flags that argparse cannot check alone."""
+    if args.cache and args.no_cache:
+        raise FastByolError("--cache DIR and --no-cache contradict each other: pass one of them")
+    if args.protocol == "knn" and any(k < 1 for k in args.k):
+        raise FastByolError(f"--k {' '.join(map(str, args.k))}: each neighbour count must be >= 1, e.g. --k 20 200")
+    if args.protocol == "linear" and args.epochs < 1:
+        raise FastByolError(f"--epochs {args.epochs}: the probe needs >= 1 epoch, e.g. --epochs 80")
 
 
 def _save_eval(args: argparse.Namespace, loaded: Any, result: dict[str, Any], size: int) -> None:
