@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
+from fastbyol.cli import main
 from fastbyol.engine import checkpoint
 from fastbyol.presets import PRESETS
 
@@ -150,3 +154,37 @@ def test_import_official_errors_are_one_line(tmp_path: Path) -> None:
                           "is not a checkpoint of the official BYOL code (not a pickle")
     assert not (tmp_path / "run").exists()
     assert_one_line_error(fastbyol("import", cwd=tmp_path), "usage: fastbyol import official CHECKPOINT.pkl RUN_DIR")
+
+
+def _subcommand_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every subcommand path of the parser (('eval', 'knn'), ...) -> its parser."""
+    paths: dict[tuple[str, ...], Any] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths[(*prefix, name)] = sub
+                paths.update(_subcommand_paths(sub, (*prefix, name)))
+    return paths
+
+
+def test_every_readme_command_has_help_and_every_command_is_in_the_readme(capsys: pytest.CaptureFixture[str]
+                                                                           ) -> None:
+    """Each `fastbyol ...` command the README shows names a real subcommand, whose --help exits 0 (the CLI's
+    flags and help stay compatible with the documentation), and every subcommand appears in the README."""
+    from fastbyol.cli import _parser
+
+    paths = _subcommand_paths(_parser())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = set()
+    for match in re.finditer(r"\bfastbyol((?: [a-z][a-z-]*)+)", readme):
+        words = tuple(match.group(1).split())
+        path = max((words[:n] for n in range(1, len(words) + 1) if words[:n] in paths), key=len, default=None)
+        if path is not None:
+            shown.add(path)
+    leaves = {p for p in paths if not any(q[:len(p)] == p and q != p for q in paths)}
+    assert leaves <= shown | {p[:-1] for p in shown}, sorted(leaves - shown)
+    for path in sorted(shown):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        assert "usage: fastbyol " + " ".join(path) in capsys.readouterr().out
