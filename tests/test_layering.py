@@ -195,3 +195,16 @@ def _long_functions(path: Path, limit: int) -> dict[str, int]:
 def test_the_cli_is_one_small_function_per_subcommand() -> None:
     """Issue 31: no function in cli.py over 40 lines (the parser is built from one function per subcommand)."""
     assert _long_functions(ROOT / "fastbyol" / "cli.py", 40) == {}
+
+
+def test_no_isinstance_of_a_network_class_outside_the_model() -> None:
+    """Issue 31's method seam: the engine and the step ask the method and ``Network``, never which network class
+    runs (``fastbyol.model`` alone may)."""
+    found = []
+    for path, text in _sources().items():
+        if path.startswith("fastbyol/model/"):
+            continue
+        found += [f"{path}: {ast.unparse(node)}" for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Call)
+                  and ast.unparse(node.func) == "isinstance"
+                  and re.search(r"\b(ByolPair|SimclrNet|Tower)\b", ast.unparse(node.args[1]))]
+    assert not found, found

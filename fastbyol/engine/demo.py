@@ -121,7 +121,7 @@ def _demo_dataset(root: Path, name: str, overrides: list[str], linear_epochs: in
               f"{trainer.total_steps} steps) -> {trainer.run_dir}", file=sys.stderr)
         summary = trainer.train()
         t_eval = time.perf_counter()
-        evaluate(label, trainer.pair.online.encoder, trainer.run_dir)
+        evaluate(label, trainer.pair.encoder, trainer.run_dir)
         eval_s += time.perf_counter() - t_eval
         runs[method] = {"steps": summary["step"], "pretrain_img_per_s": summary["img_per_s"],
                         "pretrain_s": summary["wall_s"], "run_dir": str(trainer.run_dir)}

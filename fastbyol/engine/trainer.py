@@ -57,7 +57,7 @@ from fastbyol.model.network import Network
 from fastbyol.model.syncbn import convert_global_batchnorm
 from fastbyol.step.guard import NonFiniteGuard
 from fastbyol.step.methods import build_method
-from fastbyol.step.schedules import lr_schedule, tau_schedule, warmup_steps_for
+from fastbyol.step.schedules import lr_schedule, warmup_steps_for
 from fastbyol.step.train_step import REFERENCE_LOSSES, forward_backward
 from fastbyol.telemetry.nvml import GpuSampler, aggregate, open_gpu_source, replaying
 from fastbyol.telemetry.phases import PhaseTimer
@@ -280,7 +280,6 @@ class Trainer:
 
         parts = parts or UserParts()
         self.source = build_source(cfg.data, cfg.run.seed, self.device, parts.images)
-        self._build_schedules()
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.kernels = use_kernels(cfg.run.kernels, self.device)
         if self.kernels and cfg.run.kernels == "auto" and cfg.predictor_lr_mult() != 1:
@@ -290,9 +289,11 @@ class Trainer:
                       "(the fused LARS applies one lr to every tensor)", file=sys.stderr)
         # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
         self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
+        self._build_schedules()  # the lr's, and the method's target schedule
         self.pair = self._build_pair(probe_classes, parts.encoder)
         groups = self.method.param_groups(self.pair)
-        self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume)
+        self.updater = build_update(cfg, self.ctx, self.pair, groups, self.kernels, self.device, run_dir, resume,
+                                    self.method.runs_under_zero)
         self.optimizer = self.updater.optimizer
         self.model = self.updater.network  # what the forward calls: the pair, DDP or DeepSpeed around it
         self.compile_mode = resolve_compile(cfg.run.compile, self.device)
@@ -323,7 +324,7 @@ class Trainer:
         warmup = warmup_steps_for(cfg.optim.warmup_epochs, self.images_per_epoch, self.batch_size)
         peak_lr = cfg.optim.base_lr * self.batch_size / 256
         self.lr = lr_schedule(self.total_steps, warmup, peak_lr)
-        self.tau = tau_schedule(self.total_steps, cfg.byol.tau_base)
+        self.tau = self.method.target_schedule(cfg, self.total_steps)
         self.keep_steps = keep_steps_for(cfg.run.keep_epochs, self.images_per_epoch, self.batch_size,
                                          self.total_steps, cfg.run.epochs)
 
@@ -332,7 +333,7 @@ class Trainer:
         cross-replica BatchNorm over ranks."""
         pair = self.method.network(self.cfg, self.cfg.run.seed, probe_classes, encoder).to(self.device)
         self.channels_last = use_channels_last(self.cfg.model.channels_last, self.device,
-                                               pair.online.encoder.convolutional)
+                                               pair.encoder.convolutional)
         if self.channels_last:
             pair = pair.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         pair.train()
@@ -659,10 +660,14 @@ class Trainer:
     def update(self) -> None:
         """LARS at this step's lr, then the target EMA at its tau (once per optimizer step). With the fused
         kernels the EMA runs inside the optimizer's pass, so the phase timer sees one 'optimizer' phase."""
-        lr, tau = float(self.lr[self.step]), float(self.tau[self.step])
+        lr, tau = float(self.lr[self.step]), self._tau(self.step)
         self.phases.start("optimizer")
         self.updater.apply(lr, tau, self.phases)
         self.phases.stop()
+
+    def _tau(self, k: int) -> float:
+        """Step k's tau: the method's target schedule, or 1.0 (nothing moves) for a method without a target."""
+        return 1.0 if self.tau is None else float(self.tau[k])
 
     def _log_row(self) -> dict[str, Any]:
         m = self.meter
@@ -680,7 +685,7 @@ class Trainer:
             "proj_std": means["proj_std"],
             "proj_std_uniform": 1.0 / math.sqrt(self.cfg.proj_dim()),
             "lr": float(self.lr[k]),
-            **self.method.row_fields(float(self.tau[k])),  # BYOL's tau; SimCLR has no target
+            **self.method.row_fields(self._tau(k)),  # BYOL's tau; SimCLR has no target
             "img_per_s": img_per_s,
             "data_wait_frac": m.data_wait_s / elapsed if elapsed > 0 else 0.0,
             "skipped_images": skipped,

@@ -20,7 +20,7 @@ import contextlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -312,8 +312,9 @@ class ZeroUpdate:
 
 
 def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[dict[str, Any]], kernels: bool,
-                 device: torch.device, run_dir: Path, resume: dict[str, Any] | None) -> Update:
-    """The one place the engine and the kernels setting pick how the run updates."""
+                 device: torch.device, run_dir: Path, resume: dict[str, Any] | None, zero_ok: bool = True) -> Update:
+    """The one place the engine and the kernels setting pick how the run updates; ``zero_ok``: the method's
+    network can be sharded by ZeroUpdate (``Method.runs_under_zero``: BYOL's)."""
     hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     traits = OPTIMIZERS[cfg.optim.name]
     if any(group.get("lr_mult", 1.0) != 1.0 for group in groups) and (ctx.engine == "deepspeed" or (
@@ -321,9 +322,9 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
         raise FastByolError(f"byol.predictor_lr_mult={cfg.byol.predictor_lr_mult} needs the per-tensor LARS: set "
                             "run.kernels=off and run.engine=ddp (the fused kernel and ZeRO apply one lr to all)")
     if ctx.engine == "deepspeed":
-        if not isinstance(pair, ByolPair) or not traits.zero:  # Config.validate refuses both first
+        if not zero_ok or not traits.zero:  # Config.validate refuses both first
             raise FastByolError("run.engine=deepspeed runs method=byol with optim.name=lars only: use DDP")
-        return ZeroUpdate(pair, groups, hyper, cfg, ctx, kernels, run_dir, resume)
+        return ZeroUpdate(cast(ByolPair, pair), groups, hyper, cfg, ctx, kernels, run_dir, resume)
     if kernels and traits.flat_fused:  # LARS and the EMA: one pass over identically laid-out flat buffers
         return FlatUpdate(pair, lambda flat: FlatLARS(groups, flat, **hyper), cfg.model.arch, ctx, device)
     if kernels:  # any other optimizer over the buffers' views, then the EMA kernel

@@ -19,6 +19,7 @@ from fastbyol.config import ModelConfig
 from fastbyol.model.backbone import Encoder
 from fastbyol.model.flat import flatten_params_
 from fastbyol.model.heads import MLP, probe_head
+from fastbyol.model.network import Network
 
 
 class ByolOutputs(NamedTuple):
@@ -50,7 +51,7 @@ class Tower(nn.Module):
         return out
 
 
-class ByolPair(nn.Module):
+class ByolPair(Network):
     """Online tower + predictor, and the target tower. ``forward`` returns both views' outputs.
 
     ``net``: the user's encoder module (``model.arch=custom:...``) for the online tower, trained in place; the
@@ -78,6 +79,11 @@ class ByolPair(nn.Module):
         missing = [n for n in self.pair_names if n not in online]
         if missing:
             raise RuntimeError(f"target parameters without an online twin: {missing[:3]}")
+
+    @property
+    def encoder(self) -> Encoder:
+        """The online encoder: what is evaluated and exported."""
+        return self.online.encoder
 
     def param_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(online, target) parameters in the same order: what the EMA reads and writes."""
@@ -109,10 +115,6 @@ class ByolPair(nn.Module):
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: online tower, predictor and (when on) the probe."""
         return [self.online, self.predictor] + ([self.probe] if self.probe is not None else [])
-
-    def online_parameters(self) -> list[torch.Tensor]:
-        """Every parameter of ``online_modules``, in module order (what the optimizer and the guard see)."""
-        return [p for module in self.online_modules() for p in module.parameters()]
 
     def train(self, mode: bool = True) -> ByolPair:
         super().train(mode)

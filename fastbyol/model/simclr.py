@@ -18,8 +18,8 @@ from torch import nn
 from fastbyol.config import ModelConfig, SimclrConfig
 from fastbyol.model.backbone import Encoder
 from fastbyol.model.byol import Tower
-from fastbyol.model.flat import flatten_params_
 from fastbyol.model.heads import SimclrProjector, probe_head
+from fastbyol.model.network import Network
 
 
 class SimclrOutputs(NamedTuple):
@@ -32,7 +32,9 @@ class SimclrOutputs(NamedTuple):
     """Linear probe on the stop-gradient encoder features of view 1 (None when off)."""
 
 
-class SimclrNet(nn.Module):
+class SimclrNet(Network):
+    """One network, no target (``Network``'s defaults: no parameter pairs, one flat buffer)."""
+
     def __init__(self, cfg: ModelConfig, head: SimclrConfig, seed: int = 0, probe_classes: int = 0,
                  net: nn.Module | None = None) -> None:
         super().__init__()
@@ -43,21 +45,14 @@ class SimclrNet(nn.Module):
                                                                    cfg.bn_momentum, cfg.bn_eps), encoder)
             self.probe = probe_head(self.online.encoder.feature_dim, probe_classes, cfg.init)
 
+    @property
+    def encoder(self) -> Encoder:
+        """The online encoder: what is evaluated and exported."""
+        return self.online.encoder
+
     def online_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates: the network and (when on) the probe."""
         return [self.online] + ([self.probe] if self.probe is not None else [])
-
-    def param_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """No target network: no (online, target) pairs."""
-        return [], []
-
-    def online_parameters(self) -> list[torch.Tensor]:
-        """Every parameter of ``online_modules``, in module order (what the optimizer and the guard see)."""
-        return [p for module in self.online_modules() for p in module.parameters()]
-
-    def flatten_pairs_(self) -> tuple[torch.Tensor, None]:
-        """Every parameter into one flat buffer (for the fused LARS); there is no target buffer."""
-        return flatten_params_(self.online_parameters()), None
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> SimclrOutputs:
         b = view1.shape[0]

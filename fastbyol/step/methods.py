@@ -16,18 +16,20 @@ the network: the update strategies move the target parameters the network has, n
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
+import numpy as np
 import torch
 from torch import nn
 
 from fastbyol.config import Config
 from fastbyol.model.byol import ByolOutputs, ByolPair
-from fastbyol.model.network import Network
+from fastbyol.model.network import Network, Outputs
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
 from fastbyol.step.lars import lars_param_groups
+from fastbyol.step.schedules import tau_schedule
 from fastbyol.step.simclr import simclr_loss
-from fastbyol.step.train_step import REFERENCE_LOSSES, Losses, Outputs
+from fastbyol.step.train_step import REFERENCE_LOSSES, Losses
 
 
 class Method(Protocol):
@@ -57,6 +59,14 @@ class Method(Protocol):
         ``lr_mult`` gets that multiple of the schedule's lr)."""
         ...
 
+    def target_schedule(self, cfg: Config, total_steps: int) -> np.ndarray | None:
+        """tau at each step 0..total_steps for the target update, or None for a method without a target."""
+        ...
+
+    runs_under_zero: bool
+    """Whether run.engine=deepspeed can shard its network (``ZeroUpdate`` wraps BYOL's online tower, predictor
+    and probe)."""
+
 
 def _plain_groups(network: Network) -> list[dict[str, object]]:
     return lars_param_groups(named for module in network.online_modules() for named in module.named_modules())
@@ -64,6 +74,7 @@ def _plain_groups(network: Network) -> list[dict[str, object]]:
 
 class Byol:
     name = "byol"
+    runs_under_zero = True
 
     def __init__(self, losses: Losses = REFERENCE_LOSSES, predictor_lr_mult: float = 1.0) -> None:
         self.losses, self.predictor_lr_mult = losses, predictor_lr_mult
@@ -83,17 +94,21 @@ class Byol:
 
     def param_groups(self, network: Network) -> list[dict[str, object]]:
         """LARS's two groups; with byol.predictor_lr_mult != 1, two more for the predictor carrying it."""
-        assert isinstance(network, ByolPair)
         if self.predictor_lr_mult == 1.0:
             return _plain_groups(network)
-        rest = lars_param_groups(named for module in network.online_modules() if module is not network.predictor
+        predictor = cast(ByolPair, network).predictor  # the network this method built
+        rest = lars_param_groups(named for module in network.online_modules() if module is not predictor
                                  for named in module.named_modules())
         return rest + [dict(group, lr_mult=self.predictor_lr_mult)
-                       for group in lars_param_groups(network.predictor.named_modules())]
+                       for group in lars_param_groups(predictor.named_modules())]
+
+    def target_schedule(self, cfg: Config, total_steps: int) -> np.ndarray:
+        return tau_schedule(total_steps, cfg.byol.tau_base)
 
 
 class Simclr:
     name = "simclr"
+    runs_under_zero = False
 
     def __init__(self, temperature: float, losses: Losses = REFERENCE_LOSSES) -> None:
         self.temperature, self.losses = temperature, losses
@@ -113,6 +128,9 @@ class Simclr:
 
     def param_groups(self, network: Network) -> list[dict[str, object]]:
         return _plain_groups(network)
+
+    def target_schedule(self, cfg: Config, total_steps: int) -> None:
+        return None  # no target
 
 
 def build_method(cfg: Config, losses: Losses = REFERENCE_LOSSES) -> Method:

@@ -21,8 +21,7 @@ from torch import nn
 
 from fastbyol.data.views import Views
 from fastbyol.lr import set_lr
-from fastbyol.model.byol import ByolOutputs, ByolPair
-from fastbyol.model.simclr import SimclrNet, SimclrOutputs
+from fastbyol.model.network import Network, Outputs
 from fastbyol.step.ema import ema_update_
 from fastbyol.step.loss import byol_loss, projection_std
 from fastbyol.step.ntxent import nt_xent
@@ -46,7 +45,6 @@ def autocast_for(device: torch.device, bf16: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-Outputs = ByolOutputs | SimclrOutputs
 
 
 class Losses(NamedTuple):
@@ -63,9 +61,9 @@ class Losses(NamedTuple):
 REFERENCE_LOSSES = Losses(byol_loss, nt_xent)
 
 
-def network_outputs(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
+def network_outputs(pair: Network | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
                     bf16: bool) -> Outputs:
-    """Both views through the network (``pair`` is the ByolPair or SimclrNet, or DDP around it)."""
+    """Both views through the network (``pair``: the method's ``Network``, or DDP around it)."""
     with autocast_for(view1.device, bf16):
         out: Outputs = pair(view1, view2)
     return out
@@ -93,7 +91,7 @@ def loss_from_outputs(out: Outputs, labels: torch.Tensor | None, loss_fn: Method
                                None if probe_loss is None else probe_loss.detach(), probe_top1)
 
 
-def forward_loss(pair: ByolPair | SimclrNet | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
+def forward_loss(pair: Network | nn.Module, view1: torch.Tensor, view2: torch.Tensor,
                  labels: torch.Tensor | None, bf16: bool, loss_fn: MethodLoss) -> tuple[torch.Tensor, MicroStepOut]:
     """Forward both views (``network_outputs``), then the loss (``loss_from_outputs``): returns (the loss to
     backward, the metrics).
@@ -110,7 +108,7 @@ ForwardLoss = Callable[..., tuple[torch.Tensor, MicroStepOut]]
 """``forward_loss``'s signature: (pair, view1, view2, labels, bf16, loss_fn)."""
 
 
-def forward_backward(pair: ByolPair | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
+def forward_backward(pair: Network | nn.Module, views: Views, labels: torch.Tensor | None, loss_scale: float,
                      bf16: bool, loss_fn: MethodLoss, forward: ForwardLoss = forward_loss,
                      backward: Callable[[torch.Tensor], object] | None = None,
                      phase: Callable[[str], None] | None = None) -> MicroStepOut:
