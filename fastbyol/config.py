@@ -51,6 +51,8 @@ OFFICIAL_SHORTCUT_ARCHS = ("resnet18", "resnet34")
 """The basic-block ResNets: with init=haiku they are the official code's ResNet18/34, whose first block (layer1[0])
 has a 1x1 projection shortcut with its BatchNorm, which torchvision's lack (``fastbyol.model.backbone``)."""
 OnOffAuto = Literal["auto", "on", "off"]
+BUILTIN_METHODS = ("byol", "simclr")
+"""The methods fastbyol has; ``method=custom:<module>.<Class>`` names one of the user's (``check_method``)."""
 
 RESUMABLE = {"resumable": True}
 """Field metadata: a resumed run may change this key (its math does not depend on it)."""
@@ -453,9 +455,11 @@ class Config:
     """A whole run. Sections are the component configs; ``preset`` records where it started."""
 
     preset: str = "byol-r50-1000ep"
-    method: Literal["byol", "simclr"] = "byol"
-    """'byol', or 'simclr' (the contrastive baseline on the same engine: one network, NT-Xent with negatives
-    from the global batch, no target, no EMA; settings in the simclr section)."""
+    method: str = "byol"
+    """'byol', 'simclr' (the contrastive baseline on the same engine: one network, NT-Xent with negatives
+    from the global batch, no target, no EMA; settings in the simclr section), or custom:<module>.<Class>: a
+    method of your own (``fastbyol.step.methods.Method``), built as Class(cfg, losses) from an importable
+    module; it reads the model, data, optim and run sections."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -484,6 +488,7 @@ class Config:
     def validate(self) -> Config:
         """Every section's own checks, then those that span sections; returns self."""
         check_choices(self, "")
+        check_method(self.method)
         errors: list[ConfigError] = []
         for name in sections():  # every section's first error, all at once
             try:
@@ -559,6 +564,17 @@ def check_arch(key: str, arch: str) -> None:
         hint = f" (did you mean timm:{near[0]}?)" if near else ""
         raise ConfigError(f"{key}={arch}: timm {timm.__version__} has no model {name!r}{hint}; list them with "
                           "python -c \"import timm; print(timm.list_models('*vit*'))\"")
+
+
+def check_method(value: str) -> None:
+    """'byol', 'simclr', or custom:<module>.<Class> (a dotted module path and a class name)."""
+    ref = value.removeprefix(CUSTOM_PREFIX) if value.startswith(CUSTOM_PREFIX) else None
+    if ref is not None and "." in ref and all(part.isidentifier() for part in ref.split(".")):
+        return
+    if ref is not None:
+        raise ConfigError(f"method={value!r} does not name a class: use custom:<module>.<Class>, e.g. "
+                          "method=custom:mypkg.methods.MyMethod (importable from where you run)")
+    choice("method", value, (*BUILTIN_METHODS, "custom:<module>.<Class>"))
 
 
 def sections() -> dict[str, type]:

@@ -11,7 +11,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
-from fastbyol.config import Config, sections
+from fastbyol.config import Config, check_method, sections
 from fastbyol.config_checks import ConfigError, choice, literal_values, raise_all
 from fastbyol.presets import PRESETS, preset_names
 
@@ -91,7 +91,8 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set ``section.field`` to ``value`` coerced to the field's type (``section.field.entry`` of a dict field,
     the text read as YAML: ``model.timm_kwargs.drop_path_rate=0.1``); unknown keys suggest the nearest."""
     if key == "method":
-        cfg.method = _coerce(key, value, typing.get_type_hints(Config)["method"])
+        cfg.method = _coerce(key, value, str)
+        check_method(cfg.method)
         return
     section_name, _, name = key.partition(".")
     if section_name not in sections() or not name:

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, Config
+from fastbyol.config import BUILTIN_METHODS, OFFICIAL_SHORTCUT_ARCHS, Config
 from fastbyol.data.folder import IMAGE_EXTENSIONS, scan_image_folder
 from fastbyol.errors import FastByolError
 
@@ -31,7 +31,7 @@ def checkpoint_bytes(cfg: Config) -> int | None:
     """About the size of one checkpoint of ``cfg``'s run: the online network, the target and the optimizer's momentum
     in fp32 (BYOL; SimCLR has no target), heads included. None for an encoder fastbyol has no count for (timm)."""
     arch = cfg.model.arch
-    if arch not in TRUNK_PARAMS:
+    if arch not in TRUNK_PARAMS or cfg.method not in BUILTIN_METHODS:  # a method of the user's: its heads unknown
         return None
     feat = FEATURE_DIM.get(arch, 2048)
     trunk = TRUNK_PARAMS[arch] + (OFFICIAL_SHORTCUT_PARAMS if cfg.model.init == "haiku" and

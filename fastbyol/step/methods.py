@@ -16,13 +16,15 @@ the network: the update strategies move the target parameters the network has, n
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastbyol.config import Config
+from fastbyol.config import CUSTOM_PREFIX, Config
+from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.network import Network, Outputs
 from fastbyol.model.simclr import SimclrNet, SimclrOutputs
@@ -134,7 +136,33 @@ class Simclr:
 
 
 def build_method(cfg: Config, losses: Losses = REFERENCE_LOSSES) -> Method:
-    """The run's method (``cfg.method``), its loss computed with ``losses``."""
+    """The run's method (``cfg.method``), its loss computed with ``losses``; ``custom:<module>.<Class>`` is
+    imported and built as ``Class(cfg, losses)``."""
+    if cfg.method.startswith(CUSTOM_PREFIX):
+        return _custom_method(cfg.method, cfg, losses)
     if cfg.method == "simclr":
         return Simclr(cfg.nt_xent_temperature(), losses)
     return Byol(losses, cfg.byol.predictor_lr_mult)
+
+
+METHOD_MEMBERS = ("name", "runs_under_zero", "network", "loss", "row_fields", "compiles_with_loss", "param_groups",
+                  "target_schedule")
+"""What ``Method`` asks of a class (``method=custom:...`` is checked for each before the run starts)."""
+
+
+def _custom_method(value: str, cfg: Config, losses: Losses) -> Method:
+    module_name, _, class_name = value.removeprefix(CUSTOM_PREFIX).rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise FastByolError(f"method={value}: cannot import {module_name!r} ({e}): put its folder on PYTHONPATH, "
+                            "or run from the folder that holds it") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise FastByolError(f"method={value}: module {module_name!r} has no {class_name!r}: name a class it defines")
+    method = cls(cfg, losses)
+    missing = [m for m in METHOD_MEMBERS if not hasattr(method, m)]
+    if missing:
+        raise FastByolError(f"method={value}: {class_name} lacks {', '.join(missing)} of "
+                            "fastbyol.step.methods.Method: add them")
+    return cast(Method, method)
