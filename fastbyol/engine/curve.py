@@ -31,6 +31,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -179,14 +180,7 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
     fastbyol run's own points to RUN/curve/), with the points of ``with_results`` files added. Resumes from
     ``out_dir/results.json``."""
     stream = stream or sys.stderr
-    if k < 1:
-        raise FastByolError(f"--k {k}: use a neighbour count >= 1, e.g. 20")
-    if linear_epochs < 1:
-        raise FastByolError(f"--linear-epochs {linear_epochs}: use >= 1, e.g. 80")
-    if baseline_seeds < 0:
-        raise FastByolError(f"--baseline-seeds {baseline_seeds}: use 0 (no random-network line) or more")
-    if not targets and not with_results:
-        raise FastByolError("nothing to evaluate: name at least one RUN, or an earlier results.json with --with")
+    _check_settings(k, linear_epochs, baseline_seeds, bool(targets or with_results))
     runs = find_runs(targets) if targets else []
     train, val = split_files(data_root)
     if k > len(train):
@@ -229,17 +223,8 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
                 say(f"[{index}/{total}] {run.label} epoch {checkpoint.epoch_label(point.epoch)}: "
                     f"kNN-{k} {row['knn']['top1']:.1f}%, linear {row['linear']['top1']:.1f}% (done before)")
                 continue
-            t0 = time.perf_counter()
-            encoder, model, size, extra = _load_point(point, run)
-            mkey = _model_key(model, size)
-            models.setdefault(mkey, (model, size))
-            row = {"run": point.run, "label": run.label, "epoch": point.epoch, "checkpoint": str(point.path),
-                   "identity": identity, "model_key": mkey, "size": size,
-                   "model": {"arch": model.arch, "small_stem": model.small_stem, "bn_momentum": model.bn_momentum,
-                             "bn_eps": model.bn_eps, "image_size": model.image_size,
-                             "timm_kwargs": model.timm_kwargs},
-                   **extra, **evaluate(encoder, size, identity)}
-            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row, model = _evaluate_point(point, run, identity, evaluate)
+            models.setdefault(row["model_key"], (model, row["size"]))
             points.append(row)
             results["points"] = [p for p in results["points"] if p["checkpoint"] != str(point.path)] + [row]
             save()
@@ -251,6 +236,40 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
                                       evaluate, say, save, results)
     save()
     write_curve(results, out_dir)
+    _write_run_curves(runs, results, out_dir, say)
+    return results
+
+
+def _check_settings(k: int, linear_epochs: int, baseline_seeds: int, anything: bool) -> None:
+    if k < 1:
+        raise FastByolError(f"--k {k}: use a neighbour count >= 1, e.g. 20")
+    if linear_epochs < 1:
+        raise FastByolError(f"--linear-epochs {linear_epochs}: use >= 1, e.g. 80")
+    if baseline_seeds < 0:
+        raise FastByolError(f"--baseline-seeds {baseline_seeds}: use 0 (no random-network line) or more")
+    if not anything:
+        raise FastByolError("nothing to evaluate: name at least one RUN, or an earlier results.json with --with")
+
+
+def _evaluate_point(point: Any, run: Any, identity: str, evaluate: Callable[..., dict[str, Any]]
+                    ) -> tuple[dict[str, Any], ModelConfig]:
+    """One kept checkpoint's row (where it came from, its encoder's model settings, and its kNN and linear
+    results from ``evaluate``), and its model config."""
+    t0 = time.perf_counter()
+    encoder, model, size, extra = _load_point(point, run)
+    row = {"run": point.run, "label": run.label, "epoch": point.epoch, "checkpoint": str(point.path),
+           "identity": identity, "model_key": _model_key(model, size), "size": size,
+           "model": {"arch": model.arch, "small_stem": model.small_stem, "bn_momentum": model.bn_momentum,
+                     "bn_eps": model.bn_eps, "image_size": model.image_size, "timm_kwargs": model.timm_kwargs},
+           **extra, **evaluate(encoder, size, identity)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row, model
+
+
+def _write_run_curves(runs: list[Any], results: dict[str, Any], out_dir: Path, say: Callable[[str], None]) -> None:
+    """Each fastbyol run's own points to RUN/curve/ (its report shows them); a run folder that cannot be written
+    to gets a warning, not an error."""
+    points = results["points"]
     for run in runs:
         if run.fastbyol and (run.path / "curve").resolve() != out_dir.resolve():
             own = {**results, "points": [p for p in points if p["run"] == str(run.path) or p["label"] == run.label]}
@@ -261,7 +280,6 @@ def evaluate_curve(targets: list[str], data_root: str, out_dir: Path, device: to
             except OSError as e:
                 say(f"warning: cannot write {run.path / 'curve'} ({e.strerror or e}): its report will not show the "
                     "curve")
-    return results
 
 
 def dataset_digest(data_root: str, train: ImageFiles, val: ImageFiles) -> str:
