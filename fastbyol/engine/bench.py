@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -154,13 +154,36 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    walls: dict[str, float] = {m: 0.0 for m in modes}
-    phases: dict[str, dict[str, float]] = {m: {} for m in modes}
-    samples: list[dict[str, Any]] = []
-    waits: dict[str, float] = {m: 0.0 for m in modes}
-    for r in range(sweep.rounds):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):  # ABBA order cancels slow drift
+    blocks = _timed_blocks(trainer, step, modes, sweep.rounds, per_block)
+    rows = [_mode_row(case, trainer, mode, blocks) for mode in modes]
+    by_mode = {r["telemetry"]: r for r in rows}
+    if "on" in by_mode and "off" in by_mode:
+        overhead = 100.0 * (by_mode["on"]["median_ms"] / by_mode["off"]["median_ms"] - 1.0)
+        by_mode["on"]["telemetry_overhead_pct"] = overhead
+    del trainer, batches, step
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+@dataclass
+class _Blocks:
+    """What the timed blocks of one case measured, per telemetry mode."""
+
+    times: dict[str, list[float]]
+    walls: dict[str, float]
+    waits: dict[str, float]
+    phases: dict[str, dict[str, float]]
+    samples: list[dict[str, Any]]
+
+
+def _timed_blocks(trainer: Trainer, step: Callable[[], None], modes: list[str], rounds: int, per_block: int
+                  ) -> _Blocks:
+    """``rounds`` blocks of ``per_block`` steps in each telemetry mode, in ABBA order (cancels slow drift)."""
+    blocks = _Blocks({m: [] for m in modes}, {m: 0.0 for m in modes}, {m: 0.0 for m in modes},
+                     {m: {} for m in modes}, [])
+    for r in range(rounds):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             sampler = _set_telemetry(trainer, mode == "on")
             trainer.meter.data_wait_s = 0.0
             try:
@@ -171,53 +194,50 @@ def run_case(sweep: Sweep, case: dict[str, Any], out_dir: Path, folder: str) -> 
                 if sampler is not None:
                     sampler.set_step(trainer.step)
                     sampler.stop()
-                    samples += sampler.drain()
-            times[mode] += block
-            walls[mode] += wall
-            waits[mode] += trainer.meter.data_wait_s
+                    blocks.samples += sampler.drain()
+            blocks.times[mode] += block
+            blocks.walls[mode] += wall
+            blocks.waits[mode] += trainer.meter.data_wait_s
             for phase, phase_ms in trainer.phases.read().items():
-                phases[mode][phase] = phases[mode].get(phase, 0.0) + phase_ms
+                blocks.phases[mode][phase] = blocks.phases[mode].get(phase, 0.0) + phase_ms
             trainer.meter.sums.clear()  # the metrics of the timed steps are not read: keep memory flat
             trainer.meter.micro_steps = 0
-    rows = []
-    for mode in modes:
-        ms = sorted(times[mode])
-        n = len(ms)
-        median = statistics.median(ms)
-        img_per_s = trainer.batch_size / (median / 1e3)
-        row: dict[str, Any] = {
-            **{k: v for k, v in case.items() if k != "telemetry"},
-            "telemetry": mode, "status": "ok", "arch": cfg.model.arch, "image_size": cfg.data.image_size,
-            "batch": trainer.batch_size, "world": trainer.ctx.world, "bf16": trainer.bf16,
-            "channels_last_used": trainer.channels_last, "compile_used": trainer.compile_mode,
-            "kernels_used": trainer.kernels, "steps": n, "median_ms": median, "p10_ms": quantile(ms, 0.1),
-            "p90_ms": quantile(ms, 0.9), "img_per_s": img_per_s,
-            "img_per_s_wall": n * trainer.batch_size / walls[mode] if walls[mode] > 0 else None,
-            "data_wait_ms": 1e3 * waits[mode] / n,
-        }
-        row.update(throughput_fields(img_per_s, trainer.ctx.world, trainer.gflop_per_image, trainer.peak_tflops))
-        row["gflop_per_image"] = trainer.gflop_per_image
-        for phase, total in sorted(phases[mode].items()):
-            row[f"{phase}_ms"] = total / n
-        if trainer.device.type == "cuda":
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
-        if mode == "on" and samples:
-            gpus = aggregate(samples)
-            row["gpu_sm_util_pct"] = statistics.fmean(g["sm_util_pct"] for g in gpus if g["sm_util_pct"] is not None) \
-                if any(g["sm_util_pct"] is not None for g in gpus) else None
-            powers = [g["power_w"] for g in gpus if g["power_w"] is not None]
-            row["gpu_power_w"] = sum(powers) if powers else None
-            row["joule_per_image"] = sum(powers) / img_per_s if powers else None
-            row["gpu_clock_events"] = " ".join(sorted({r for g in gpus for r in (g["clock_events"] or [])}))
-        rows.append(row)
-    by_mode = {r["telemetry"]: r for r in rows}
-    if "on" in by_mode and "off" in by_mode:
-        overhead = 100.0 * (by_mode["on"]["median_ms"] / by_mode["off"]["median_ms"] - 1.0)
-        by_mode["on"]["telemetry_overhead_pct"] = overhead
-    del trainer, batches, step
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return rows
+    return blocks
+
+
+def _mode_row(case: dict[str, Any], trainer: Trainer, mode: str, blocks: _Blocks) -> dict[str, Any]:
+    """One telemetry mode's row: step times, throughput, phases, memory, and with telemetry on the GPUs'."""
+    cfg = trainer.cfg
+    ms = sorted(blocks.times[mode])
+    n = len(ms)
+    median = statistics.median(ms)
+    img_per_s = trainer.batch_size / (median / 1e3)
+    wall = blocks.walls[mode]
+    row: dict[str, Any] = {
+        **{k: v for k, v in case.items() if k != "telemetry"},
+        "telemetry": mode, "status": "ok", "arch": cfg.model.arch, "image_size": cfg.data.image_size,
+        "batch": trainer.batch_size, "world": trainer.ctx.world, "bf16": trainer.bf16,
+        "channels_last_used": trainer.channels_last, "compile_used": trainer.compile_mode,
+        "kernels_used": trainer.kernels, "steps": n, "median_ms": median, "p10_ms": quantile(ms, 0.1),
+        "p90_ms": quantile(ms, 0.9), "img_per_s": img_per_s,
+        "img_per_s_wall": n * trainer.batch_size / wall if wall > 0 else None,
+        "data_wait_ms": 1e3 * blocks.waits[mode] / n,
+    }
+    row.update(throughput_fields(img_per_s, trainer.ctx.world, trainer.gflop_per_image, trainer.peak_tflops))
+    row["gflop_per_image"] = trainer.gflop_per_image
+    for phase, total in sorted(blocks.phases[mode].items()):
+        row[f"{phase}_ms"] = total / n
+    if trainer.device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30
+    if mode == "on" and blocks.samples:
+        gpus = aggregate(blocks.samples)
+        row["gpu_sm_util_pct"] = statistics.fmean(g["sm_util_pct"] for g in gpus if g["sm_util_pct"] is not None) \
+            if any(g["sm_util_pct"] is not None for g in gpus) else None
+        powers = [g["power_w"] for g in gpus if g["power_w"] is not None]
+        row["gpu_power_w"] = sum(powers) if powers else None
+        row["joule_per_image"] = sum(powers) / img_per_s if powers else None
+        row["gpu_clock_events"] = " ".join(sorted({r for g in gpus for r in (g["clock_events"] or [])}))
+    return row
 
 
 def _image_folder(sweep: Sweep, tmp: Path) -> str:
