@@ -305,8 +305,13 @@ def _plot(name: str, title: str, alt: str, fig: Figure) -> Plot:
 
 
 def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
-    plots: list[Plot] = []
+    """The run's plots from its metrics rows: loss and probe, spread and schedules, throughput, phases."""
+    return [*_loss_plots(rows), *_spread_schedule_plots(rows), *_throughput_plots(rows), *_phase_plots(rows)]
 
+
+def _loss_plots(rows: list[dict[str, Any]]) -> list[Plot]:
+    """The loss (and the online probe's loss and top-1)."""
+    plots: list[Plot] = []
     loss, probe_loss = _series(rows, "loss"), _series(rows, "probe_loss")
     if loss or probe_loss:
         fig, (ax,) = _figure(1)
@@ -326,7 +331,12 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
         ax.set(title="Online linear probe: top-1 accuracy on the training batch", xlabel="step", ylabel="top-1 (%)")
         plots.append(_plot("probe_top1", "Probe top-1 accuracy",
                            "Plot of the online probe's top-1 accuracy in percent against the step", fig))
+    return plots
 
+
+def _spread_schedule_plots(rows: list[dict[str, Any]]) -> list[Plot]:
+    """The projections' spread against a uniform one, and the lr and tau schedules."""
+    plots: list[Plot] = []
     std, uniform = _series(rows, "proj_std"), _series(rows, "proj_std_uniform")
     if std:
         fig, (ax,) = _figure(1)
@@ -350,7 +360,12 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
         fig.suptitle("Schedules")
         plots.append(_plot("schedules", "Schedules",
                            "Plots of " + " and ".join(label for _, label in schedules) + " against the step", fig))
+    return plots
 
+
+def _throughput_plots(rows: list[dict[str, Any]]) -> list[Plot]:
+    """Images per second (and MFU), and the share of time spent waiting for data."""
+    plots: list[Plot] = []
     img_s, per_gpu, mfu = _series(rows, "img_per_s"), _series(rows, "img_per_s_per_gpu"), _series(rows, "mfu_pct")
     if img_s or per_gpu or mfu:
         fig, axes = _figure(2 if (img_s or per_gpu) and mfu else 1)
@@ -379,7 +394,12 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
         ax.set_ylim(bottom=0)
         plots.append(_plot("data_wait", "Data-wait share",
                            "Plot of the share of wall time spent waiting for data, in percent, against the step", fig))
+    return plots
 
+
+def _phase_plots(rows: list[dict[str, Any]]) -> list[Plot]:
+    """Milliseconds per step by phase, stacked."""
+    plots: list[Plot] = []
     phase_rows = [r for r in rows if isinstance(r.get("phase_ms"), dict) and _num(r.get("step")) is not None]
     phase_names = [p for p in _PHASES if any(_num(r["phase_ms"].get(p)) is not None for r in phase_rows)]
     phase_names += sorted({str(k) for r in phase_rows for k in r["phase_ms"]} - set(_PHASES))
@@ -399,7 +419,6 @@ def training_plots(rows: list[dict[str, Any]]) -> list[Plot]:
         plots.append(_plot("phases", "Time per step by phase",
                            "Stacked plot of milliseconds per step spent in " + ", ".join(phase_names), fig))
     return plots
-
 
 def curve_plot(series: dict[str, list[tuple[float, float, float]]], baselines: dict[str, tuple[float, float]],
                k: int, subtitle: str) -> Plot:
@@ -635,6 +654,37 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
     """Write out_dir/index.html (default run_dir/report/) — a self-contained page (PNGs embedded as data: URIs,
     no external CSS/JS/fonts) — and the same plots as out_dir/*.png; return the index.html path."""
     run_dir = Path(run_dir)
+    rows, notes = _read_rows(run_dir)
+    tables = _bench_tables(run_dir, bench_csvs)  # first: a garbled CSV the user named fails before any plot
+    telemetry = _read_telemetry(run_dir / "telemetry.json", notes)
+    timeline, from_samples = _gpu_timeline(run_dir, rows, notes)
+    devices = telemetry.get("devices") if isinstance(telemetry.get("devices"), list) else []
+    power_limits = {int(g): w for g, w in ((_num(d.get("gpu")), _num(d.get("power_limit_w")))
+                                           for d in devices or [] if isinstance(d, dict))
+                    if g is not None and w is not None and math.isfinite(w)}
+    plots = training_plots(rows)
+    gpu = gpu_plots(timeline, from_samples, power_limits) if timeline else []
+    curve, curve_table = curve_section(run_dir)
+    all_plots = plots + gpu + ([curve] if curve is not None else [])
+    parts = _head_html(run_dir, rows, telemetry, notes, len(all_plots))
+    parts += ["<h2>Summary (last log step)</h2>", _summary_table(rows), "<h2>Training</h2>"]
+    parts += [_figure_html(p) for p in plots] or ["<p>No plottable field in metrics.jsonl.</p>"]
+    evals = eval_section(run_dir)
+    if evals:
+        parts += ["<h2>Evaluations</h2>", evals]
+    if curve is not None or curve_table:
+        parts.append("<h2>Learning curve</h2>")
+        parts += ([_figure_html(curve)] if curve is not None else []) + [curve_table]
+    parts += _gpu_html(devices or [], gpu, telemetry, rows)
+    if tables:
+        parts.append("<h2>Benchmarks</h2>")
+        parts += [_bench_html(t) for t in tables]
+    parts += _config_html(run_dir / "config.yaml")
+    return _write_report(Path(out_dir) if out_dir is not None else run_dir / "report", all_plots, parts)
+
+
+def _read_rows(run_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The run's metrics rows, and the notes on what was skipped; one line for a folder that is not a run."""
     if not run_dir.is_dir():
         raise FastByolError(f"run directory {run_dir} does not exist: pass the directory train wrote "
                             "(<run.out_dir>/<run.name>)")
@@ -649,42 +699,37 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
     if bad:
         notes.append(f"skipped {bad} line(s) of metrics.jsonl that are not complete JSON objects "
                      "(a killed run leaves its last line half-written)")
+    return rows, notes
 
-    # Bench tables first: a garbled CSV the user named fails before any plot is drawn.
-    csv_paths = sorted((run_dir / "bench").glob("*.csv")) + [Path(p) for p in bench_csvs]
+
+def _bench_tables(run_dir: Path, bench_csvs: Sequence[Path]) -> list[BenchTable]:
+    """RUN/bench/*.csv and the CSVs named, each once."""
     seen: set[Path] = set()
     tables: list[BenchTable] = []
-    for path in csv_paths:
+    for path in sorted((run_dir / "bench").glob("*.csv")) + [Path(p) for p in bench_csvs]:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
             tables.append(read_bench_csv(path))
+    return tables
 
-    telemetry = _read_telemetry(run_dir / "telemetry.json", notes)
+
+def _gpu_timeline(run_dir: Path, rows: list[dict[str, Any]], notes: list[str]) -> tuple[Timeline, bool]:
+    """The GPU timeline from gpu_samples.jsonl (and True), or else from the metrics rows' per-GPU fields."""
     samples_path = run_dir / "gpu_samples.jsonl"
-    timeline: Timeline = {}
-    from_samples = False
     if samples_path.is_file():
         samples, bad_samples = _read_jsonl(samples_path)
         if bad_samples:
             notes.append(f"skipped {bad_samples} line(s) of gpu_samples.jsonl that are not complete JSON objects")
         timeline = timeline_from_samples(samples)
-        from_samples = bool(timeline)
-    if not timeline:
-        timeline = timeline_from_metrics(rows)
-    devices = telemetry.get("devices") if isinstance(telemetry.get("devices"), list) else []
-    power_limits = {int(g): w for g, w in ((_num(d.get("gpu")), _num(d.get("power_limit_w")))
-                                           for d in devices or [] if isinstance(d, dict))
-                    if g is not None and w is not None and math.isfinite(w)}
+        if timeline:
+            return timeline, True
+    return timeline_from_metrics(rows), False
 
-    plots = training_plots(rows)
-    gpu = gpu_plots(timeline, from_samples, power_limits) if timeline else []
-    curve, curve_table = curve_section(run_dir)
-    all_plots = plots + gpu + ([curve] if curve is not None else [])
 
-    config_path = run_dir / "config.yaml"
-    config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else None
-
+def _head_html(run_dir: Path, rows: list[dict[str, Any]], telemetry: dict[str, Any], notes: list[str],
+               plot_count: int) -> list[str]:
+    """The page's head, title line, run facts and notes."""
     name = run_dir.resolve().name
     last = rows[-1]
     world = telemetry.get("world")
@@ -693,32 +738,25 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
     meta = [("run directory", str(run_dir)), ("device", _value_text(telemetry.get("device"))),
             ("world size", _value_text(world)), ("steps logged", str(len(rows))),
             ("last step", _value_text(last.get("step"))), ("epoch", _value_text(last.get("epoch"))),
-            ("plots", str(len(all_plots)))]
+            ("plots", str(plot_count))]
     plot_id = ' id="plot-count"'
     meta_html = " · ".join(f'{_e(k)} <b{plot_id if k == "plots" else ""}>{_e(v)}</b>' for k, v in meta)
-
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta name="fastbyol-plot-count" content="{len(all_plots)}">',
+        f'<meta name="fastbyol-plot-count" content="{plot_count}">',
         f"<title>fastbyol report: {_e(name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>fastbyol run <code>{_e(name)}</code></h1>",
         f'<p class="meta">{meta_html}</p>',
     ]
-    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
-    parts += ["<h2>Summary (last log step)</h2>", _summary_table(rows), "<h2>Training</h2>"]
-    parts += [_figure_html(p) for p in plots] or ["<p>No plottable field in metrics.jsonl.</p>"]
+    return parts + [f'<p class="note">{_e(n)}</p>' for n in notes]
 
-    evals = eval_section(run_dir)
-    if evals:
-        parts += ["<h2>Evaluations</h2>", evals]
-    if curve is not None or curve_table:
-        parts.append("<h2>Learning curve</h2>")
-        parts += ([_figure_html(curve)] if curve is not None else []) + [curve_table]
 
-    parts.append("<h2>GPUs</h2>")
+def _gpu_html(devices: list[Any], gpu: list[Plot], telemetry: dict[str, Any], rows: list[dict[str, Any]]
+              ) -> list[str]:
+    parts = ["<h2>GPUs</h2>"]
     if devices:
         parts.append(_devices_table(devices))
     if gpu:
@@ -728,20 +766,22 @@ def build_report(run_dir: Path, bench_csvs: Sequence[Path] = (), out_dir: Path |
         why = f": {reason}" if reason else " (no gpu_samples.jsonl and no per-GPU fields in metrics.jsonl)"
         parts.append(f'<p class="note" id="no-gpu">No GPU telemetry in this run{_e(str(why))}</p>')
     parts.append(_clock_events_html(clock_event_counts(rows), len(rows)))
+    return parts
 
-    if tables:
-        parts.append("<h2>Benchmarks</h2>")
-        parts += [_bench_html(t) for t in tables]
 
-    parts.append("<h2>Config</h2>")
+def _config_html(config_path: Path) -> list[str]:
+    config_text = config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else None
+    parts = ["<h2>Config</h2>"]
     if config_text is None:
         parts.append("<p>No config.yaml in the run directory.</p>")
     else:
         parts.append(f"<details><summary>config.yaml (the run's resolved config)</summary>"
                      f"<pre>{_e(config_text)}</pre></details>")
-    parts.append("</body></html>\n")
+    return parts + ["</body></html>\n"]
 
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+
+def _write_report(out_dir: Path, all_plots: list[Plot], parts: list[str]) -> Path:
+    """The page and its plots as PNGs (stale ones of an earlier report removed); one line if it cannot."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for plot in all_plots:
