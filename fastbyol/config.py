@@ -97,6 +97,14 @@ class ModelConfig:
     """Hidden width of projector and predictor MLPs (spec: 4096)."""
     proj_dim: int = 256
     """Output width of projector and predictor (spec: 256)."""
+    predictor: Literal["mlp", "directpred"] = "mlp"
+    """BYOL's predictor: 'mlp' (the paper's, trained) or 'directpred' (Tian, Chen and Ganguli 2021: a linear map
+    set every step from the online projections' correlation, not trained: W = U diag(sqrt(s / s_max) + eps) U^T
+    of F = rho F + (1 - rho) E[z z^T]); one process only."""
+    directpred_rho: float = 0.3
+    """model.predictor=directpred: the correlation's decay per step (solo-learn's default 0.3)."""
+    directpred_eps: float = 0.01
+    """model.predictor=directpred: added to every direction's gain (solo-learn's default 0.01)."""
     bn_momentum: float = 0.1
     """BatchNorm momentum in PyTorch's convention (spec: decay 0.9 = momentum 0.1)."""
     bn_eps: float = 1e-5
@@ -123,6 +131,9 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.timm_kwargs is set but {prefix}.arch={self.arch} is not a timm model: "
                               f"drop it, or use {prefix}.arch=timm:<name>")
         non_negative_int(f"{prefix}.image_size", self.image_size)
+        in_range(f"{prefix}.directpred_rho", self.directpred_rho, 0.0, 1.0, "a float in [0, 1), e.g. 0.3",
+                 low_ok=True, high_ok=False)
+        in_range(f"{prefix}.directpred_eps", self.directpred_eps, -1.0, 1.0, "a float in (-1, 1], e.g. 0.01")
         positive_int(f"{prefix}.proj_hidden", self.proj_hidden)
         positive_int(f"{prefix}.proj_dim", self.proj_dim)
         in_range(f"{prefix}.bn_momentum", self.bn_momentum, 0.0, 1.0, "a float in (0, 1], e.g. 0.1")
@@ -507,6 +518,13 @@ class Config:
             raise ConfigError(f"run.nonfinite=skip restores a momentum optimizer's state ({_supporting('skip')}) "
                               f"only; with optim.name={o.name} use "
                               "run.nonfinite=stop")
+        if self.model.predictor == "directpred":
+            if self.method != "byol":
+                raise ConfigError(f"model.predictor=directpred is BYOL's predictor; method={self.method} has none: "
+                                  "use model.predictor=mlp")
+            if r.engine == "deepspeed" or self.byol.predictor_lr_mult != 1:
+                raise ConfigError("model.predictor=directpred is set, not trained: it runs without "
+                                  "run.engine=deepspeed and with byol.predictor_lr_mult=1")
         if self.method == "simclr" and o.accum_steps > 1:
             raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {o.accum_steps}): NT-Xent's "
                               "negatives are the whole batch, and accumulating would shrink them to one "

@@ -317,6 +317,9 @@ def build_update(cfg: Config, ctx: DistContext, pair: nn.Module, groups: list[di
     network can be sharded by ZeroUpdate (``Method.runs_under_zero``: BYOL's)."""
     hyper = dict(weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum, eta=cfg.optim.eta)
     traits = OPTIMIZERS[cfg.optim.name]
+    if ctx.world > 1 and cfg.model.predictor == "directpred":
+        raise FastByolError("model.predictor=directpred keeps its correlation in one process: run one process, or "
+                            "use model.predictor=mlp")
     if any(group.get("lr_mult", 1.0) != 1.0 for group in groups) and (ctx.engine == "deepspeed" or (
             kernels and traits.flat_fused)):
         raise FastByolError(f"byol.predictor_lr_mult={cfg.byol.predictor_lr_mult} needs the per-tensor LARS: set "

@@ -18,7 +18,7 @@ from torch import nn
 from fastbyol.config import ModelConfig
 from fastbyol.model.backbone import Encoder
 from fastbyol.model.flat import flatten_params_
-from fastbyol.model.heads import MLP, probe_head
+from fastbyol.model.heads import MLP, DirectPredictor, probe_head
 from fastbyol.model.network import Network
 
 
@@ -64,7 +64,9 @@ class ByolPair(Network):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.online = Tower(cfg, encoder=encoder)
-            self.predictor = MLP(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps)
+            self.predictor: nn.Module = (
+                DirectPredictor(cfg.proj_dim, cfg.directpred_rho, cfg.directpred_eps) if cfg.predictor == "directpred"
+                else MLP(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, cfg.bn_momentum, cfg.bn_eps))
             # The official code initialises the target from its own random key, not as a copy.
             torch.manual_seed(seed + 1_000_003)
             self.target = Tower(cfg, encoder=copy.deepcopy(encoder))
@@ -138,5 +140,7 @@ def online_outputs(online: Tower, predictor: nn.Module, probe: nn.Module | None,
     proj1 = online.projector(feat1)
     proj2 = online(view2)
     p1, p2 = predictor(proj1), predictor(proj2)
+    if isinstance(predictor, DirectPredictor) and predictor.training:  # set from this step's projections
+        predictor.update_(proj1.detach(), proj2.detach())
     logits = probe(feat1.detach()) if probe is not None else None
     return p1, p2, proj1.detach(), logits

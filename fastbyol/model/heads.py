@@ -84,3 +84,43 @@ class SimclrProjector(HaikuSequential):
             nn.BatchNorm1d(out_dim, eps=bn_eps, momentum=bn_momentum, affine=False),
             BatchNormScale(out_dim),
         )
+
+
+def directpred_weight(corr: torch.Tensor, eps: float) -> torch.Tensor:
+    """DirectPred's predictor from the correlation F of the online projections (Tian, Chen and Ganguli 2021,
+    Eq. 18): with F = U diag(s) U^T, W = U diag(p) U^T, p = sqrt(max(s, 0) / max(s)) + eps, at least 1e-4."""
+    s, u = torch.linalg.eigh(corr.float())
+    p = ((s.clamp(min=0) / s.max().clamp(min=1e-30)).sqrt() + eps).clamp(min=1e-4)
+    return (u * p) @ u.T
+
+
+class DirectPredictor(nn.Module):
+    """BYOL's predictor set, not trained: a linear map (no bias) whose weight is ``directpred_weight`` of a
+    running correlation of the online projections, updated after each training forward from both views
+    (F = rho F + (1 - rho) mean(z z^T), the first batch's alone). It starts as the identity. Its state is two
+    buffers, so checkpoints and resume carry it; it has no parameters for the optimizer."""
+
+    weight: torch.Tensor
+    corr: torch.Tensor
+    updates: torch.Tensor
+
+    def __init__(self, dim: int, rho: float, eps: float) -> None:
+        super().__init__()
+        self.rho, self.eps = rho, eps
+        self.register_buffer("weight", torch.eye(dim))
+        self.register_buffer("corr", torch.zeros(dim, dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # A copy: backward needs this step's weight, which ``update_`` overwrites after the forward.
+        return nn.functional.linear(z, self.weight.to(z.dtype, copy=True))
+
+    @torch.no_grad()
+    def update_(self, z1: torch.Tensor, z2: torch.Tensor) -> None:
+        """Fold this step's projections (both views, detached) into the correlation and set the weight from it;
+        device work only (no host sync)."""
+        z = torch.cat([z1, z2]).float()
+        batch = z.T @ z / z.shape[0]
+        self.corr.copy_(torch.where(self.updates > 0, self.rho * self.corr + (1 - self.rho) * batch, batch))
+        self.updates.add_(1)
+        self.weight.copy_(directpred_weight(self.corr, self.eps))
