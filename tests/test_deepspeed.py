@@ -164,7 +164,7 @@ def test_nan_under_deepspeed_stops_with_the_last_good_checkpoint(tmp_path: Path)
         sys.path.insert(0, {str(REPO / "tests")!r})
         from multirank import TINY
         from test_nonfinite import _poison
-        from fastbyol.config import build_config
+        from fastbyol.config_parse import build_config
         from fastbyol.engine.trainer import NonFiniteStop, start_run
         trainer = start_run(build_config("smoke", overrides=["run.out_dir={tmp_path}", "run.name=ds", *TINY,
             "run.max_steps=6", "run.ckpt_every=2", "run.engine=deepspeed", "run.zero_stage=1"]))
