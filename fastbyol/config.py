@@ -26,6 +26,7 @@ from fastbyol.config_checks import (
     choice,
     in_range,
     non_negative_int,
+    parse_profile_window,
     positive_int,
     raise_all,
 )
@@ -549,18 +550,6 @@ class Config:
     def to_yaml(self) -> str:
         """The resolved config as the run directory's config.yaml holds it."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def parse_profile_window(text: str) -> tuple[int, int]:
-    """'A:B' -> (A, B), the optimizer steps A..B-1 that run.profile traces."""
-    try:
-        first, end = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"run.profile={text!r} is not a step window: use A:B, e.g. run.profile=10:15 "
-                          "(steps 10 to 14)") from None
-    if not 0 <= first < end:
-        raise ConfigError(f"run.profile={text!r} is empty or negative: use A:B with 0 <= A < B, e.g. 10:15")
-    return first, end
 
 
 def check_arch(key: str, arch: str) -> None:

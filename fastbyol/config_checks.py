@@ -79,3 +79,15 @@ def raise_all(errors: list[ConfigError]) -> None:
         raise errors[0]
     if errors:
         raise ConfigError(f"{len(errors)} config errors: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1)))
+
+
+def parse_profile_window(text: str) -> tuple[int, int]:
+    """'A:B' -> (A, B), the optimizer steps A..B-1 that run.profile traces."""
+    try:
+        first, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"run.profile={text!r} is not a step window: use A:B, e.g. run.profile=10:15 "
+                          "(steps 10 to 14)") from None
+    if not 0 <= first < end:
+        raise ConfigError(f"run.profile={text!r} is empty or negative: use A:B with 0 <= A < B, e.g. 10:15")
+    return first, end

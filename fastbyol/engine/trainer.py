@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastbyol.config import Config, parse_profile_window
+from fastbyol.config import Config
+from fastbyol.config_checks import parse_profile_window
 from fastbyol.config_parse import config_from_dict, parse_override, resumable_keys, set_key, valid_keys
 from fastbyol.data.loader import ImageSource, build_source
 from fastbyol.data.views import Batch
