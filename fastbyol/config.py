@@ -30,6 +30,7 @@ from fastbyol.config_checks import (
     positive_int,
     raise_all,
 )
+from fastbyol.config_traits import METHODS, OPTIMIZERS, method_traits, supporting
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -52,7 +53,7 @@ OFFICIAL_SHORTCUT_ARCHS = ("resnet18", "resnet34")
 """The basic-block ResNets: with init=haiku they are the official code's ResNet18/34, whose first block (layer1[0])
 has a 1x1 projection shortcut with its BatchNorm, which torchvision's lack (``fastbyol.model.backbone``)."""
 OnOffAuto = Literal["auto", "on", "off"]
-BUILTIN_METHODS = ("byol", "simclr")
+BUILTIN_METHODS = tuple(METHODS)
 """The methods fastbyol has; ``method=custom:<module>.<Class>`` names one of the user's (``check_method``)."""
 
 RESUMABLE = {"resumable": True}
@@ -230,31 +231,6 @@ class DataConfig:
 
 
 OptimizerName = Literal["lars", "adamw", "sgd"]
-
-
-@dataclass(frozen=True)
-class OptimizerTraits:
-    """What an ``optim.name`` supports besides the plain update; Config.validate's refusals and the engine's
-    choice of update (``build_update``) read it, and ``engine/update.py``'s builders are keyed by the same names."""
-
-    zero: bool
-    """Runs under run.engine=deepspeed (ZeRO shards LARS only: ZeroLARS)."""
-    skip: bool
-    """run.nonfinite=skip can restore its whole state: a momentum buffer, made before the first step."""
-    flat_fused: bool
-    """run.kernels=on fuses it with the EMA in one pass over the flat buffers (FlatLARS); otherwise the kernels
-    do the EMA alone after torch's optimizer over the buffers' views."""
-
-
-OPTIMIZERS: dict[str, OptimizerTraits] = {
-    "lars": OptimizerTraits(zero=True, skip=True, flat_fused=True),
-    "adamw": OptimizerTraits(zero=False, skip=False, flat_fused=False),
-    "sgd": OptimizerTraits(zero=False, skip=True, flat_fused=False),
-}
-
-
-def _supporting(trait: str) -> str:
-    return ", ".join(name for name, traits in OPTIMIZERS.items() if getattr(traits, trait))
 
 
 @dataclass
@@ -491,11 +467,12 @@ class Config:
 
     def predictor_lr_mult(self) -> float:
         """The predictor's multiple of the lr (byol.predictor_lr_mult; 1 for a method without a predictor)."""
-        return self.byol.predictor_lr_mult if self.method == "byol" else 1.0
+        return self.byol.predictor_lr_mult if method_traits(self.method).predictor else 1.0
 
     def proj_dim(self) -> int:
         """Width of the projection the loss reads (and the collapse monitor measures)."""
-        return self.simclr.proj_dim if self.method == "simclr" else self.model.proj_dim
+        head: ModelConfig | SimclrConfig = getattr(self, method_traits(self.method).head)
+        return head.proj_dim
 
     def validate(self) -> Config:
         """Every section's own checks, then those that span sections; returns self."""
@@ -509,29 +486,30 @@ class Config:
                 errors.append(e)
         raise_all(errors)
         d, o, r = self.data, self.optim, self.run
-        if self.method == "simclr" and r.engine == "deepspeed":
-            raise ConfigError("method=simclr does not run under run.engine=deepspeed yet: use run.engine=auto "
-                              "(DDP under torchrun) or method=byol")
+        traits = method_traits(self.method)
+        if not traits.zero and r.engine == "deepspeed":
+            raise ConfigError(f"method={self.method} does not run under run.engine=deepspeed yet: use "
+                              "run.engine=auto (DDP under torchrun) or method=byol")
         if not OPTIMIZERS[o.name].zero and r.engine == "deepspeed":
             raise ConfigError(f"optim.name={o.name} does not run under run.engine=deepspeed yet (ZeRO runs "
-                              f"{_supporting('zero')}): use run.engine=auto (DDP under torchrun) or optim.name=lars")
+                              f"{supporting('zero')}): use run.engine=auto (DDP under torchrun) or optim.name=lars")
         if not OPTIMIZERS[o.name].skip and r.nonfinite == "skip":
-            raise ConfigError(f"run.nonfinite=skip restores a momentum optimizer's state ({_supporting('skip')}) "
+            raise ConfigError(f"run.nonfinite=skip restores a momentum optimizer's state ({supporting('skip')}) "
                               f"only; with optim.name={o.name} use "
                               "run.nonfinite=stop")
         if self.model.predictor == "directpred":
-            if self.method != "byol":
+            if not traits.predictor:
                 raise ConfigError(f"model.predictor=directpred is BYOL's predictor; method={self.method} has none: "
                                   "use model.predictor=mlp")
             if r.engine == "deepspeed" or self.byol.predictor_lr_mult != 1:
                 raise ConfigError("model.predictor=directpred is set, not trained: it runs without "
                                   "run.engine=deepspeed and with byol.predictor_lr_mult=1")
-        if self.method == "simclr" and o.accum_steps > 1:
-            raise ConfigError(f"method=simclr needs optim.accum_steps=1 (got {o.accum_steps}): NT-Xent's "
+        if not traits.accum and o.accum_steps > 1:
+            raise ConfigError(f"method={self.method} needs optim.accum_steps=1 (got {o.accum_steps}): NT-Xent's "
                               "negatives are the whole batch, and accumulating would shrink them to one "
                               "micro-batch; lower optim.batch_size or add ranks")
         if d.views == "auto":  # resolved here, so the run directory's config.yaml says what ran
-            d.views = "view1" if self.method == "simclr" else "byol"
+            d.views = traits.views
         if not self.model.image_size:
             self.model.image_size = d.image_size
         if self.model.online_probe and d.source == "synthetic":

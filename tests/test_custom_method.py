@@ -132,3 +132,34 @@ def test_a_custom_method_is_named_or_refused_in_one_line(tmp_path: Path, capsys:
         start_run(_cfg(tmp_path, "c", "method=custom:test_custom_method.NotAMethod"))
     assert main(["train", "--preset", "smoke", f"run.out_dir={tmp_path}", "method=custom:no_such_module.Toy"]) == 2
     assert "fastbyol: error: method=custom:no_such_module.Toy: cannot import" in capsys.readouterr().err
+
+
+def test_each_builtin_method_is_one_row_of_the_traits_table(tmp_path: Path) -> None:
+    """The config reads ``config_traits.METHODS`` where it once asked ``method == 'simclr'``: each row's views,
+    projection, predictor, ZeRO and accumulation rules reach the config, and the method classes agree with it."""
+    from fastbyol.config_traits import CUSTOM_METHOD, METHODS, method_traits
+    from fastbyol.engine import checkpoint
+    from fastbyol.engine.preflight import checkpoint_bytes
+    from fastbyol.step.methods import build_method
+
+    overrides = ["byol.predictor_lr_mult=10", "model.proj_dim=64", "simclr.proj_dim=32", "data.views=auto"]
+    for name, traits in METHODS.items():
+        cfg = build_config("smoke", overrides=[*overrides, f"method={name}"])
+        method = build_method(cfg)
+        assert method.name == name and method.runs_under_zero == traits.zero
+        assert cfg.data.views == traits.views and cfg.proj_dim() == (64 if traits.head == "model" else 32)
+        assert cfg.predictor_lr_mult() == (10.0 if traits.predictor else 1.0)
+        assert (method.target_schedule(cfg, 10) is not None) == traits.target
+        if not traits.accum:
+            with pytest.raises(ConfigError, match=f"method={name} needs optim.accum_steps=1"):
+                build_config("smoke", overrides=[f"method={name}", "optim.accum_steps=2"])
+    simclr = start_run(_cfg(tmp_path, "simclr", "method=simclr", "run.max_steps=2"))
+    simclr.train()  # BYOL's estimate is held to a real checkpoint in test_guardrails; SimCLR's (no target) here
+    (_, path), = checkpoint.list_checkpoints(tmp_path / "simclr" / "checkpoints")
+    estimate = checkpoint_bytes(simclr.cfg)
+    assert estimate is not None and abs(path.stat().st_size - estimate) < 0.01 * estimate
+    toy = build_config("smoke", overrides=[f"method={TOY}", "data.views=auto", "byol.predictor_lr_mult=10"])
+    assert method_traits(TOY) is CUSTOM_METHOD and toy.data.views == "byol" and toy.predictor_lr_mult() == 1.0
+    assert checkpoint_bytes(toy) is None  # its heads are the user's
+    with pytest.raises(ConfigError, match="method=simclr does not run under run.engine=deepspeed"):
+        build_config("smoke", overrides=["method=simclr", "run.engine=deepspeed"])

@@ -96,6 +96,23 @@ def test_kernels_on_without_gpu_or_interpreter_is_a_clear_error(monkeypatch: pyt
     assert use_kernels("auto", torch.device("cpu")) is False
 
 
+def test_kernels_auto_leaves_the_kernels_on_unless_the_fused_optimizer_meets_a_predictor_multiple() -> None:
+    """run.kernels=auto on a GPU: a predictor at 10x the lr turns the kernels off only with the optimizer fused
+    with the EMA (LARS: one lr for all); with SGD or AdamW the kernels do the EMA alone and keep the groups' lr."""
+    from fastbyol.config_parse import build_config
+    from fastbyol.engine.trainer import kernels_misfit
+
+    def misfit(*overrides: str) -> str | None:
+        return kernels_misfit(build_config("smoke", overrides=list(overrides)))
+
+    assert misfit() is None and misfit("optim.name=sgd") is None
+    assert misfit("byol.predictor_lr_mult=10", "optim.name=sgd") is None
+    assert misfit("byol.predictor_lr_mult=10", "optim.name=adamw") is None
+    why = misfit("byol.predictor_lr_mult=10")
+    assert why is not None and why.startswith("byol.predictor_lr_mult=10.0: the Triton kernels are off")
+    assert misfit("byol.predictor_lr_mult=10", "method=simclr") is None  # SimCLR has no predictor
+
+
 def test_resume_with_kernels_is_bitwise(tmp_path: Path) -> None:
     """Checkpoints of flat-buffer parameters load back into the buffers: 2 + 2 steps equal 4 straight."""
     from fastbyol.engine.trainer import resume_run

@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"fastbyol.config", "fastbyol.config_checks", "fastbyol.config_parse", "fastbyol.presets", "fastbyol.errors",
+BASE = {"fastbyol.config", "fastbyol.config_checks", "fastbyol.config_parse", "fastbyol.config_traits",
+        "fastbyol.presets", "fastbyol.errors",
         "fastbyol.files", "fastbyol.lr"}
 ALLOWED = {
     "data": BASE | {"fastbyol.data"},
@@ -56,7 +57,7 @@ def test_only_cli_imports_engine() -> None:
     importers = [p.name for p in (ROOT / "fastbyol").glob("*.py")
                  if any(_layer(m) == "fastbyol.engine" for m in _fastbyol_imports(p))]
     assert sorted(importers) == ["api.py", "cli.py"]  # the two front ends: the command line and the Python API
-    for name in ("config.py", "config_checks.py", "config_parse.py", "presets.py"):
+    for name in ("config.py", "config_checks.py", "config_parse.py", "config_traits.py", "presets.py"):
         assert not any(_layer(m) == "fastbyol.engine" for m in _fastbyol_imports(ROOT / "fastbyol" / name))
 
 

@@ -169,7 +169,8 @@ def test_one_optimizer_table() -> None:
     """The config's Literal, its traits table and the engine's builders name the same optimizers."""
     import typing
 
-    from fastbyol.config import OPTIMIZERS, OptimizerName
+    from fastbyol.config import OptimizerName
+    from fastbyol.config_traits import OPTIMIZERS
     from fastbyol.engine.update import OPTIMIZER_BUILDERS
 
     assert list(typing.get_args(OptimizerName)) == list(OPTIMIZERS) == list(OPTIMIZER_BUILDERS)

@@ -9,7 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastbyol.config import BUILTIN_METHODS, OFFICIAL_SHORTCUT_ARCHS, Config
+from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, Config, ModelConfig, SimclrConfig
+from fastbyol.config_traits import METHODS
 from fastbyol.data.folder import IMAGE_EXTENSIONS, scan_image_folder
 from fastbyol.errors import FastByolError
 
@@ -28,22 +29,21 @@ MARGIN_BYTES = 1 << 30
 
 
 def checkpoint_bytes(cfg: Config) -> int | None:
-    """About the size of one checkpoint of ``cfg``'s run: the online network, the target and the optimizer's momentum
-    in fp32 (BYOL; SimCLR has no target), heads included. None for an encoder fastbyol has no count for (timm)."""
+    """About the size of one checkpoint of ``cfg``'s run: the online network (trunk, projection head, BYOL's
+    predictor) and the optimizer's momentum in fp32, and the target's trunk and head for a method that keeps one
+    (``config_traits.METHODS``). None for an encoder fastbyol has no count for (timm) or a method of the user's."""
     arch = cfg.model.arch
-    if arch not in TRUNK_PARAMS or cfg.method not in BUILTIN_METHODS:  # a method of the user's: its heads unknown
+    if arch not in TRUNK_PARAMS or cfg.method not in METHODS:  # a method of the user's: its heads unknown
         return None
+    traits = METHODS[cfg.method]
     feat = FEATURE_DIM.get(arch, 2048)
     trunk = TRUNK_PARAMS[arch] + (OFFICIAL_SHORTCUT_PARAMS if cfg.model.init == "haiku" and
                                   arch in OFFICIAL_SHORTCUT_ARCHS else 0)
-    if cfg.method == "simclr":
-        hidden, out = cfg.simclr.proj_hidden, cfg.simclr.proj_dim
-        online, target = trunk + feat * hidden + hidden * out, 0
-    else:
-        hidden, out = cfg.model.proj_hidden, cfg.model.proj_dim
-        head = feat * hidden + 3 * hidden + hidden * out  # Linear (bias), BatchNorm, Linear (no bias)
-        predictor = out * hidden + 3 * hidden + hidden * out
-        online, target = trunk + head + predictor, trunk + head
+    head_cfg: ModelConfig | SimclrConfig = getattr(cfg, traits.head)
+    hidden, out = head_cfg.proj_hidden, head_cfg.proj_dim
+    head = feat * hidden + 3 * hidden + hidden * out  # Linear, BatchNorm, Linear (BYOL's; SimCLR's within 0.1%)
+    predictor = out * hidden + 3 * hidden + hidden * out if traits.predictor else 0
+    online, target = trunk + head + predictor, (trunk + head if traits.target else 0)
     return 4 * (2 * online + target)  # weights + momentum of the online network, and the target's weights
 
 

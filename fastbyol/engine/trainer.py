@@ -32,6 +32,7 @@ from torch import nn
 from fastbyol.config import Config
 from fastbyol.config_checks import parse_profile_window
 from fastbyol.config_parse import config_from_dict, parse_override, resumable_keys, set_key, valid_keys
+from fastbyol.config_traits import OPTIMIZERS
 from fastbyol.data.loader import ImageSource, build_source
 from fastbyol.data.views import Batch
 from fastbyol.engine import checkpoint, preempt
@@ -113,6 +114,16 @@ def use_kernels(setting: str, device: torch.device) -> bool:
         raise FastByolError("run.kernels=on needs a CUDA GPU (or TRITON_INTERPRET=1 to run the Triton kernels "
                             "in the interpreter, for tests): use run.kernels=auto or off on the CPU")
     return on
+
+
+def kernels_misfit(cfg: Config) -> str | None:
+    """Why run.kernels=auto turns the Triton kernels off for ``cfg`` on a GPU (None: they fit). Only the optimizer
+    fused with the EMA (``OptimizerTraits.flat_fused``: LARS) applies one lr to every tensor, so a predictor at a
+    multiple of the lr keeps the kernels with any other optimizer (they then do the EMA alone)."""
+    if cfg.predictor_lr_mult() != 1 and OPTIMIZERS[cfg.optim.name].flat_fused:
+        return (f"byol.predictor_lr_mult={cfg.predictor_lr_mult()}: the Triton kernels are off (the fused "
+                f"optim.name={cfg.optim.name} applies one lr to every tensor)")
+    return None
 
 
 def cuda_uuids() -> list[str] | None:
@@ -283,11 +294,11 @@ class Trainer:
         self.source = build_source(cfg.data, cfg.run.seed, self.device, parts.images)
         probe_classes = self.source.num_classes if cfg.model.online_probe else 0
         self.kernels = use_kernels(cfg.run.kernels, self.device)
-        if self.kernels and cfg.run.kernels == "auto" and cfg.predictor_lr_mult() != 1:
-            self.kernels = False  # the fused LARS applies one lr to every tensor
+        why_off = kernels_misfit(cfg) if self.kernels and cfg.run.kernels == "auto" else None
+        if why_off:
+            self.kernels = False
             if self.ctx.main:
-                print(f"fastbyol: byol.predictor_lr_mult={cfg.predictor_lr_mult()}: the Triton kernels are off "
-                      "(the fused LARS applies one lr to every tensor)", file=sys.stderr)
+                print(f"fastbyol: {why_off}", file=sys.stderr)
         # BYOL, or SimCLR: one network, NT-Xent, no target and no EMA; its loss with the kernels or without
         self.method = build_method(cfg, FUSED_LOSSES if self.kernels else REFERENCE_LOSSES)
         self._build_schedules()  # the lr's, and the method's target schedule

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastbyol.config import OPTIMIZERS, Config, OptimConfig
+from fastbyol.config import Config, OptimConfig
+from fastbyol.config_traits import OPTIMIZERS
 from fastbyol.engine.distributed import DistContext
 from fastbyol.errors import FastByolError
 from fastbyol.kernels.ema import ema_flat_

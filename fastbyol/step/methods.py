@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastbyol.config import CUSTOM_PREFIX, Config
+from fastbyol.config_traits import METHODS
 from fastbyol.errors import FastByolError
 from fastbyol.model.byol import ByolOutputs, ByolPair
 from fastbyol.model.network import Network, Outputs
@@ -76,7 +77,7 @@ def _plain_groups(network: Network) -> list[dict[str, object]]:
 
 class Byol:
     name = "byol"
-    runs_under_zero = True
+    runs_under_zero = METHODS["byol"].zero
 
     def __init__(self, losses: Losses = REFERENCE_LOSSES, predictor_lr_mult: float = 1.0) -> None:
         self.losses, self.predictor_lr_mult = losses, predictor_lr_mult
@@ -110,7 +111,7 @@ class Byol:
 
 class Simclr:
     name = "simclr"
-    runs_under_zero = False
+    runs_under_zero = METHODS["simclr"].zero
 
     def __init__(self, temperature: float, losses: Losses = REFERENCE_LOSSES) -> None:
         self.temperature, self.losses = temperature, losses
