@@ -52,6 +52,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_helps(width: int = 100) -> dict[tuple[str, ...], str]:
+    """Each command's ``--help`` text at ``width`` columns, keyed by its words (``("eval", "knn")``), the parser's
+    own order: the documentation site's CLI reference (``docs/hooks.py``) and its tests read them."""
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps to $COLUMNS
+    try:
+        helps: dict[tuple[str, ...], str] = {}
+        stack: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = [((), _parser())]
+        while stack:
+            path, parser = stack.pop(0)
+            helps[path] = parser.format_help()
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    stack[0:0] = [((*path, name), sub) for name, sub in action.choices.items()]
+        return helps
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
 def _add_train(sub: Subparsers, keys: str, presets: list[str]) -> None:
     """`train`: the preset, the config file, resume, and key=value overrides."""
     train = sub.add_parser(

@@ -185,16 +185,48 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg.validate()
 
 
-def describe_keys() -> str:
-    """Every key with its default and docstring, for ``--help``."""
-    lines = [f"  method = 'byol'\n      {_field_docs(Config)['method']}"]
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One config key as ``--help`` and the documentation site's reference show it."""
+
+    key: str
+    """Dotted name: method, model.arch, ..."""
+    type: str
+    """Its annotation as written in the dataclass (``Literal[...]`` lists the values)."""
+    default: Any
+    """The base config's default (presets change some)."""
+    doc: str
+    """The field's docstring, on one line."""
+    resumable: bool
+    """Whether a resumed run may change it (``RESUMABLE``)."""
+
+
+def config_keys() -> list[KeyDoc]:
+    """Every key of the config, in section order: the one source of ``--help``'s key list and the site's
+    config reference (``docs/hooks.py``)."""
+    hints = typing.get_type_hints(Config)
+    keys = [KeyDoc("method", _type_name(hints["method"]), Config.method, _field_docs(Config)["method"], False)]
     for name, cls in sections().items():
-        docs = _field_docs(cls)
+        docs, section_hints = _field_docs(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = (f.default if f.default is not dataclasses.MISSING else
                        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            lines.append(f"  {name}.{f.name} = {default!r}\n      {docs.get(f.name, '')}")
-    return "\n".join(lines)
+            keys.append(KeyDoc(f"{name}.{f.name}", _type_name(section_hints[f.name]), default,
+                               docs.get(f.name, ""), bool(f.metadata.get("resumable"))))
+    return keys
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "Literal[" + ", ".join(repr(v) for v in typing.get_args(hint)) + "]"
+    if typing.get_origin(hint) is not None:  # list[float], dict[str, Any]
+        return str(hint).replace("typing.", "")
+    return str(hint.__name__)
+
+
+def describe_keys() -> str:
+    """Every key with its default and docstring, for ``--help``."""
+    return "\n".join(f"  {k.key} = {k.default!r}\n      {k.doc}" for k in config_keys())
 
 
 def _field_docs(cls: type) -> dict[str, str]:

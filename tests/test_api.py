@@ -200,16 +200,20 @@ def test_a_preset_alone_is_built_as_the_cli_builds_it(tmp_path: Path) -> None:
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [1]
 
 
-def _readme_example() -> str:
-    """The first python block of the README's "Python API" section."""
-    section = (ROOT / "README.md").read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, "README's Python API section has no python block"
-    return match.group(1)
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "pages").rglob("*.md"))]
+PYTHON_BLOCKS = [(doc.relative_to(ROOT).as_posix(), i, block) for doc in DOCS
+                 for i, block in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.DOTALL))]
+"""Every python block of the README and the documentation site's pages."""
 
 
-def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As written, in a fresh folder, with its run capped at 2 steps (the README times the whole run)."""
+def test_the_docs_have_the_api_example() -> None:
+    assert [name for name, _, _ in PYTHON_BLOCKS].count("docs/pages/how-to/python-api.md") >= 1
+
+
+@pytest.mark.parametrize(("name", "index", "code"), PYTHON_BLOCKS, ids=[f"{n}:{i}" for n, i, _ in PYTHON_BLOCKS])
+def test_each_python_example_of_the_docs_runs(name: str, index: int, code: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """As written, in a fresh folder, with any run capped at 2 steps (the pages time whole runs)."""
     real = fastbyol.train
 
     def capped(*args: Any, **kwargs: Any) -> Path:
@@ -217,7 +221,9 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(fastbyol, "train", capped)
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(_readme_example(), "README.md", "exec"), namespace)
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(code, f"{name}, python block {index}", "exec"), namespace)
+    if name != "docs/pages/how-to/python-api.md" or index != 0:
+        return
     assert namespace["features"].shape[0] == 8
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "runs" / "squares" / "checkpoints")] == [2]

@@ -169,12 +169,14 @@ def _subcommand_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] =
 
 def test_every_readme_command_has_help_and_every_command_is_in_the_readme(capsys: pytest.CaptureFixture[str]
                                                                            ) -> None:
-    """Each `fastbyol ...` command the README shows names a real subcommand, whose --help exits 0 (the CLI's
-    flags and help stay compatible with the documentation), and every subcommand appears in the README."""
+    """Each `fastbyol ...` command the README and the documentation site's pages show names a real subcommand,
+    whose --help exits 0 (the CLI's flags and help stay compatible with the documentation), and every subcommand
+    appears in them (tests/test_docs.py parses each whole command)."""
     from fastbyol.cli import _parser
 
     paths = _subcommand_paths(_parser())
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs" / "pages").rglob("*.md"))])
     shown = set()
     for match in re.finditer(r"\bfastbyol((?: [a-z][a-z-]*)+)", readme):
         words = tuple(match.group(1).split())

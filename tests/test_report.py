@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import chromium
 from PIL import Image
 
 from fastbyol.errors import FastByolError
 from fastbyol.telemetry.report import build_report, fmt_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 XSS = "<script>alert(1)</script>"
 TRAINING_PNGS = {"loss", "probe_top1", "proj_std", "schedules", "throughput", "data_wait", "phases"}
 GPU_PNGS = {"gpu_util", "gpu_memory", "gpu_power", "gpu_clocks", "gpu_temp", "gpu_pcie"}
@@ -319,48 +319,12 @@ def test_report_module_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def _browser_or_skip() -> None:
-    """Skip without chromium/chromedriver/selenium, except under CI, where scripts/setup.sh installs them and a
-    skip would hide a broken install."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip install -e '.[dev]')")
-    if not missing:
-        return
-    message = (f"browser test needs {', '.join(missing)}: run scripts/setup.sh as root "
-               "(apt-get install chromium chromium-driver)")
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail("CI is set, so this must not be skipped: " + message)
-    pytest.skip(message)
-
-
 def _render_in_chromium(index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Path]:
     """Open the page in headless Debian chromium; wait until every plot image has loaded; screenshot the whole
     page. Returns (the page's state, the screenshot)."""
-    _browser_or_skip()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common import selenium_manager
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def no_manager(*args: object, **kwargs: object) -> None:
-        raise AssertionError("selenium-manager was asked for a driver or browser: it would try to download one")
-
-    monkeypatch.setattr(selenium_manager.SeleniumManager, "binary_paths", no_manager)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    # Without the background-networking flags Chromium keeps dialling Google on this closed network and hangs.
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--hide-scrollbars", "--force-device-scale-factor=1",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,4000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "cd.log")),
-                              options=options)
-    try:
-        driver.set_page_load_timeout(60)
+    with chromium(tmp_path, monkeypatch) as driver:
         driver.get(index.as_uri())
         state_js = """
             const imgs = Array.from(document.querySelectorAll('img.plot'));
@@ -375,8 +339,6 @@ def _render_in_chromium(index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         driver.set_window_size(1280, min(int(state["height"]) + 200, 12000))
         shot = tmp_path / "report.png"
         assert driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
     if os.environ.get("FASTBYOL_KEEP_SCREENSHOT"):  # for looking at the page by eye
         Path(os.environ["FASTBYOL_KEEP_SCREENSHOT"]).write_bytes(shot.read_bytes())
     return state, shot
