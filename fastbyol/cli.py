@@ -52,23 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def commands(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ()
+             ) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command's parser keyed by its words (``()`` for ``fastbyol`` itself, ``("eval", "knn")``), in the
+    parser's own order, depth first."""
+    parser = parser or _parser()
+    found = {path: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(commands(sub, (*path, name)))
+    return found
+
+
 def command_helps(width: int = 100) -> dict[tuple[str, ...], str]:
-    """Each command's ``--help`` text at ``width`` columns, keyed by its words (``("eval", "knn")``), the parser's
-    own order: the documentation site's CLI reference (``docs/hooks.py``) and its tests read them."""
+    """Each command's ``--help`` text at ``width`` columns (``commands``' keys): the documentation site's CLI
+    reference (``docs/hooks.py``) reads them."""
     import os
 
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(width)  # argparse wraps to $COLUMNS
     try:
-        helps: dict[tuple[str, ...], str] = {}
-        stack: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = [((), _parser())]
-        while stack:
-            path, parser = stack.pop(0)
-            helps[path] = parser.format_help()
-            for action in parser._actions:
-                if isinstance(action, argparse._SubParsersAction):
-                    stack[0:0] = [((*path, name), sub) for name, sub in action.choices.items()]
-        return helps
+        return {path: parser.format_help() for path, parser in commands().items()}
     finally:
         if old is None:
             del os.environ["COLUMNS"]

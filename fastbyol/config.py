@@ -469,10 +469,14 @@ class Config:
         """The predictor's multiple of the lr (byol.predictor_lr_mult; 1 for a method without a predictor)."""
         return self.byol.predictor_lr_mult if method_traits(self.method).predictor else 1.0
 
+    def head(self) -> ModelConfig | SimclrConfig:
+        """The section with the method's projection head (proj_hidden, proj_dim): ``MethodTraits.head``."""
+        head: ModelConfig | SimclrConfig = getattr(self, method_traits(self.method).head)
+        return head
+
     def proj_dim(self) -> int:
         """Width of the projection the loss reads (and the collapse monitor measures)."""
-        head: ModelConfig | SimclrConfig = getattr(self, method_traits(self.method).head)
-        return head.proj_dim
+        return self.head().proj_dim
 
     def validate(self) -> Config:
         """Every section's own checks, then those that span sections; returns self."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
@@ -156,25 +154,14 @@ def test_import_official_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(fastbyol("import", cwd=tmp_path), "usage: fastbyol import official CHECKPOINT.pkl RUN_DIR")
 
 
-def _subcommand_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every subcommand path of the parser (('eval', 'knn'), ...) -> its parser."""
-    paths: dict[tuple[str, ...], Any] = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                paths[(*prefix, name)] = sub
-                paths.update(_subcommand_paths(sub, (*prefix, name)))
-    return paths
-
-
 def test_every_readme_command_has_help_and_every_command_is_in_the_readme(capsys: pytest.CaptureFixture[str]
                                                                            ) -> None:
     """Each `fastbyol ...` command the README and the documentation site's pages show names a real subcommand,
     whose --help exits 0 (the CLI's flags and help stay compatible with the documentation), and every subcommand
     appears in them (tests/test_docs.py parses each whole command)."""
-    from fastbyol.cli import _parser
+    from fastbyol.cli import commands
 
-    paths = _subcommand_paths(_parser())
+    paths = {path: parser for path, parser in commands().items() if path}
     root = Path(__file__).resolve().parents[1]
     readme = "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs" / "pages").rglob("*.md"))])
     shown = set()

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, Config, ModelConfig, SimclrConfig
+from fastbyol.config import OFFICIAL_SHORTCUT_ARCHS, Config
 from fastbyol.config_traits import METHODS
 from fastbyol.data.folder import IMAGE_EXTENSIONS, scan_image_folder
 from fastbyol.errors import FastByolError
@@ -39,8 +39,7 @@ def checkpoint_bytes(cfg: Config) -> int | None:
     feat = FEATURE_DIM.get(arch, 2048)
     trunk = TRUNK_PARAMS[arch] + (OFFICIAL_SHORTCUT_PARAMS if cfg.model.init == "haiku" and
                                   arch in OFFICIAL_SHORTCUT_ARCHS else 0)
-    head_cfg: ModelConfig | SimclrConfig = getattr(cfg, traits.head)
-    hidden, out = head_cfg.proj_hidden, head_cfg.proj_dim
+    hidden, out = cfg.head().proj_hidden, cfg.head().proj_dim
     head = feat * hidden + 3 * hidden + hidden * out  # Linear, BatchNorm, Linear (BYOL's; SimCLR's within 0.1%)
     predictor = out * hidden + 3 * hidden + hidden * out if traits.predictor else 0
     online, target = trunk + head + predictor, (trunk + head if traits.target else 0)
